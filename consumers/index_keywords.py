@@ -1,0 +1,71 @@
+"""index_keywords: segments -> jieba TF-IDF keyword postings, one row per
+(dataset, keyword, index_node_id). Reconciles by id like load_vectors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from domain.events import Event, KeywordsIndexed, SegmentsRemoved, SegmentsSplit
+from domain.model import IndexingStatus
+from infra.db.repository import Database, DocKey
+from infra.kafka.runner import Emit
+from infra.kafka.topics import Topics
+from infra.keywords import JiebaKeywordExtractor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexKeywordsStage:
+    db: Database
+    topics: Topics
+    keywords: JiebaKeywordExtractor
+    name: str = "index_keywords"
+    max_batch: int = 16
+
+    @property
+    def input_topics(self) -> list[str]:
+        return [self.topics.segments]
+
+    def handle(self, events: Sequence[Event]) -> list[Emit]:
+        out: list[Emit] = []
+        for e in events:
+            if isinstance(e, SegmentsSplit):
+                out.extend(self._index(e))
+            elif isinstance(e, SegmentsRemoved):
+                alive = self.db.segments.by_ids(e.index_node_ids)
+                self.db.postings.delete_nodes([i for i in e.index_node_ids if i not in alive])
+        return out
+
+    def _index(self, e: SegmentsSplit) -> list[Emit]:
+        ids = [s.index_node_id for s in e.segments]
+        alive = self.db.segments.by_ids(ids)
+        postings = {
+            (s.index_node_id, e.document_id): self.keywords.extract(
+                s.content if not s.answer else f"{s.content}\n{s.answer}"
+            )
+            for s in e.segments
+            if s.index_node_id in alive
+        }
+        self.db.postings.replace(e.tenant_id, e.dataset_id, postings)
+        self.db.postings.delete_nodes([i for i in ids if i not in alive])
+        live = [i for i in ids if i in alive]
+        if not live:
+            return []
+        self.db.segments.mark("keywords_indexed", live)
+        done = KeywordsIndexed(
+            tenant_id=e.tenant_id,
+            dataset_id=e.dataset_id,
+            document_id=e.document_id,
+            version=e.version,
+            index_node_ids=live,
+        )
+        return [Emit(self.topics.progress, done)]
+
+    def on_dead_letter(self, event: Event, reason: str) -> None:
+        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
+        self.db.documents.set_status(
+            key, event.version, IndexingStatus.ERROR, f"keyword indexing failed: {reason}"
+        )

@@ -1,0 +1,337 @@
+"""Every message kbstream puts on Kafka, as typed, versioned pydantic models.
+
+Upstream systems publish the lifecycle events; the stages publish the stage
+events. All of them are keyed by ``document_id`` so one document's events stay
+in order in every partition of every topic.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from domain.errors import InvalidEvent
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+=-]+$")]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _now_version() -> int:
+    # Microseconds since the epoch: monotonic enough for one publisher, and an
+    # upstream system with its own revision numbers passes those instead.
+    return time.time_ns() // 1_000
+
+
+class DocForm(StrEnum):
+    TEXT = "text"
+    QA = "qa"
+    PARENT_CHILD = "parent_child"
+
+
+class ProcessRule(BaseModel):
+    """How a document is cleaned and split. ``automatic`` uses the defaults;
+    ``custom`` honours every field. max_tokens counts the embedding model's own
+    tokens, never characters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["automatic", "custom"] = "automatic"
+    remove_extra_whitespace: bool = True
+    remove_urls_emails: bool = False
+    separator: str | None = Field(default=None, max_length=32)
+    max_tokens: int | None = Field(default=None, ge=16, le=8192)
+    chunk_overlap: int | None = Field(default=None, ge=0, le=4096)
+    # parent-child documents: the parent chunk size (child uses max_tokens)
+    parent_max_tokens: int | None = Field(default=None, ge=32, le=32768)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ProcessRule:
+        if (
+            self.max_tokens is not None
+            and self.chunk_overlap is not None
+            and self.chunk_overlap >= self.max_tokens
+        ):
+            raise ValueError("chunk_overlap must be smaller than max_tokens")
+        return self
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str = Field(default_factory=_new_event_id, min_length=1, max_length=64)
+    schema_version: int = SCHEMA_VERSION
+    occurred_at: datetime = Field(default_factory=_now)
+    tenant_id: Id = "default"
+    dataset_id: Id
+    document_id: Id
+    # The document revision this event belongs to; stages drop anything older
+    # than the document's current version.
+    version: int = Field(default_factory=_now_version, ge=0)
+
+    @property
+    def key(self) -> str:
+        return self.document_id
+
+
+# --- upstream lifecycle ------------------------------------------------------
+
+
+class _DocumentSource(_Event):
+    source: str = Field(
+        min_length=1, max_length=1024, description="file name or path shown to people"
+    )
+    content: str | None = Field(default=None, description="inline text, for small documents")
+    uri: str | None = Field(default=None, max_length=4096, description="file:// reference")
+    mime_type: str | None = Field(default=None, max_length=128)
+    content_hash: str | None = Field(
+        default=None, max_length=128, description="sha256 of the raw bytes"
+    )
+    doc_form: DocForm = DocForm.TEXT
+    process_rule: ProcessRule = Field(default_factory=ProcessRule)
+
+    @model_validator(mode="after")
+    def _exactly_one_body(self) -> _DocumentSource:
+        if (self.content is None) == (self.uri is None):
+            raise ValueError("exactly one of 'content' and 'uri' must be given")
+        return self
+
+
+class DocumentCreated(_DocumentSource):
+    type: Literal["document.created"] = "document.created"
+
+
+class DocumentUpdated(_DocumentSource):
+    type: Literal["document.updated"] = "document.updated"
+
+
+class DocumentDeleted(_Event):
+    type: Literal["document.deleted"] = "document.deleted"
+
+
+class SegmentDeleted(_Event):
+    type: Literal["segment.deleted"] = "segment.deleted"
+    index_node_id: str | None = Field(default=None, max_length=64)
+    segment_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SegmentDeleted:
+        if self.index_node_id is None and self.segment_id is None:
+            raise ValueError("give index_node_id or segment_id")
+        return self
+
+
+class ImportedSegment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    content: str = Field(min_length=1)
+    answer: str | None = None
+
+
+class SegmentsBatchImported(_Event):
+    type: Literal["segments.batch_imported"] = "segments.batch_imported"
+    job_id: Id
+    segments: list[ImportedSegment] = Field(min_length=1)
+
+
+# --- stage events ------------------------------------------------------------
+
+
+class DocumentParsed(_Event):
+    """parse -> split. The text travels inline up to a size limit, past it by
+    reference to the claim-check store (``text_ref``)."""
+
+    type: Literal["document.parsed"] = "document.parsed"
+    source: str
+    doc_form: DocForm = DocForm.TEXT
+    process_rule: ProcessRule = Field(default_factory=ProcessRule)
+    text: str | None = None
+    text_ref: str | None = None
+    chars: int = Field(ge=0)
+    # Segments already imported through batch imports are kept across updates.
+    mime_type: str | None = None
+
+
+class SegmentPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index_node_id: str
+    doc_hash: str
+    position: int
+    content: str
+    answer: str | None = None
+    tokens: int = 0
+
+
+class SegmentsSplit(_Event):
+    """split -> embed and index_keywords: one batch of a document's segments that
+    need (re)indexing. Large documents produce several batches."""
+
+    type: Literal["segments.split"] = "segments.split"
+    segments: list[SegmentPayload]
+    batch: int = 0
+    batches: int = 1
+
+
+class SegmentsRemoved(_Event):
+    """split -> embed (forwarded in order to load_vectors) and index_keywords."""
+
+    type: Literal["segments.removed"] = "segments.removed"
+    index_node_ids: list[str]
+    whole_document: bool = False
+
+
+class EmbeddedRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index_node_id: str
+    doc_hash: str
+
+
+class SegmentsEmbedded(_Event):
+    """embed -> load_vectors. Vectors stay in the embedding cache (claim-check);
+    the event names which ones."""
+
+    type: Literal["segments.embedded"] = "segments.embedded"
+    provider: str
+    model: str
+    segments: list[EmbeddedRef]
+
+
+class SegmentsLoaded(_Event):
+    type: Literal["segments.loaded"] = "segments.loaded"
+    index_node_ids: list[str]
+
+
+class KeywordsIndexed(_Event):
+    type: Literal["keywords.indexed"] = "keywords.indexed"
+    index_node_ids: list[str]
+
+
+LifecycleEvent = Annotated[
+    DocumentCreated | DocumentUpdated | DocumentDeleted | SegmentDeleted | SegmentsBatchImported,
+    Field(discriminator="type"),
+]
+AnyEvent = Annotated[
+    DocumentCreated
+    | DocumentUpdated
+    | DocumentDeleted
+    | SegmentDeleted
+    | SegmentsBatchImported
+    | DocumentParsed
+    | SegmentsSplit
+    | SegmentsRemoved
+    | SegmentsEmbedded
+    | SegmentsLoaded
+    | KeywordsIndexed,
+    Field(discriminator="type"),
+]
+Event = (
+    DocumentCreated
+    | DocumentUpdated
+    | DocumentDeleted
+    | SegmentDeleted
+    | SegmentsBatchImported
+    | DocumentParsed
+    | SegmentsSplit
+    | SegmentsRemoved
+    | SegmentsEmbedded
+    | SegmentsLoaded
+    | KeywordsIndexed
+)
+
+_ANY = TypeAdapter(AnyEvent)
+_LIFECYCLE = TypeAdapter(LifecycleEvent)
+
+LIFECYCLE_TYPES = frozenset(
+    {
+        "document.created",
+        "document.updated",
+        "document.deleted",
+        "segment.deleted",
+        "segments.batch_imported",
+    }
+)
+
+
+def decode_event(raw: bytes | str | None) -> Event:
+    """Bytes off the wire -> a typed event, or InvalidEvent saying why not."""
+    if raw is None:
+        raise InvalidEvent("empty message (no value)")
+    try:
+        obj: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent(f"not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(obj).__name__}")
+    version = obj.get("schema_version", SCHEMA_VERSION)
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise InvalidEvent(
+            f"unsupported schema_version {version!r}; this consumer reads "
+            f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}"
+        )
+    try:
+        event: Event = _ANY.validate_python(obj)
+    except ValidationError as exc:
+        raise InvalidEvent(
+            f"schema-invalid {obj.get('type', '<no type>')!r}: {_brief(exc)}"
+        ) from exc
+    return event
+
+
+def decode_lifecycle_event(raw: bytes | str | dict[str, Any]) -> Event:
+    """For producers: validate what an upstream system wants to publish."""
+    try:
+        if isinstance(raw, dict):
+            event: Event = _LIFECYCLE.validate_python(raw)
+        else:
+            event = _LIFECYCLE.validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidEvent(f"invalid lifecycle event: {_brief(exc)}") from exc
+    return event
+
+
+def encode_event(event: Event) -> bytes:
+    return event.model_dump_json(exclude_none=True).encode()
+
+
+def _brief(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schema of every event type, keyed by type name."""
+    models: list[type[BaseModel]] = [
+        DocumentCreated,
+        DocumentUpdated,
+        DocumentDeleted,
+        SegmentDeleted,
+        SegmentsBatchImported,
+        DocumentParsed,
+        SegmentsSplit,
+        SegmentsRemoved,
+        SegmentsEmbedded,
+        SegmentsLoaded,
+        KeywordsIndexed,
+    ]
+    out: dict[str, Any] = {}
+    for model in models:
+        type_name = model.model_fields["type"].default
+        out[type_name] = model.model_json_schema()
+    return out

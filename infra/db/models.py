@@ -1,0 +1,173 @@
+"""SQLAlchemy 2 models: the durable state shared by every stage.
+
+Schema changes go through Alembic (infra/db/migrations); these models are the
+source the migrations are generated from."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _ts() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "dataset_id", name="uq_datasets_tenant_dataset"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    dataset_id: Mapped[str] = mapped_column(String(128))
+    embedding_provider: Mapped[str | None] = mapped_column(String(64))
+    embedding_model: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = _ts()
+
+
+class DocumentRow(Base):
+    __tablename__ = "documents"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "dataset_id", "document_id", name="uq_documents_key"),
+        Index("ix_documents_dataset_status", "tenant_id", "dataset_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    dataset_id: Mapped[str] = mapped_column(String(128))
+    document_id: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(String(1024))
+    doc_form: Mapped[str] = mapped_column(String(32), default="text")
+    version: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="waiting")
+    error: Mapped[str | None] = mapped_column(Text)
+    content_hash: Mapped[str | None] = mapped_column(String(128))
+    mime_type: Mapped[str | None] = mapped_column(String(128))
+    chars: Mapped[int] = mapped_column(BigInteger, default=0)
+    segment_count: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    word_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Work done for the current version, for summaries and benchmarks.
+    embedded_texts: Mapped[int] = mapped_column(Integer, default=0)
+    cache_hits: Mapped[int] = mapped_column(Integer, default=0)
+    segments_added: Mapped[int] = mapped_column(Integer, default=0)
+    segments_kept: Mapped[int] = mapped_column(Integer, default=0)
+    segments_removed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+    parsing_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    splitting_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    indexing_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SegmentRow(Base):
+    __tablename__ = "segments"
+    __table_args__ = (
+        Index("ix_segments_document", "document_pk", "position"),
+        Index("ix_segments_dataset", "tenant_id", "dataset_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    document_pk: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    dataset_id: Mapped[str] = mapped_column(String(128))
+    document_id: Mapped[str] = mapped_column(String(128))
+    index_node_id: Mapped[str] = mapped_column(String(64), unique=True)
+    doc_hash: Mapped[str] = mapped_column(String(64), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    content: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str | None] = mapped_column(Text)
+    parent: Mapped[str | None] = mapped_column(Text)
+    word_count: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="waiting")
+    vector_indexed: Mapped[bool] = mapped_column(Boolean, default=False)
+    keywords_indexed: Mapped[bool] = mapped_column(Boolean, default=False)
+    version: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class EmbeddingRow(Base):
+    """(provider, model, doc_hash) -> vector as little-endian float32 bytes."""
+
+    __tablename__ = "embeddings"
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    doc_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = _ts()
+
+
+class KeywordPostingRow(Base):
+    __tablename__ = "keyword_postings"
+    __table_args__ = (
+        UniqueConstraint(
+            "tenant_id", "dataset_id", "keyword", "index_node_id", name="uq_postings_key"
+        ),
+        Index("ix_postings_node", "index_node_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    dataset_id: Mapped[str] = mapped_column(String(128))
+    keyword: Mapped[str] = mapped_column(String(128))
+    index_node_id: Mapped[str] = mapped_column(String(64))
+    document_id: Mapped[str] = mapped_column(String(128))
+    weight: Mapped[float] = mapped_column(Float)
+
+
+class PayloadRow(Base):
+    """Claim-check store: payloads too large to travel inline on Kafka."""
+
+    __tablename__ = "payloads"
+
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = _ts()
+
+
+class BatchJobRow(Base):
+    __tablename__ = "batch_jobs"
+
+    job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    dataset_id: Mapped[str] = mapped_column(String(128))
+    document_id: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="waiting")
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

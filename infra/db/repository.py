@@ -1,0 +1,668 @@
+"""Repositories over the database. Each public method is one transaction, so a
+stage's database side effect is all-or-nothing and safe to repeat."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from domain.errors import TransientError
+from domain.model import ExistingSegment, IndexingStatus, Segment, SegmentDiff
+from infra.db.models import (
+    BatchJobRow,
+    DatasetRow,
+    DocumentRow,
+    EmbeddingRow,
+    KeywordPostingRow,
+    PayloadRow,
+    SegmentRow,
+)
+
+D = DocumentRow.__table__
+S = SegmentRow.__table__
+E = EmbeddingRow.__table__
+K = KeywordPostingRow.__table__
+P = PayloadRow.__table__
+DS = DatasetRow.__table__
+J = BatchJobRow.__table__
+
+_IN_CHUNK = 500  # keep IN (...) lists and bulk inserts well under driver limits
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _chunks(items: Sequence[Any], n: int = _IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+@dataclass(frozen=True)
+class DocKey:
+    tenant_id: str
+    dataset_id: str
+    document_id: str
+
+
+@dataclass(frozen=True)
+class DocumentState:
+    pk: int
+    tenant_id: str
+    dataset_id: str
+    document_id: str
+    source: str
+    version: int
+    status: IndexingStatus
+    error: str | None
+    content_hash: str | None
+    segment_count: int
+    embedded_texts: int
+    cache_hits: int
+    segments_added: int
+    segments_kept: int
+    segments_removed: int
+    doc_form: str
+    updated_at: datetime | None
+    completed_at: datetime | None
+
+    @property
+    def key(self) -> DocKey:
+        return DocKey(self.tenant_id, self.dataset_id, self.document_id)
+
+
+def _doc_state(row: Any) -> DocumentState:
+    return DocumentState(
+        pk=row.id,
+        tenant_id=row.tenant_id,
+        dataset_id=row.dataset_id,
+        document_id=row.document_id,
+        source=row.source,
+        version=row.version,
+        status=IndexingStatus(row.status),
+        error=row.error,
+        content_hash=row.content_hash,
+        segment_count=row.segment_count,
+        embedded_texts=row.embedded_texts,
+        cache_hits=row.cache_hits,
+        segments_added=row.segments_added,
+        segments_kept=row.segments_kept,
+        segments_removed=row.segments_removed,
+        doc_form=row.doc_form,
+        updated_at=row.updated_at,
+        completed_at=row.completed_at,
+    )
+
+
+def _key_clause(key: DocKey) -> Any:
+    return and_(
+        D.c.tenant_id == key.tenant_id,
+        D.c.dataset_id == key.dataset_id,
+        D.c.document_id == key.document_id,
+    )
+
+
+class Database:
+    """The engine plus a transaction helper that turns connection loss into
+    TransientError, so stages retry instead of dead-lettering."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.documents = DocumentRepository(self)
+        self.segments = SegmentRepository(self)
+        self.embeddings = EmbeddingCache(self)
+        self.postings = KeywordPostings(self)
+        self.payloads = ClaimCheckStore(self)
+        self.jobs = BatchJobRepository(self)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def tx(self) -> _Tx:
+        return _Tx(self.engine)
+
+    def insert_ignore(self, table: Any) -> Any:
+        """INSERT that skips rows whose key exists: concurrent writers of the same
+        row (identical chunks, redelivered batches) never deadlock or fail."""
+        if self.dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        if self.dialect == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing()
+        return insert(table).prefix_with("IGNORE")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+class _Tx:
+    def __init__(self, engine: Engine) -> None:
+        self._cm = engine.begin()
+
+    def __enter__(self) -> Connection:
+        try:
+            return self._cm.__enter__()
+        except (OperationalError, DBAPIError) as exc:
+            raise TransientError(f"database unavailable: {exc.orig or exc}") from exc
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        try:
+            return bool(self._cm.__exit__(*exc_info))
+        except (OperationalError, DBAPIError) as exc:
+            raise TransientError(f"database commit failed: {exc.orig or exc}") from exc
+
+
+def translate_db_errors(exc: BaseException) -> BaseException:
+    if isinstance(exc, OperationalError | DBAPIError) and getattr(
+        exc, "connection_invalidated", True
+    ):
+        return TransientError(f"database error: {getattr(exc, 'orig', exc)}")
+    return exc
+
+
+class DocumentRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get(self, key: DocKey, conn: Connection | None = None) -> DocumentState | None:
+        if conn is None:
+            with self.db.engine.connect() as c:
+                return self.get(key, c)
+        row = conn.execute(select(D).where(_key_clause(key))).first()
+        return _doc_state(row) if row else None
+
+    def versions(self, keys: Iterable[DocKey]) -> dict[DocKey, DocumentState]:
+        out: dict[DocKey, DocumentState] = {}
+        keys = list(set(keys))
+        if not keys:
+            return out
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks(keys):
+                clause = or_(*(_key_clause(k) for k in chunk))
+                for row in conn.execute(select(D).where(clause)):
+                    st = _doc_state(row)
+                    out[st.key] = st
+        return out
+
+    def begin_parsing(
+        self,
+        key: DocKey,
+        version: int,
+        source: str,
+        doc_form: str,
+        content_hash: str | None,
+        mime_type: str | None,
+    ) -> DocumentState | None:
+        """Claim this version for processing. None means the event is stale
+        (an equal-or-newer version, or a delete, already won)."""
+        with self.db.tx() as conn:
+            self._ensure_dataset(conn, key)
+            row = conn.execute(select(D).where(_key_clause(key))).first()
+            values: dict[str, Any] = {
+                "source": source,
+                "doc_form": doc_form,
+                "version": version,
+                "status": IndexingStatus.PARSING.value,
+                "error": None,
+                "error_at": None,
+                "completed_at": None,
+                "content_hash": content_hash,
+                "mime_type": mime_type,
+                "parsing_started_at": _now(),
+                "updated_at": _now(),
+            }
+            if row is None:
+                conn.execute(
+                    insert(D).values(
+                        tenant_id=key.tenant_id,
+                        dataset_id=key.dataset_id,
+                        document_id=key.document_id,
+                        **values,
+                    )
+                )
+            else:
+                if version < row.version:
+                    return None
+                if row.status == IndexingStatus.DELETED.value and version <= row.version:
+                    return None
+                if version > row.version:
+                    # a new version starts its own work counters
+                    values.update(embedded_texts=0, cache_hits=0)
+                conn.execute(update(D).where(D.c.id == row.id).values(**values))
+            new = conn.execute(select(D).where(_key_clause(key))).one()
+            return _doc_state(new)
+
+    def _ensure_dataset(self, conn: Connection, key: DocKey) -> None:
+        conn.execute(
+            self.db.insert_ignore(DS).values(tenant_id=key.tenant_id, dataset_id=key.dataset_id)
+        )
+
+    def set_status(
+        self,
+        key: DocKey,
+        version: int,
+        status: IndexingStatus,
+        error: str | None = None,
+        **extra: Any,
+    ) -> bool:
+        """Move the document to ``status`` if ``version`` is still current."""
+        values: dict[str, Any] = {"status": status.value, "updated_at": _now(), **extra}
+        if status is IndexingStatus.ERROR:
+            values.update(error=(error or "unknown error")[:4000], error_at=_now())
+        elif status is IndexingStatus.SPLITTING:
+            values["splitting_started_at"] = _now()
+        elif status is IndexingStatus.COMPLETED:
+            values["completed_at"] = _now()
+        with self.db.tx() as conn:
+            res = conn.execute(
+                update(D)
+                .where(_key_clause(key), D.c.version == version, D.c.status != "deleted")
+                .values(**values)
+            )
+            return bool(res.rowcount)
+
+    def mark_error_any_version(self, key: DocKey, reason: str) -> None:
+        """For events that failed before we learned their version."""
+        with self.db.tx() as conn:
+            conn.execute(
+                update(D)
+                .where(_key_clause(key), D.c.status.notin_(["deleted", "completed"]))
+                .values(status="error", error=reason[:4000], error_at=_now(), updated_at=_now())
+            )
+
+    def apply_split(
+        self,
+        key: DocKey,
+        version: int,
+        segments: Sequence[Segment],
+        diff: SegmentDiff,
+        chars: int,
+    ) -> DocumentState | None:
+        """Replace the document's segment set in one transaction: insert new,
+        re-position kept, delete removed. Returns None if the version is stale."""
+        with self.db.tx() as conn:
+            row = conn.execute(select(D).where(_key_clause(key))).first()
+            if row is None or row.version != version or row.status == "deleted":
+                return None
+            doc_pk = row.id
+            for chunk in _chunks(diff.removed):
+                conn.execute(delete(S).where(S.c.index_node_id.in_(chunk)))
+            existing = {
+                r.index_node_id: r
+                for r in conn.execute(
+                    select(S.c.index_node_id, S.c.position).where(S.c.document_pk == doc_pk)
+                )
+            }
+            reindex = {s.index_node_id for s in diff.to_index}
+            new_rows = []
+            for seg in segments:
+                old = existing.get(seg.index_node_id)
+                if old is None:
+                    new_rows.append(self._segment_values(key, doc_pk, version, seg))
+                elif seg.index_node_id in reindex:
+                    conn.execute(
+                        update(S)
+                        .where(S.c.index_node_id == seg.index_node_id)
+                        .values(position=seg.position, version=version, status="indexing")
+                    )
+                elif old.position != seg.position:
+                    conn.execute(
+                        update(S)
+                        .where(S.c.index_node_id == seg.index_node_id)
+                        .values(position=seg.position)
+                    )
+            for chunk in _chunks(new_rows):
+                conn.execute(self.db.insert_ignore(S), list(chunk))
+            total_tokens = sum(s.tokens for s in segments)
+            words = sum(s.word_count for s in segments)
+            done = not diff.to_index
+            conn.execute(
+                update(D)
+                .where(D.c.id == doc_pk)
+                .values(
+                    status=(IndexingStatus.COMPLETED if done else IndexingStatus.INDEXING).value,
+                    chars=chars,
+                    segment_count=len(segments),
+                    tokens=total_tokens,
+                    word_count=words,
+                    segments_added=diff.added_count,
+                    segments_kept=diff.kept_count,
+                    segments_removed=len(diff.removed),
+                    indexing_started_at=_now(),
+                    completed_at=_now() if done else None,
+                    updated_at=_now(),
+                )
+            )
+            return _doc_state(conn.execute(select(D).where(D.c.id == doc_pk)).one())
+
+    @staticmethod
+    def _segment_values(key: DocKey, doc_pk: int, version: int, seg: Segment) -> dict[str, Any]:
+        return {
+            "document_pk": doc_pk,
+            "tenant_id": key.tenant_id,
+            "dataset_id": key.dataset_id,
+            "document_id": key.document_id,
+            "index_node_id": seg.index_node_id,
+            "doc_hash": seg.doc_hash,
+            "position": seg.position,
+            "content": seg.content,
+            "answer": seg.answer,
+            "parent": seg.parent,
+            "word_count": seg.word_count,
+            "tokens": seg.tokens,
+            "status": "indexing",
+            "vector_indexed": False,
+            "keywords_indexed": False,
+            "version": version,
+        }
+
+    def add_embedding_counts(self, counts: dict[tuple[DocKey, int], tuple[int, int]]) -> None:
+        if not counts:
+            return
+        with self.db.tx() as conn:
+            for (key, version), (embedded, hits) in counts.items():
+                conn.execute(
+                    update(D)
+                    .where(_key_clause(key), D.c.version == version)
+                    .values(
+                        embedded_texts=D.c.embedded_texts + embedded,
+                        cache_hits=D.c.cache_hits + hits,
+                    )
+                )
+
+    def try_complete(self, key: DocKey, version: int) -> IndexingStatus | None:
+        """Completed once both branches have every segment of this version."""
+        with self.db.tx() as conn:
+            row = conn.execute(select(D).where(_key_clause(key))).first()
+            if row is None or row.version != version:
+                return None
+            if row.status != IndexingStatus.INDEXING.value:
+                return IndexingStatus(row.status)
+            pending = conn.execute(
+                select(func.count())
+                .select_from(S)
+                .where(
+                    S.c.document_pk == row.id,
+                    or_(S.c.vector_indexed.is_(False), S.c.keywords_indexed.is_(False)),
+                )
+            ).scalar_one()
+            if pending:
+                return IndexingStatus.INDEXING
+            conn.execute(
+                update(D)
+                .where(D.c.id == row.id)
+                .values(status="completed", completed_at=_now(), updated_at=_now())
+            )
+            conn.execute(update(S).where(S.c.document_pk == row.id).values(status="completed"))
+            return IndexingStatus.COMPLETED
+
+    def list(
+        self, tenant_id: str, dataset_id: str, document_ids: Sequence[str] | None = None
+    ) -> list[DocumentState]:
+        q = select(D).where(D.c.tenant_id == tenant_id, D.c.dataset_id == dataset_id)
+        with self.db.engine.connect() as conn:
+            if document_ids is None:
+                return [_doc_state(r) for r in conn.execute(q.order_by(D.c.source))]
+            out = []
+            for chunk in _chunks(list(document_ids)):
+                out.extend(_doc_state(r) for r in conn.execute(q.where(D.c.document_id.in_(chunk))))
+            return out
+
+    def status_counts(self, tenant_id: str, dataset_id: str) -> dict[str, int]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(D.c.status, func.count())
+                .where(D.c.tenant_id == tenant_id, D.c.dataset_id == dataset_id)
+                .group_by(D.c.status)
+            )
+            return {r[0]: r[1] for r in rows}
+
+
+class SegmentRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def existing(self, key: DocKey) -> list[ExistingSegment]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    S.c.index_node_id,
+                    S.c.doc_hash,
+                    S.c.position,
+                    S.c.vector_indexed,
+                    S.c.keywords_indexed,
+                )
+                .join(D, D.c.id == S.c.document_pk)
+                .where(_key_clause(key))
+            )
+            return [
+                ExistingSegment(
+                    r.index_node_id,
+                    r.doc_hash,
+                    r.position,
+                    bool(r.vector_indexed and r.keywords_indexed),
+                )
+                for r in rows
+            ]
+
+    def mark(self, column: str, index_node_ids: Sequence[str], value: bool = True) -> int:
+        """Set vector_indexed or keywords_indexed. Sorted order: two stages
+        updating overlapping rows lock them in the same order (no deadlock)."""
+        col = S.c[column]
+        n = 0
+        ids = sorted(set(index_node_ids))
+        with self.db.tx() as conn:
+            for chunk in _chunks(ids):
+                n += conn.execute(
+                    update(S).where(S.c.index_node_id.in_(chunk)).values({col: value})
+                ).rowcount
+        return n
+
+    def by_ids(self, index_node_ids: Sequence[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks(list(index_node_ids)):
+                for r in conn.execute(
+                    select(S, D.c.source)
+                    .join(D, D.c.id == S.c.document_pk)
+                    .where(S.c.index_node_id.in_(chunk))
+                ):
+                    out[r.index_node_id] = r
+        return out
+
+    def ids_for_dataset(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
+        """index_node_id -> document_id for every segment of a dataset."""
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(S.c.index_node_id, S.c.document_id).where(
+                    S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id
+                )
+            )
+            return {r[0]: r[1] for r in rows}
+
+    def count(self, tenant_id: str, dataset_id: str) -> int:
+        with self.db.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(S)
+                    .where(S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id)
+                ).scalar_one()
+            )
+
+    def delete_ids(self, index_node_ids: Sequence[str]) -> int:
+        n = 0
+        with self.db.tx() as conn:
+            for chunk in _chunks(sorted(index_node_ids)):
+                n += conn.execute(delete(S).where(S.c.index_node_id.in_(chunk))).rowcount
+        return n
+
+
+class EmbeddingCache:
+    """(provider, model, doc_hash) -> vector; stored as float32 bytes, never pickled."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get_many(
+        self, provider: str, model: str, doc_hashes: Iterable[str]
+    ) -> dict[str, np.ndarray]:
+        hashes = sorted(set(doc_hashes))
+        out: dict[str, np.ndarray] = {}
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks(hashes):
+                rows = conn.execute(
+                    select(E.c.doc_hash, E.c.vector).where(
+                        E.c.provider == provider, E.c.model == model, E.c.doc_hash.in_(chunk)
+                    )
+                )
+                for h, blob in rows:
+                    out[h] = np.frombuffer(blob, dtype="<f4")
+        return out
+
+    def put_many(self, provider: str, model: str, vectors: dict[str, Sequence[float]]) -> None:
+        rows = [
+            {
+                "provider": provider,
+                "model": model,
+                "doc_hash": h,
+                "dim": len(v),
+                "vector": np.asarray(v, dtype="<f4").tobytes(),
+            }
+            for h, v in sorted(vectors.items())
+        ]
+        with self.db.tx() as conn:
+            for chunk in _chunks(rows):
+                conn.execute(self.db.insert_ignore(E), list(chunk))
+
+    def count(self, provider: str | None = None, model: str | None = None) -> int:
+        q = select(func.count()).select_from(E)
+        if provider:
+            q = q.where(E.c.provider == provider)
+        if model:
+            q = q.where(E.c.model == model)
+        with self.db.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+
+class KeywordPostings:
+    """(tenant, dataset, keyword, index_node_id, weight): one row per posting,
+    so a change touches only its own segments' rows."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def replace(
+        self,
+        tenant_id: str,
+        dataset_id: str,
+        postings: dict[tuple[str, str], list[tuple[str, float]]],
+    ) -> None:
+        """postings: (index_node_id, document_id) -> [(keyword, weight)]."""
+        ids = sorted({node for node, _ in postings})
+        rows = [
+            {
+                "tenant_id": tenant_id,
+                "dataset_id": dataset_id,
+                "keyword": kw,
+                "index_node_id": node,
+                "document_id": doc,
+                "weight": float(w),
+            }
+            for (node, doc), kws in sorted(postings.items())
+            for kw, w in kws
+        ]
+        with self.db.tx() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(delete(K).where(K.c.index_node_id.in_(chunk)))
+            for chunk in _chunks(rows):
+                conn.execute(self.db.insert_ignore(K), list(chunk))
+
+    def delete_nodes(self, index_node_ids: Sequence[str]) -> int:
+        n = 0
+        with self.db.tx() as conn:
+            for chunk in _chunks(sorted(set(index_node_ids))):
+                n += conn.execute(delete(K).where(K.c.index_node_id.in_(chunk))).rowcount
+        return n
+
+    def search(
+        self, tenant_id: str, dataset_id: str, keywords: dict[str, float], limit: int
+    ) -> list[tuple[str, float]]:
+        if not keywords:
+            return []
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(K.c.index_node_id, K.c.keyword, K.c.weight).where(
+                    K.c.tenant_id == tenant_id,
+                    K.c.dataset_id == dataset_id,
+                    K.c.keyword.in_(list(keywords)),
+                )
+            )
+            scores: dict[str, float] = {}
+            for node, kw, weight in rows:
+                scores[node] = scores.get(node, 0.0) + weight * keywords[kw]
+        return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
+    def count(self, tenant_id: str, dataset_id: str) -> int:
+        with self.db.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(K)
+                    .where(K.c.tenant_id == tenant_id, K.c.dataset_id == dataset_id)
+                ).scalar_one()
+            )
+
+    def nodes(self, tenant_id: str, dataset_id: str) -> dict[str, int]:
+        """index_node_id -> number of postings, for verification."""
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(K.c.index_node_id, func.count())
+                .where(K.c.tenant_id == tenant_id, K.c.dataset_id == dataset_id)
+                .group_by(K.c.index_node_id)
+            )
+            return {r[0]: r[1] for r in rows}
+
+
+class ClaimCheckStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def put(self, key: str, data: bytes, replace_prefix: str | None = None) -> None:
+        with self.db.tx() as conn:
+            if replace_prefix:
+                conn.execute(delete(P).where(P.c.key.like(f"{replace_prefix}%"), P.c.key != key))
+            conn.execute(delete(P).where(P.c.key == key))
+            conn.execute(insert(P).values(key=key, data=data))
+
+    def get(self, key: str) -> bytes | None:
+        with self.db.engine.connect() as conn:
+            row = conn.execute(select(P.c.data).where(P.c.key == key)).first()
+            return bytes(row[0]) if row else None
+
+    def delete_prefix(self, prefix: str) -> None:
+        with self.db.tx() as conn:
+            conn.execute(delete(P).where(P.c.key.like(f"{prefix}%")))
+
+
+class BatchJobRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self.db.engine.connect() as conn:
+            row = conn.execute(select(J).where(J.c.job_id == job_id)).first()
+            return dict(row._mapping) if row else None
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)

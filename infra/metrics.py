@@ -1,0 +1,19 @@
+"""Prometheus metrics; exposed on KBSTREAM_METRICS_PORT when set."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+EVENTS = Counter("kbstream_events_total", "Events consumed", ["stage"])
+DEAD_LETTERS = Counter("kbstream_dead_letters_total", "Events dead-lettered", ["stage"])
+RETRIES = Counter("kbstream_retries_total", "Transient-failure retries", ["stage"])
+BATCH_SECONDS = Histogram("kbstream_batch_seconds", "Time to handle one consumed batch", ["stage"])
+EMBEDDED_TEXTS = Counter("kbstream_embedded_texts_total", "Texts sent to the embedding model")
+CACHE_HITS = Counter(
+    "kbstream_embedding_cache_hits_total", "Segments served from the embedding cache"
+)
+
+
+def serve(port: int | None) -> None:
+    if port:
+        start_http_server(port)

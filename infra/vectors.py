@@ -1,0 +1,207 @@
+"""Milvus vector store: milvus-lite file (embedded default), milvus-lite server
+or a real Milvus (production). Primary key = index_node_id, so every write is an
+idempotent upsert; the dataset is the partition key and every search filters on
+tenant and dataset."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from domain.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    index_node_id: str
+    vector: Sequence[float] | np.ndarray
+    tenant_id: str
+    dataset_id: str
+    document_id: str
+
+
+@dataclass(frozen=True)
+class VectorHit:
+    index_node_id: str
+    score: float
+    document_id: str
+
+
+def collection_name(provider: str, model: str, dim: int) -> str:
+    """One collection per embedding model: a model change builds a new
+    collection beside the old one instead of mixing vector spaces."""
+    base = model.rstrip("/").split("/")[-1]
+    if provider != "sentence-transformers":
+        base = f"{provider}_{base}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", base).strip("_").lower()
+    return f"kb_{slug[:180]}_{dim}"
+
+
+def _q(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class MilvusVectorStore:
+    def __init__(self, uri: str, collection: str, dim: int, token: str | None = None) -> None:
+        self.uri = uri
+        self.collection = collection
+        self.dim = dim
+        self._token = token
+        # milvus-lite's local mode is not documented as thread-safe
+        self._lock = threading.RLock()
+        self._client: MilvusClient | None = None
+
+    @property
+    def client(self) -> MilvusClient:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        kwargs: dict[str, Any] = {"uri": self.uri}
+                        if self._token:
+                            kwargs["token"] = self._token
+                        self._client = MilvusClient(**kwargs)
+                    except MilvusException as exc:
+                        raise TransientError(f"Milvus unavailable at {self.uri}: {exc}") from exc
+                    self._ensure_collection()
+        return self._client
+
+    def _ensure_collection(self) -> None:
+        assert self._client is not None
+        c = self._client
+        if c.has_collection(self.collection):
+            # a collection opened from disk starts released; searches need it loaded
+            c.load_collection(self.collection)
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("index_node_id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("tenant_id", DataType.VARCHAR, max_length=128)
+        schema.add_field("dataset_id", DataType.VARCHAR, max_length=128, is_partition_key=True)
+        schema.add_field("document_id", DataType.VARCHAR, max_length=128)
+        index = c.prepare_index_params()
+        index.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="COSINE")
+        try:
+            c.create_collection(self.collection, schema=schema, index_params=index)
+        except MilvusException:
+            # another worker created it between our check and create
+            if not c.has_collection(self.collection):
+                raise
+            c.load_collection(self.collection)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            try:
+                return fn(*args, **kwargs)
+            except MilvusException as exc:
+                raise TransientError(f"Milvus {what} failed: {exc}") from exc
+
+    def upsert(self, rows: Sequence[VectorRow]) -> int:
+        if not rows:
+            return 0
+        data = [
+            {
+                "index_node_id": r.index_node_id,
+                "vector": np.asarray(r.vector, dtype=np.float32).tolist(),
+                "tenant_id": r.tenant_id,
+                "dataset_id": r.dataset_id,
+                "document_id": r.document_id,
+            }
+            for r in rows
+        ]
+        res = self._call("upsert", self.client.upsert, self.collection, data)
+        return int(res.get("upsert_count", len(rows)))
+
+    def delete(self, index_node_ids: Sequence[str]) -> None:
+        if not index_node_ids:
+            return
+        self._call("delete", self.client.delete, self.collection, ids=list(index_node_ids))
+
+    def delete_document(self, tenant_id: str, dataset_id: str, document_id: str) -> None:
+        expr = (
+            f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)} "
+            f"and document_id == {_q(document_id)}"
+        )
+        self._call("delete", self.client.delete, self.collection, filter=expr)
+
+    def search(
+        self, vector: Sequence[float], tenant_id: str, dataset_id: str, limit: int
+    ) -> list[VectorHit]:
+        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
+        res = self._call(
+            "search",
+            self.client.search,
+            self.collection,
+            data=[list(map(float, vector))],
+            limit=limit,
+            filter=expr,
+            output_fields=["document_id"],
+            anns_field="vector",
+        )
+        hits = res[0] if res else []
+        return [
+            VectorHit(
+                h["id"] if "id" in h else h["index_node_id"],
+                float(h["distance"]),
+                h["entity"]["document_id"],
+            )
+            for h in hits
+        ]
+
+    def ids(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
+        """index_node_id -> document_id of every vector in a dataset."""
+        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
+        out: dict[str, str] = {}
+        it = self._call(
+            "query",
+            self.client.query_iterator,
+            self.collection,
+            batch_size=1000,
+            filter=expr,
+            output_fields=["index_node_id", "document_id"],
+        )
+        while True:
+            batch = self._call("query", it.next)
+            if not batch:
+                it.close()
+                break
+            for row in batch:
+                out[row["index_node_id"]] = row["document_id"]
+        return out
+
+    def count(self, tenant_id: str, dataset_id: str) -> int:
+        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
+        res = self._call(
+            "count", self.client.query, self.collection, filter=expr, output_fields=["count(*)"]
+        )
+        return int(res[0]["count(*)"]) if res else 0
+
+    def existing(self, index_node_ids: Sequence[str]) -> set[str]:
+        if not index_node_ids:
+            return set()
+        res = self._call(
+            "get",
+            self.client.query,
+            self.collection,
+            ids=list(index_node_ids),
+            output_fields=["index_node_id"],
+        )
+        return {r["index_node_id"] for r in res}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.close()
+                finally:
+                    self._client = None

@@ -1,0 +1,174 @@
+"""`kbstream index`: publish a lifecycle event per changed file, then wait
+until every document is completed or in error."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from domain.events import DocumentCreated, DocumentUpdated
+from domain.model import IndexingStatus
+from infra.db.repository import DocumentState
+from kbstream.bootstrap import Container
+from kbstream.stack import WorkerPool, broker_for
+from producers.client import LifecyclePublisher
+from producers.files import FileDocument, discover
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, int], None]  # finished, total, segments
+
+
+@dataclass
+class IndexSummary:
+    documents: int = 0
+    published: int = 0
+    skipped: int = 0
+    completed: int = 0
+    failed: int = 0
+    segments: int = 0
+    embedded: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def plan(
+    container: Container, dataset: str, files: Sequence[FileDocument], force: bool = False
+) -> tuple[list[DocumentCreated | DocumentUpdated], list[DocumentState]]:
+    """Events to publish, and the documents that are already up to date."""
+    tenant = container.settings.tenant
+    known = {
+        d.document_id: d
+        for d in container.db.documents.list(tenant, dataset, [f.document_id for f in files])
+    }
+    events: list[DocumentCreated | DocumentUpdated] = []
+    unchanged: list[DocumentState] = []
+    for f in files:
+        state = known.get(f.document_id)
+        common: dict[str, Any] = {
+            "tenant_id": tenant,
+            "dataset_id": dataset,
+            "document_id": f.document_id,
+            "source": str(f.path),
+            "uri": f.uri,
+            "content_hash": f.content_hash,
+        }
+        if (
+            state is not None
+            and not force
+            and state.content_hash == f.content_hash
+            and state.status is IndexingStatus.COMPLETED
+        ):
+            unchanged.append(state)
+        elif state is None or state.status is IndexingStatus.DELETED:
+            events.append(DocumentCreated(**common))
+        else:
+            # changed, failed before, or interrupted: the incremental path resumes it
+            events.append(DocumentUpdated(**common))
+    return events, unchanged
+
+
+def index_paths(
+    container: Container,
+    paths: Sequence[Path],
+    dataset: str,
+    force: bool = False,
+    timeout: float | None = None,
+    progress: ProgressFn | None = None,
+) -> IndexSummary:
+    started = time.perf_counter()
+    files = discover(paths, container.settings.tenant, dataset)
+    summary = IndexSummary(documents=len(files))
+    # the embedded workers may read exactly the files given here
+    roots = {str(f.path.parent) for f in files}
+    extra = os.pathsep.join(sorted(roots))
+    s = container.settings
+    container.settings = s.model_copy(
+        update={"allowed_roots": os.pathsep.join(filter(None, [s.allowed_roots, extra]))}
+    )
+    events, unchanged = plan(container, dataset, files, force)
+    summary.skipped = len(unchanged)
+    if events:
+        with broker_for(container.settings) as runtime:
+            pool = None
+            if runtime.embedded:
+                pool = WorkerPool(container, runtime.bootstrap).start()
+            try:
+                publisher = LifecyclePublisher(
+                    runtime.bootstrap, container.topics, container.settings.max_event_bytes
+                )
+                for e in events:
+                    publisher.publish(e)
+                publisher.flush()
+                publisher.close()
+                summary.published = len(events)
+                _wait(
+                    container, dataset, events, pool, timeout, progress, len(unchanged), len(files)
+                )
+            finally:
+                if pool is not None:
+                    pool.stop()
+    _summarise(container, dataset, files, {e.document_id: e.version for e in events}, summary)
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _wait(
+    container: Container,
+    dataset: str,
+    events: Sequence[DocumentCreated | DocumentUpdated],
+    pool: WorkerPool | None,
+    timeout: float | None,
+    progress: ProgressFn | None,
+    already_done: int,
+    total: int,
+) -> None:
+    want = {e.document_id: e.version for e in events}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        states = container.db.documents.list(container.settings.tenant, dataset, list(want))
+        finished = [d for d in states if d.version >= want[d.document_id] and d.status.finished]
+        segments = sum(d.segment_count for d in states)
+        if progress:
+            progress(already_done + len(finished), total, segments)
+        if len(finished) == len(want):
+            return
+        if pool is not None and not pool.alive():
+            raise RuntimeError("a stage worker died; see the log in the home directory")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{len(want) - len(finished)} document(s) not finished after {timeout}s; "
+                "`kbstream status` shows where they are"
+            )
+        time.sleep(0.25)
+
+
+def _summarise(
+    container: Container,
+    dataset: str,
+    files: Sequence[FileDocument],
+    published: dict[str, int],
+    summary: IndexSummary,
+) -> None:
+    states = container.db.documents.list(
+        container.settings.tenant, dataset, [f.document_id for f in files]
+    )
+    for d in states:
+        summary.segments += d.segment_count
+        if d.status is IndexingStatus.COMPLETED:
+            summary.completed += 1
+        elif d.status is IndexingStatus.ERROR:
+            summary.failed += 1
+            summary.errors.append({"document": d.source, "error": d.error or ""})
+        if d.document_id in published:
+            summary.embedded += d.embedded_texts
+            summary.cache_hits += d.cache_hits

@@ -1,0 +1,92 @@
+"""Configuration, from KBSTREAM_* environment variables (documented in README).
+
+Every verb reads the same settings; ``--home`` only moves the default
+locations of the embedded state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KBSTREAM_", extra="ignore")
+
+    home: Path = Field(default=Path(".kbstream"), description="embedded state directory")
+    brokers: str | None = Field(
+        default=None, description="Kafka bootstrap servers; unset = start the embedded broker"
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; unset = SQLite in home"
+    )
+    milvus_uri: str | None = Field(
+        default=None, description="Milvus URI; unset = milvus-lite in home"
+    )
+    milvus_token: str | None = None
+    tenant: str = "default"
+
+    topic_prefix: str = "kbstream."
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    session_timeout_ms: int = Field(default=6000, ge=1000)
+    max_poll_interval_ms: int = Field(default=600_000, ge=10_000)
+
+    embedding_provider: str = "sentence-transformers"
+    embedding_model: str | None = Field(
+        default=None, description="model path or name; unset = bundled all-MiniLM-L6-v2"
+    )
+    embedding_device: str = "cpu"
+    embedding_batch_size: int = Field(default=32, ge=1)
+    embed_max_segments: int = Field(default=96, ge=1, description="segments one embed poll takes")
+
+    allowed_roots: str = Field(
+        default="", description="os.pathsep-separated roots for file:// refs"
+    )
+    max_document_bytes: int = Field(default=50 * MiB, ge=1)
+    max_event_bytes: int = Field(default=900_000, ge=10_000)
+    inline_text_bytes: int = Field(default=256 * 1024, ge=1024)
+    segments_per_event: int = Field(default=32, ge=1)
+    keywords_per_segment: int = Field(default=10, ge=1)
+
+    retry_attempts: int = Field(default=6, ge=1)
+    retry_max_seconds: float = Field(default=30.0, gt=0)
+
+    log_level: str = "INFO"
+    metrics_port: int | None = None
+
+    @field_validator("home")
+    @classmethod
+    def _abs_home(cls, v: Path) -> Path:
+        return v.expanduser().absolute()
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.brokers
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'kbstream.db'}"
+
+    @property
+    def vector_uri(self) -> str:
+        return self.milvus_uri or str(self.home / "milvus.db")
+
+    @property
+    def roots(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.allowed_roots.split(os.pathsep) if p]
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, stage: str) -> str:
+        return f"{self.topic_prefix}{stage}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)  # type: ignore[arg-type]

@@ -1,0 +1,2 @@
+"""What upstream systems use: a publishing client for lifecycle events, and
+the file discovery behind `kbstream index` / `kbstream sync`."""
