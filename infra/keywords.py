@@ -73,7 +73,7 @@ _ENGLISH_STOP = frozenset(
 class JiebaKeywordExtractor:
     """Thread-safe wrapper: jieba's default TF-IDF instance is global state."""
 
-    def __init__(self, top_k: int = 10) -> None:
+    def __init__(self, top_k: int = 50) -> None:
         self.top_k = top_k
         self._lock = threading.Lock()
         self._ready = False
