@@ -367,11 +367,16 @@ def publish(
 
 
 @app.command()
-def schema(output: Annotated[Path | None, typer.Option(help="write to this file")] = None) -> None:
-    """Print the JSON Schema of every event."""
+def schema(
+    output: Annotated[Path | None, typer.Option(help="write to this file")] = None,
+    asyncapi: Annotated[bool, typer.Option(help="the AsyncAPI document instead")] = False,
+) -> None:
+    """Print the JSON Schema of every event (or the AsyncAPI topic contract)."""
     from domain.events import json_schemas
+    from infra.kafka.asyncapi import asyncapi as build_asyncapi
 
-    text = json.dumps(json_schemas(), indent=2, sort_keys=True) + "\n"
+    doc = build_asyncapi() if asyncapi else json_schemas()
+    text = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     if output:
         output.write_text(text)
     else:

@@ -56,10 +56,7 @@ class WorkerPool:
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout
-        for r in self.runners:
-            if not r.ready.wait(max(0.0, deadline - time.monotonic())):
-                return False
-        return True
+        return all(r.ready.wait(max(0.0, deadline - time.monotonic())) for r in self.runners)
 
     def alive(self) -> bool:
         return all(t.is_alive() for t in self.threads)

@@ -44,9 +44,9 @@ def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
         p = p.expanduser()
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts):
-                    if f.suffix.lower() in SUPPORTED_EXTENSIONS:
-                        yield f.resolve()
+                hidden = any(part.startswith(".") for part in f.relative_to(p).parts)
+                if f.is_file() and not hidden and f.suffix.lower() in SUPPORTED_EXTENSIONS:
+                    yield f.resolve()
         elif p.is_file():
             yield p.resolve()  # named explicitly: let parse judge its type
         else:

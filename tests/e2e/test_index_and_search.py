@@ -32,7 +32,9 @@ def kb(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
         timeout=600,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"kbstream {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"kbstream {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -92,8 +94,15 @@ def test_index_completes_every_document(indexed: dict[str, Any]) -> None:
     assert s["completed"] == 4
     assert s["segments"] >= 4
     rows = kb_json(indexed["home"], "status", "--dataset", "kb")
-    assert {Path(r["document"]).name for r in rows} == {"kafka.md", "milvus.html", "结巴.txt", "cache.docx"}
-    assert all(r["status"] == "completed" and r["error"] is None and r["segments"] >= 1 for r in rows)
+    assert {Path(r["document"]).name for r in rows} == {
+        "kafka.md",
+        "milvus.html",
+        "结巴.txt",
+        "cache.docx",
+    }
+    assert all(
+        r["status"] == "completed" and r["error"] is None and r["segments"] >= 1 for r in rows
+    )
 
 
 def test_shared_text_is_embedded_once(indexed: dict[str, Any]) -> None:
@@ -121,7 +130,9 @@ def test_shared_text_is_embedded_once(indexed: dict[str, Any]) -> None:
 def test_search_finds_the_right_document(
     indexed: dict[str, Any], mode: str, query: str, expected: str
 ) -> None:
-    hits = kb_json(indexed["home"], "search", query, "--dataset", "kb", "--mode", mode, "--top-k", "3")
+    hits = kb_json(
+        indexed["home"], "search", query, "--dataset", "kb", "--mode", mode, "--top-k", "3"
+    )
     assert hits, f"no hits for {query!r} in {mode} mode"
     assert Path(hits[0]["document"]).name == expected
     for h in hits:
@@ -129,7 +140,9 @@ def test_search_finds_the_right_document(
 
 
 def test_search_is_isolated_by_dataset(indexed: dict[str, Any]) -> None:
-    hits = kb_json(indexed["home"], "search", "partition key", "--dataset", "other", "--mode", "hybrid")
+    hits = kb_json(
+        indexed["home"], "search", "partition key", "--dataset", "other", "--mode", "hybrid"
+    )
     assert hits == []
 
 
