@@ -37,6 +37,10 @@ class IndexKeywordsStage:
             elif isinstance(e, SegmentsRemoved):
                 alive = self.db.segments.by_ids(e.index_node_ids)
                 self.db.postings.delete_nodes([i for i in e.index_node_ids if i not in alive])
+                if e.whole_document:
+                    self.db.postings.delete_document_orphans(
+                        DocKey(e.tenant_id, e.dataset_id, e.document_id)
+                    )
         return out
 
     def _index(self, e: SegmentsSplit) -> list[Emit]:

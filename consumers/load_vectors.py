@@ -44,6 +44,8 @@ class LoadVectorsStage:
             elif isinstance(e, SegmentsRemoved):
                 alive = self.db.segments.by_ids(e.index_node_ids)
                 self.vectors.delete([i for i in e.index_node_ids if i not in alive])
+                if e.whole_document:
+                    self._drop_orphans(e)
         return out
 
     def _load(self, e: SegmentsEmbedded) -> list[Emit]:
@@ -90,6 +92,17 @@ class LoadVectorsStage:
             index_node_ids=[r.index_node_id for r in live],
         )
         return [Emit(self.topics.progress, loaded)]
+
+    def _drop_orphans(self, e: SegmentsRemoved) -> None:
+        """After a document delete, no vector of it may outlive its segment rows,
+        including ones this event does not name (a crash between writes)."""
+        key = DocKey(e.tenant_id, e.dataset_id, e.document_id)
+        alive = self.db.segments.ids_for_document(key)
+        if not alive:
+            self.vectors.delete_document(e.tenant_id, e.dataset_id, e.document_id)
+            return
+        stored = self.vectors.ids_for_document(e.tenant_id, e.dataset_id, e.document_id)
+        self.vectors.delete([i for i in stored if i not in alive])
 
     def on_dead_letter(self, event: Event, reason: str) -> None:
         key = DocKey(event.tenant_id, event.dataset_id, event.document_id)

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domain.errors import DocumentError
-from domain.events import DocumentCreated, DocumentParsed, DocumentUpdated, Event
+from domain.events import (
+    DocumentCreated,
+    DocumentDeleted,
+    DocumentParsed,
+    DocumentUpdated,
+    Event,
+    SegmentDeleted,
+    SegmentsBatchImported,
+)
 from domain.model import IndexingStatus
 from infra.db.repository import Database, DocKey
 from infra.extract import ExtractLimits, extract_text, read_file_reference
@@ -37,10 +45,21 @@ class ParseStage:
     def handle(self, events: Sequence[Event]) -> list[Emit]:
         out: list[Emit] = []
         for event in events:
+            key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
             if isinstance(event, DocumentCreated | DocumentUpdated):
                 out.extend(self._parse(event))
+            elif isinstance(event, DocumentDeleted):
+                # the tombstone makes every older event of this document stale at
+                # once; split removes the segments behind anything still in flight
+                if self.db.documents.record_delete(key, event.version):
+                    out.append(Emit(self.topics.parsed, event))
+            elif isinstance(event, SegmentsBatchImported):
+                self.db.jobs.create(event.job_id, key, len(event.segments))
+                out.append(Emit(self.topics.parsed, event))
+            elif isinstance(event, SegmentDeleted):
+                out.append(Emit(self.topics.parsed, event))
             else:
-                log.warning("parse: %s is not handled yet; skipped", event.type)
+                log.warning("parse: %s does not belong on the lifecycle topic; skipped", event.type)
         return out
 
     def _parse(self, event: DocumentCreated | DocumentUpdated) -> list[Emit]:
@@ -82,6 +101,7 @@ class ParseStage:
             text_ref=text_ref,
             chars=len(text),
             mime_type=mime,
+            cleanup=event.cleanup if isinstance(event, DocumentUpdated) else "incremental",
         )
         return [Emit(self.topics.parsed, parsed)]
 

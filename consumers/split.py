@@ -9,8 +9,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from domain.errors import DocumentError
-from domain.events import DocumentParsed, Event, SegmentPayload, SegmentsRemoved, SegmentsSplit
-from domain.model import IndexingStatus, build_segments, diff_segments
+from domain.events import (
+    DocumentDeleted,
+    DocumentParsed,
+    Event,
+    SegmentDeleted,
+    SegmentPayload,
+    SegmentsBatchImported,
+    SegmentsRemoved,
+    SegmentsSplit,
+)
+from domain.model import ChunkText, IndexingStatus, Segment, build_segments, diff_segments
 from domain.ports import ModelTokens
 from domain.splitting import split_document
 from infra.db.repository import Database, DocKey
@@ -38,8 +47,104 @@ class SplitStage:
         for event in events:
             if isinstance(event, DocumentParsed):
                 out.extend(self._split(event))
+            elif isinstance(event, DocumentDeleted):
+                out.extend(self._delete_document(event))
+            elif isinstance(event, SegmentDeleted):
+                out.extend(self._delete_segment(event))
+            elif isinstance(event, SegmentsBatchImported):
+                out.extend(self._import(event))
             else:
-                log.warning("split: %s is not handled yet; skipped", event.type)
+                log.warning("split: %s does not belong on the parsed topic; skipped", event.type)
+        return out
+
+    def _delete_document(self, event: DocumentDeleted) -> list[Emit]:
+        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
+        ids = self.db.documents.delete_segments(key, event.version)
+        if ids is None:
+            return []
+        removed = SegmentsRemoved(index_node_ids=ids, whole_document=True, **self._common(event))
+        return [Emit(self.topics.segments, removed)]
+
+    def _delete_segment(self, event: SegmentDeleted) -> list[Emit]:
+        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
+        gone = self.db.documents.delete_segment(
+            key, event.version, event.index_node_id, event.segment_id
+        )
+        if gone is None:
+            log.info(
+                "split: segment %s of %s not found (already deleted?)",
+                event.index_node_id or event.segment_id,
+                event.document_id,
+            )
+            return []
+        return [
+            Emit(
+                self.topics.segments, SegmentsRemoved(index_node_ids=[gone], **self._common(event))
+            )
+        ]
+
+    def _import(self, event: SegmentsBatchImported) -> list[Emit]:
+        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
+        current = self.db.documents.get(key)
+        if current is None or current.status is IndexingStatus.DELETED:
+            self.db.jobs.fail(event.job_id, f"document {event.document_id} does not exist")
+            return []
+        start, hashes = self.db.documents.segment_hashes(key, exclude_job=event.job_id)
+        chunks = []
+        for item in event.segments:
+            n = self.tokens.count_tokens(item.content)
+            if n > self.tokens.max_input_tokens:
+                self.db.jobs.fail(
+                    event.job_id,
+                    f"segment {item.content[:40]!r}... has {n} tokens, above the model limit of "
+                    f"{self.tokens.max_input_tokens}; split it before importing",
+                )
+                return []
+            chunks.append(ChunkText(content=item.content, answer=item.answer, tokens=n))
+        segments = _offset_occurrences(
+            build_segments(event.dataset_id, event.document_id, chunks, start), hashes, event
+        )
+        fresh = self.db.documents.import_segments(key, event.version, event.job_id, segments)
+        if fresh is None:
+            self.db.jobs.fail(
+                event.job_id, "the document changed or was deleted before the import ran"
+            )
+            return []
+        return self._emit_segments(event, fresh)
+
+    @staticmethod
+    def _common(event: Event) -> dict[str, object]:
+        return {
+            "tenant_id": event.tenant_id,
+            "dataset_id": event.dataset_id,
+            "document_id": event.document_id,
+            "version": event.version,
+        }
+
+    def _emit_segments(self, event: Event, todo: list[Segment]) -> list[Emit]:
+        n = self.segments_per_event
+        batches = (len(todo) + n - 1) // n
+        out = []
+        for b in range(batches):
+            payload = [
+                SegmentPayload(
+                    index_node_id=s.index_node_id,
+                    doc_hash=s.doc_hash,
+                    position=s.position,
+                    content=s.content,
+                    answer=s.answer,
+                    tokens=s.tokens,
+                )
+                for s in todo[b * n : (b + 1) * n]
+            ]
+            out.append(
+                Emit(
+                    self.topics.segments,
+                    SegmentsSplit(
+                        segments=payload, batch=b, batches=batches, **self._common(event)
+                    ),  # type: ignore[arg-type]
+                )
+            )
         return out
 
     def _split(self, event: DocumentParsed) -> list[Emit]:
@@ -63,41 +168,22 @@ class SplitStage:
             return []
         segments = build_segments(event.dataset_id, event.document_id, chunks)
         diff = diff_segments(self.db.segments.existing(key), segments)
-        state = self.db.documents.apply_split(key, event.version, segments, diff, event.chars)
+        keep = event.cleanup == "none"
+        state = self.db.documents.apply_split(
+            key, event.version, segments, diff, event.chars, keep_removed=keep
+        )
         if state is None:
             return []
-        common = {
-            "tenant_id": event.tenant_id,
-            "dataset_id": event.dataset_id,
-            "document_id": event.document_id,
-            "version": event.version,
-        }
         out: list[Emit] = []
-        if diff.removed:
-            out.append(
-                Emit(self.topics.segments, SegmentsRemoved(index_node_ids=diff.removed, **common))
-            )
-        todo = diff.to_index
-        n = self.segments_per_event
-        batches = (len(todo) + n - 1) // n
-        for b in range(batches):
-            payload = [
-                SegmentPayload(
-                    index_node_id=s.index_node_id,
-                    doc_hash=s.doc_hash,
-                    position=s.position,
-                    content=s.content,
-                    answer=s.answer,
-                    tokens=s.tokens,
-                )
-                for s in todo[b * n : (b + 1) * n]
-            ]
+        if diff.removed and not keep:
             out.append(
                 Emit(
                     self.topics.segments,
-                    SegmentsSplit(segments=payload, batch=b, batches=batches, **common),
+                    SegmentsRemoved(index_node_ids=diff.removed, **self._common(event)),  # type: ignore[arg-type]
                 )
             )
+        todo = diff.to_index
+        out.extend(self._emit_segments(event, todo))
         log.info(
             "split: %s v%s -> %d segments (%d to index, %d kept, %d removed)",
             event.source,
@@ -127,3 +213,33 @@ class SplitStage:
         self.db.documents.set_status(
             key, event.version, IndexingStatus.ERROR, f"split failed: {reason}"
         )
+
+
+def _offset_occurrences(
+    segments: list[Segment], existing_hashes: list[str], event: Event
+) -> list[Segment]:
+    """Imported text may repeat text the document already has: shift the
+    occurrence number so the index_node_id is new, yet the same on a replay."""
+    from collections import Counter
+
+    from domain.model import make_index_node_id
+
+    seen = Counter(existing_hashes)
+    out = []
+    for s in segments:
+        occurrence = seen[s.doc_hash]
+        seen[s.doc_hash] += 1
+        out.append(
+            Segment(
+                index_node_id=make_index_node_id(
+                    event.dataset_id, event.document_id, s.doc_hash, occurrence
+                ),
+                doc_hash=s.doc_hash,
+                position=s.position,
+                content=s.content,
+                answer=s.answer,
+                parent=s.parent,
+                tokens=s.tokens,
+            )
+        )
+    return out

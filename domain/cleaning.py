@@ -11,7 +11,11 @@ _INLINE_SPACE = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
 _SPACE_AROUND_NEWLINE = re.compile(r" *\n *")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-_URL = re.compile(r"(?:https?|ftp)://[^\s<>\"'）)\]]+|www\.[^\s<>\"'）)\]]+")
+# ASCII URL characters only (a URL glued to Chinese text ends where the Chinese
+# starts), and never ending on sentence punctuation.
+_URL = re.compile(
+    r"(?:(?:https?|ftp)://|www\.)[A-Za-z0-9\-._~:/?#\[\]@!$&*+,;=%]*[A-Za-z0-9\-_~/#@$&*+=%]"
+)
 
 
 def clean_text(text: str, rule: ProcessRule) -> str:

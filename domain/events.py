@@ -118,6 +118,9 @@ class DocumentCreated(_DocumentSource):
 
 class DocumentUpdated(_DocumentSource):
     type: Literal["document.updated"] = "document.updated"
+    # "none" keeps segments that vanished from the new content (nothing is
+    # ever deleted); "incremental" removes them.
+    cleanup: Literal["incremental", "none"] = "incremental"
 
 
 class DocumentDeleted(_Event):
@@ -162,8 +165,8 @@ class DocumentParsed(_Event):
     text: str | None = None
     text_ref: str | None = None
     chars: int = Field(ge=0)
-    # Segments already imported through batch imports are kept across updates.
     mime_type: str | None = None
+    cleanup: Literal["incremental", "none"] = "incremental"
 
 
 class SegmentPayload(BaseModel):
@@ -272,19 +275,27 @@ def decode_event(raw: bytes | str | None) -> Event:
         raise InvalidEvent("empty message (no value)")
     try:
         obj: Any = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidEvent(f"not valid JSON: {exc}") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError) as exc:
+        # ValueError covers JSONDecodeError and over-long integer literals;
+        # RecursionError, absurdly deep nesting
+        raise InvalidEvent(f"not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(obj, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(obj).__name__}")
     version = obj.get("schema_version", SCHEMA_VERSION)
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or version not in SUPPORTED_SCHEMA_VERSIONS
+    ):
         raise InvalidEvent(
             f"unsupported schema_version {version!r}; this consumer reads "
             f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}"
         )
     try:
         event: Event = _ANY.validate_python(obj)
-    except ValidationError as exc:
+    except (ValidationError, RecursionError, ValueError, TypeError) as exc:
+        if not isinstance(exc, ValidationError):
+            raise InvalidEvent(f"schema-invalid: {str(exc)[:200]}") from exc
         raise InvalidEvent(
             f"schema-invalid {obj.get('type', '<no type>')!r}: {_brief(exc)}"
         ) from exc

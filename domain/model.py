@@ -174,7 +174,7 @@ def count_words(text: str) -> int:
     """Words for Latin scripts, characters for CJK (which has no spaces)."""
     words = 0
     in_word = False
-    for ch in text:
+    for i, ch in enumerate(text):
         if _is_cjk(ch):
             words += 1
             in_word = False
@@ -182,6 +182,8 @@ def count_words(text: str) -> int:
             if not in_word:
                 words += 1
                 in_word = True
+        elif in_word and ch in "'’" and i + 1 < len(text) and text[i + 1].isalnum():
+            continue  # don't, it's: one word
         else:
             in_word = False
     return words

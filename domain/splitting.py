@@ -42,7 +42,7 @@ DEFAULT_SEPARATORS: tuple[str, ...] = (
 class SplitSettings:
     max_tokens: int
     chunk_overlap: int
-    separators: tuple[str, ...]
+    separator: str | None  # a custom hard boundary, dropped from the chunks
     parent_max_tokens: int
     remove_extra_whitespace: bool
     remove_urls_emails: bool
@@ -64,17 +64,16 @@ def resolve_rule(rule: ProcessRule, model_max_tokens: int) -> SplitSettings:
     overlap = default_overlap if automatic or rule.chunk_overlap is None else rule.chunk_overlap
     if overlap >= max_tokens:
         raise SplitRuleError(f"chunk_overlap {overlap} must be below max_tokens {max_tokens}")
-    separators = DEFAULT_SEPARATORS
+    separator = None
     if not automatic and rule.separator:
-        sep = rule.separator
-        if "\\" in sep and sep.isascii():  # "\\n\\n" typed in a JSON config or a shell
-            sep = sep.encode().decode("unicode_escape")
-        separators = (sep, *(s for s in DEFAULT_SEPARATORS if s != sep))
+        separator = rule.separator
+        if "\\" in separator and separator.isascii():  # "\\n\\n" typed in JSON or a shell
+            separator = separator.encode().decode("unicode_escape")
     parent = rule.parent_max_tokens or max(max_tokens * 4, 512)
     return SplitSettings(
         max_tokens=max_tokens,
         chunk_overlap=overlap,
-        separators=separators,
+        separator=separator,
         parent_max_tokens=parent,
         remove_extra_whitespace=rule.remove_extra_whitespace,
         remove_urls_emails=rule.remove_urls_emails,
@@ -97,19 +96,25 @@ def split_document(
         return _qa_chunks(cleaned, tokens, settings)
     if doc_form is DocForm.PARENT_CHILD:
         return _parent_child_chunks(cleaned, tokens, settings)
+    splitter = _splitter(tokens, settings.max_tokens, settings.chunk_overlap)
     return [
         ChunkText(content=c, tokens=tokens.count_tokens(c))
-        for c in _splitter(
-            tokens, settings.max_tokens, settings.chunk_overlap, settings
-        ).split_text(cleaned)
+        for piece in _pieces(cleaned, settings)
+        for c in splitter.split_text(piece)
     ]
 
 
-def _splitter(
-    tokens: TokenCounter, size: int, overlap: int, settings: SplitSettings
-) -> RecursiveCharacterTextSplitter:
+def _pieces(text: str, settings: SplitSettings) -> list[str]:
+    """A custom separator is a hard boundary: chunks never span it, and the
+    separator itself is not content."""
+    if not settings.separator:
+        return [text]
+    return [p for p in (part.strip() for part in text.split(settings.separator)) if p]
+
+
+def _splitter(tokens: TokenCounter, size: int, overlap: int) -> RecursiveCharacterTextSplitter:
     return RecursiveCharacterTextSplitter(
-        separators=list(settings.separators),
+        separators=list(DEFAULT_SEPARATORS),
         chunk_size=size,
         chunk_overlap=overlap,
         length_function=tokens.count_tokens,
@@ -121,12 +126,15 @@ def _splitter(
 def _parent_child_chunks(
     text: str, tokens: TokenCounter, settings: SplitSettings
 ) -> list[ChunkText]:
-    parents = _splitter(tokens, settings.parent_max_tokens, 0, settings).split_text(text)
-    child_splitter = _splitter(tokens, settings.max_tokens, settings.chunk_overlap, settings)
+    parent_splitter = _splitter(tokens, settings.parent_max_tokens, 0)
+    child_splitter = _splitter(tokens, settings.max_tokens, settings.chunk_overlap)
     out: list[ChunkText] = []
-    for parent in parents:
-        for child in child_splitter.split_text(parent):
-            out.append(ChunkText(content=child, parent=parent, tokens=tokens.count_tokens(child)))
+    for piece in _pieces(text, settings):
+        for parent in parent_splitter.split_text(piece):
+            for child in child_splitter.split_text(parent):
+                out.append(
+                    ChunkText(content=child, parent=parent, tokens=tokens.count_tokens(child))
+                )
     return out
 
 
@@ -138,12 +146,20 @@ _QA_MARK = re.compile(
 def _qa_chunks(text: str, tokens: TokenCounter, settings: SplitSettings) -> list[ChunkText]:
     """Q&A documents are written as ``Q: ...`` / ``A: ...`` blocks (or 问：/答：).
     The question is what gets embedded; it must fit the model."""
-    marks = list(_QA_MARK.finditer(text))
+    # A marker only counts when it alternates (Q after A, A after Q): a line
+    # like "a: red means error" inside an answer stays part of that answer.
+    marks = []
+    expect_question = True
+    for mark in _QA_MARK.finditer(text):
+        is_question = mark.group("kind").lower() in ("q", "question", "问", "问题")
+        if is_question == expect_question:
+            marks.append((mark, is_question))
+            expect_question = not expect_question
     pairs: list[tuple[str, str]] = []
     question: str | None = None
-    for i, mark in enumerate(marks):
-        body = text[mark.end() : marks[i + 1].start() if i + 1 < len(marks) else len(text)].strip()
-        is_question = mark.group("kind").lower() in ("q", "question", "问", "问题")
+    for i, (mark, is_question) in enumerate(marks):
+        end = marks[i + 1][0].start() if i + 1 < len(marks) else len(text)
+        body = text[mark.end() : end].strip()
         if is_question:
             question = body
         elif question is not None:

@@ -5,6 +5,7 @@ tenant and dataset."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -14,9 +15,9 @@ from typing import Any
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
+from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
-from domain.errors import TransientError
+from domain.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,34 @@ class VectorHit:
 
 def collection_name(provider: str, model: str, dim: int) -> str:
     """One collection per embedding model: a model change builds a new
-    collection beside the old one instead of mixing vector spaces."""
+    collection beside the old one instead of mixing vector spaces. The readable
+    part may collide (org/model vs other-org/model); the hash never does."""
     base = model.rstrip("/").split("/")[-1]
     if provider != "sentence-transformers":
         base = f"{provider}_{base}"
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", base).strip("_").lower()
-    return f"kb_{slug[:180]}_{dim}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", base).strip("_").lower()[:120] or "model"
+    digest = hashlib.sha256(f"{provider}\x1f{model}".encode()).hexdigest()[:8]
+    return f"kb_{slug}_{dim}_{digest}"
+
+
+_TRANSIENT_HINTS = (
+    "unavailable",
+    "connect",
+    "timeout",
+    "deadline",
+    "channel",
+    "released",
+    "not loaded",
+)
+
+
+def _classify(what: str, exc: MilvusException) -> Exception:
+    """Milvus being down or busy is worth retrying; a request it rejects
+    (wrong dimension, bad parameter) fails the same way every time."""
+    message = str(exc).lower()
+    if isinstance(exc, MilvusUnavailableException) or any(h in message for h in _TRANSIENT_HINTS):
+        return TransientError(f"Milvus {what} failed: {exc}")
+    return PermanentError(f"Milvus rejected {what}: {exc}")
 
 
 def _q(value: str) -> str:
@@ -104,7 +127,7 @@ class MilvusVectorStore:
             try:
                 return fn(*args, **kwargs)
             except MilvusException as exc:
-                raise TransientError(f"Milvus {what} failed: {exc}") from exc
+                raise _classify(what, exc) from exc
 
     def upsert(self, rows: Sequence[VectorRow]) -> int:
         if not rows:
@@ -178,6 +201,20 @@ class MilvusVectorStore:
             for row in batch:
                 out[row["index_node_id"]] = row["document_id"]
         return out
+
+    def ids_for_document(self, tenant_id: str, dataset_id: str, document_id: str) -> list[str]:
+        expr = (
+            f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)} "
+            f"and document_id == {_q(document_id)}"
+        )
+        res = self._call(
+            "query",
+            self.client.query,
+            self.collection,
+            filter=expr,
+            output_fields=["index_node_id"],
+        )
+        return [r["index_node_id"] for r in res]
 
     def count(self, tenant_id: str, dataset_id: str) -> int:
         expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"

@@ -75,16 +75,15 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command()
-def index(
-    paths: Annotated[list[Path], typer.Argument(help="files and folders (recursed)")],
-    dataset: DatasetOpt,
-    home: HomeOpt = None,
-    as_json: JsonOpt = False,
-    force: Annotated[bool, typer.Option(help="republish unchanged files too")] = False,
-    timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+def _run_indexing(
+    paths: list[Path],
+    dataset: str,
+    home: Path | None,
+    as_json: bool,
+    force: bool,
+    timeout: float | None,
+    cleanup: str,
 ) -> None:
-    """Index files and folders into DATASET and wait until every document is done."""
     from kbstream.indexing import index_paths
 
     settings = _settings(home)
@@ -92,7 +91,14 @@ def index(
     container = Container(settings)
     try:
         if as_json or not sys.stderr.isatty():
-            summary = index_paths(container, paths, dataset, force=force, timeout=timeout)
+            summary = index_paths(
+                container,
+                paths,
+                dataset,
+                force=force,
+                timeout=timeout,
+                cleanup=cleanup,  # type: ignore[arg-type]
+            )
         else:
             with Progress(
                 TextColumn("[bold]indexing[/bold]"),
@@ -108,7 +114,13 @@ def index(
                     bar.update(task, completed=done, total=total, segments=segments)
 
                 summary = index_paths(
-                    container, paths, dataset, force=force, timeout=timeout, progress=progress
+                    container,
+                    paths,
+                    dataset,
+                    force=force,
+                    timeout=timeout,
+                    progress=progress,
+                    cleanup=cleanup,  # type: ignore[arg-type]
                 )
     except (FileNotFoundError, KbstreamError, TimeoutError, RuntimeError) as exc:
         _fail(str(exc))
@@ -119,14 +131,46 @@ def index(
         _print_json(summary.to_dict())
     else:
         out.print(
-            f"{summary.documents} documents ({summary.published} published, {summary.skipped} unchanged): "
-            f"{summary.completed} completed, {summary.failed} failed · {summary.segments} segments · "
-            f"{summary.embedded} embedded, {summary.cache_hits} cache hits · {summary.seconds:.1f}s"
+            f"{summary.documents} files: {summary.added} added, {summary.updated} updated, "
+            f"{summary.skipped} unchanged, {summary.deleted} deleted · {summary.completed} completed, "
+            f"{summary.failed} failed · {summary.segments} segments (+{summary.segments_added} "
+            f"={summary.segments_kept} -{summary.segments_removed}) · {summary.embedded} embedded, "
+            f"{summary.cache_hits} cache hits · {summary.seconds:.1f}s"
         )
         for e in summary.errors:
             out.print(f"[red]error[/red] {e['document']}: {e['error']}")
     if summary.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="files and folders (recursed)")],
+    dataset: DatasetOpt,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    force: Annotated[bool, typer.Option(help="republish unchanged files too")] = False,
+    timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+) -> None:
+    """Index files and folders into DATASET and wait until every document is done."""
+    _run_indexing(paths, dataset, home, as_json, force, timeout, "incremental")
+
+
+@app.command()
+def sync(
+    paths: Annotated[list[Path], typer.Argument(help="files and folders (recursed)")],
+    dataset: DatasetOpt,
+    cleanup: Annotated[str, typer.Option(help="none | incremental | full")] = "incremental",
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    force: Annotated[bool, typer.Option(help="republish unchanged files too")] = False,
+    timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+) -> None:
+    """Make DATASET match PATHS: add new files, update changed ones and, with
+    --cleanup full, delete documents whose files are gone."""
+    if cleanup not in ("none", "incremental", "full"):
+        _fail(f"--cleanup must be none, incremental or full, not {cleanup!r}")
+    _run_indexing(paths, dataset, home, as_json, force, timeout, cleanup)
 
 
 @app.command()
@@ -196,15 +240,37 @@ def stats(dataset: DatasetOpt, home: HomeOpt = None, as_json: JsonOpt = False) -
 
 @app.command()
 def status(
-    dataset: DatasetOpt,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="dataset name")] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
     document: Annotated[str | None, typer.Option(help="one document id")] = None,
+    job: Annotated[str | None, typer.Option(help="one batch-import job id")] = None,
 ) -> None:
-    """One row per document of DATASET: status, error, segments."""
+    """One row per document of DATASET (status, error, segments), one
+    document, or one batch-import job."""
     settings = _settings(home)
     _setup_logging(settings, quiet=True)
     c = Container(settings)
+    if job is not None:
+        try:
+            row = c.db.jobs.get(job)
+        finally:
+            c.close()
+        if row is None:
+            _fail(f"no batch-import job {job!r}", 1)
+            return
+        if as_json:
+            _print_json(row)
+        else:
+            table = Table("field", "value")
+            for k, v in row.items():
+                table.add_row(k, str(v))
+            out.print(table)
+        return
+    if dataset is None:
+        c.close()
+        _fail("give --dataset (or --job)")
+        return
     try:
         docs = c.db.documents.list(settings.tenant, dataset, [document] if document else None)
     finally:

@@ -1,5 +1,10 @@
-"""`kbstream index`: publish a lifecycle event per changed file, then wait
-until every document is completed or in error."""
+"""`kbstream index` and `kbstream sync`: publish a lifecycle event per new,
+changed or vanished file, then wait until every document is done.
+
+Cleanup modes (after LangChain's indexing API): ``none`` never deletes
+anything (an update keeps segments that vanished from the file);
+``incremental`` (what `index` does) replaces a changed document's segments;
+``full`` also deletes the dataset's documents whose files are gone."""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from domain.events import DocumentCreated, DocumentUpdated
+from domain.events import DocumentCreated, DocumentDeleted, DocumentUpdated
 from domain.model import IndexingStatus
 from infra.db.repository import DocumentState
 from kbstream.bootstrap import Container
@@ -24,14 +29,24 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, int], None]  # finished, total, segments
 
 
+Cleanup = Literal["none", "incremental", "full"]
+Lifecycle = DocumentCreated | DocumentUpdated | DocumentDeleted
+
+
 @dataclass
 class IndexSummary:
     documents: int = 0
     published: int = 0
+    added: int = 0
+    updated: int = 0
     skipped: int = 0
+    deleted: int = 0
     completed: int = 0
     failed: int = 0
     segments: int = 0
+    segments_added: int = 0
+    segments_kept: int = 0
+    segments_removed: int = 0
     embedded: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
@@ -42,18 +57,19 @@ class IndexSummary:
 
 
 def plan(
-    container: Container, dataset: str, files: Sequence[FileDocument], force: bool = False
-) -> tuple[list[DocumentCreated | DocumentUpdated], list[DocumentState]]:
+    container: Container,
+    dataset: str,
+    files: Sequence[FileDocument],
+    force: bool = False,
+    cleanup: Cleanup = "incremental",
+) -> tuple[list[Lifecycle], list[DocumentState]]:
     """Events to publish, and the documents that are already up to date."""
     tenant = container.settings.tenant
-    known = {
-        d.document_id: d
-        for d in container.db.documents.list(tenant, dataset, [f.document_id for f in files])
-    }
-    events: list[DocumentCreated | DocumentUpdated] = []
+    everything = {d.document_id: d for d in container.db.documents.list(tenant, dataset)}
+    events: list[Lifecycle] = []
     unchanged: list[DocumentState] = []
     for f in files:
-        state = known.get(f.document_id)
+        state = everything.get(f.document_id)
         common: dict[str, Any] = {
             "tenant_id": tenant,
             "dataset_id": dataset,
@@ -73,7 +89,15 @@ def plan(
             events.append(DocumentCreated(**common))
         else:
             # changed, failed before, or interrupted: the incremental path resumes it
-            events.append(DocumentUpdated(**common))
+            mode = "none" if cleanup == "none" else "incremental"
+            events.append(DocumentUpdated(cleanup=mode, **common))
+    if cleanup == "full":
+        present = {f.document_id for f in files}
+        for doc_id, state in sorted(everything.items()):
+            if doc_id not in present and state.status is not IndexingStatus.DELETED:
+                events.append(
+                    DocumentDeleted(tenant_id=tenant, dataset_id=dataset, document_id=doc_id)
+                )
     return events, unchanged
 
 
@@ -84,6 +108,7 @@ def index_paths(
     force: bool = False,
     timeout: float | None = None,
     progress: ProgressFn | None = None,
+    cleanup: Cleanup = "incremental",
 ) -> IndexSummary:
     started = time.perf_counter()
     files = discover(paths, container.settings.tenant, dataset)
@@ -95,7 +120,7 @@ def index_paths(
     container.settings = s.model_copy(
         update={"allowed_roots": os.pathsep.join(filter(None, [s.allowed_roots, extra]))}
     )
-    events, unchanged = plan(container, dataset, files, force)
+    events, unchanged = plan(container, dataset, files, force, cleanup)
     summary.skipped = len(unchanged)
     if events:
         with broker_for(container.settings) as runtime:
@@ -112,12 +137,19 @@ def index_paths(
                 publisher.close()
                 summary.published = len(events)
                 _wait(
-                    container, dataset, events, pool, timeout, progress, len(unchanged), len(files)
+                    container,
+                    dataset,
+                    events,
+                    pool,
+                    timeout,
+                    progress,
+                    len(unchanged),
+                    len(unchanged) + len(events),
                 )
             finally:
                 if pool is not None:
                     pool.stop()
-    _summarise(container, dataset, files, {e.document_id: e.version for e in events}, summary)
+    _summarise(container, dataset, files, events, summary)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
@@ -125,7 +157,7 @@ def index_paths(
 def _wait(
     container: Container,
     dataset: str,
-    events: Sequence[DocumentCreated | DocumentUpdated],
+    events: Sequence[Lifecycle],
     pool: WorkerPool | None,
     timeout: float | None,
     progress: ProgressFn | None,
@@ -156,19 +188,31 @@ def _summarise(
     container: Container,
     dataset: str,
     files: Sequence[FileDocument],
-    published: dict[str, int],
+    events: Sequence[Lifecycle],
     summary: IndexSummary,
 ) -> None:
-    states = container.db.documents.list(
-        container.settings.tenant, dataset, [f.document_id for f in files]
-    )
+    published = {e.document_id: e for e in events}
+    ids = [f.document_id for f in files] + [
+        e.document_id for e in events if isinstance(e, DocumentDeleted)
+    ]
+    states = container.db.documents.list(container.settings.tenant, dataset, ids)
     for d in states:
+        event = published.get(d.document_id)
+        if isinstance(event, DocumentDeleted):
+            summary.deleted += 1
+            summary.segments_removed += d.segments_removed
+            continue
         summary.segments += d.segment_count
         if d.status is IndexingStatus.COMPLETED:
             summary.completed += 1
         elif d.status is IndexingStatus.ERROR:
             summary.failed += 1
             summary.errors.append({"document": d.source, "error": d.error or ""})
-        if d.document_id in published:
+        if event is not None:
+            summary.added += isinstance(event, DocumentCreated)
+            summary.updated += isinstance(event, DocumentUpdated)
             summary.embedded += d.embedded_texts
             summary.cache_hits += d.cache_hits
+            summary.segments_added += d.segments_added
+            summary.segments_kept += d.segments_kept
+            summary.segments_removed += d.segments_removed

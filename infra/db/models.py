@@ -109,6 +109,9 @@ class SegmentRow(Base):
     vector_indexed: Mapped[bool] = mapped_column(Boolean, default=False)
     keywords_indexed: Mapped[bool] = mapped_column(Boolean, default=False)
     version: Mapped[int] = mapped_column(BigInteger)
+    # set for segments added by a batch import: they are not in the source
+    # file, so an update of the document keeps them
+    job_id: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -158,6 +161,7 @@ class PayloadRow(Base):
 
 class BatchJobRow(Base):
     __tablename__ = "batch_jobs"
+    __table_args__ = (Index("ix_batch_jobs_document", "tenant_id", "dataset_id", "document_id"),)
 
     job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(128))

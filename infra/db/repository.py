@@ -129,7 +129,11 @@ class Database:
         return self.engine.dialect.name
 
     def tx(self) -> _Tx:
-        return _Tx(self.engine)
+        return _Tx(self.engine.begin)
+
+    def connect(self) -> _Tx:
+        """A read-only connection; a lost database surfaces as TransientError."""
+        return _Tx(self.engine.connect)
 
     def insert_ignore(self, table: Any) -> Any:
         """INSERT that skips rows whose key exists: concurrent writers of the same
@@ -145,28 +149,36 @@ class Database:
 
 
 class _Tx:
-    def __init__(self, engine: Engine) -> None:
-        self._cm = engine.begin()
+    """Wraps a connection context so that losing the database (connection
+    refused or dropped, deadlock, serialization failure) is a TransientError
+    the runner retries, while constraint violations stay what they are."""
+
+    def __init__(self, open_: Any) -> None:
+        self._open = open_
+        self._cm: Any = None
 
     def __enter__(self) -> Connection:
         try:
-            return self._cm.__enter__()
+            self._cm = self._open()
+            conn: Connection = self._cm.__enter__()
+            return conn
         except (OperationalError, DBAPIError) as exc:
             raise TransientError(f"database unavailable: {exc.orig or exc}") from exc
 
-    def __exit__(self, *exc_info: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         try:
-            return bool(self._cm.__exit__(*exc_info))
-        except (OperationalError, DBAPIError) as exc:
-            raise TransientError(f"database commit failed: {exc.orig or exc}") from exc
+            self._cm.__exit__(exc_type, exc, tb)
+        except (OperationalError, DBAPIError) as err:
+            raise TransientError(f"database commit failed: {err.orig or err}") from err
+        if _is_transient_db_error(exc):
+            raise TransientError(f"database error: {getattr(exc, 'orig', exc)}") from exc
+        return False
 
 
-def translate_db_errors(exc: BaseException) -> BaseException:
-    if isinstance(exc, OperationalError | DBAPIError) and getattr(
-        exc, "connection_invalidated", True
-    ):
-        return TransientError(f"database error: {getattr(exc, 'orig', exc)}")
-    return exc
+def _is_transient_db_error(exc: BaseException | None) -> bool:
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 class DocumentRepository:
@@ -175,7 +187,7 @@ class DocumentRepository:
 
     def get(self, key: DocKey, conn: Connection | None = None) -> DocumentState | None:
         if conn is None:
-            with self.db.engine.connect() as c:
+            with self.db.connect() as c:
                 return self.get(key, c)
         row = conn.execute(select(D).where(_key_clause(key))).first()
         return _doc_state(row) if row else None
@@ -185,7 +197,7 @@ class DocumentRepository:
         keys = list(set(keys))
         if not keys:
             return out
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             for chunk in _chunks(keys):
                 clause = or_(*(_key_clause(k) for k in chunk))
                 for row in conn.execute(select(D).where(clause)):
@@ -286,20 +298,26 @@ class DocumentRepository:
         segments: Sequence[Segment],
         diff: SegmentDiff,
         chars: int,
+        keep_removed: bool = False,
     ) -> DocumentState | None:
         """Replace the document's segment set in one transaction: insert new,
-        re-position kept, delete removed. Returns None if the version is stale."""
+        re-position kept, delete removed (unless ``keep_removed``). Segments
+        from batch imports are not in the source and stay, after the split
+        ones. Returns None if the version is stale."""
         with self.db.tx() as conn:
-            row = conn.execute(select(D).where(_key_clause(key))).first()
+            row = conn.execute(select(D).where(_key_clause(key)).with_for_update()).first()
             if row is None or row.version != version or row.status == "deleted":
                 return None
             doc_pk = row.id
-            for chunk in _chunks(diff.removed):
+            removed = [] if keep_removed else list(diff.removed)
+            for chunk in _chunks(removed):
                 conn.execute(delete(S).where(S.c.index_node_id.in_(chunk)))
             existing = {
                 r.index_node_id: r
                 for r in conn.execute(
-                    select(S.c.index_node_id, S.c.position).where(S.c.document_pk == doc_pk)
+                    select(S.c.index_node_id, S.c.position, S.c.job_id).where(
+                        S.c.document_pk == doc_pk
+                    )
                 )
             }
             reindex = {s.index_node_id for s in diff.to_index}
@@ -320,10 +338,27 @@ class DocumentRepository:
                         .where(S.c.index_node_id == seg.index_node_id)
                         .values(position=seg.position)
                     )
+            in_split = {s.index_node_id for s in segments}
+            leftovers = sorted(
+                (r for i, r in existing.items() if i not in in_split and i not in removed),
+                key=lambda r: (r.job_id is not None, r.position),
+            )
+            for offset, r in enumerate(leftovers):
+                if r.position != len(segments) + offset:
+                    conn.execute(
+                        update(S)
+                        .where(S.c.index_node_id == r.index_node_id)
+                        .values(position=len(segments) + offset)
+                    )
             for chunk in _chunks(new_rows):
                 conn.execute(self.db.insert_ignore(S), list(chunk))
-            total_tokens = sum(s.tokens for s in segments)
-            words = sum(s.word_count for s in segments)
+            totals = conn.execute(
+                select(
+                    func.count(),
+                    func.coalesce(func.sum(S.c.tokens), 0),
+                    func.coalesce(func.sum(S.c.word_count), 0),
+                ).where(S.c.document_pk == doc_pk)
+            ).one()
             done = not diff.to_index
             conn.execute(
                 update(D)
@@ -331,18 +366,168 @@ class DocumentRepository:
                 .values(
                     status=(IndexingStatus.COMPLETED if done else IndexingStatus.INDEXING).value,
                     chars=chars,
-                    segment_count=len(segments),
-                    tokens=total_tokens,
-                    word_count=words,
+                    segment_count=totals[0],
+                    tokens=totals[1],
+                    word_count=totals[2],
                     segments_added=diff.added_count,
                     segments_kept=diff.kept_count,
-                    segments_removed=len(diff.removed),
+                    segments_removed=len(removed),
                     indexing_started_at=_now(),
                     completed_at=_now() if done else None,
                     updated_at=_now(),
                 )
             )
             return _doc_state(conn.execute(select(D).where(D.c.id == doc_pk)).one())
+
+    def record_delete(self, key: DocKey, version: int) -> bool:
+        """Tombstone: the document is deleted as of ``version``; older events
+        for it are dropped from now on. False if a newer version exists."""
+        with self.db.tx() as conn:
+            self._ensure_dataset(conn, key)
+            row = conn.execute(select(D).where(_key_clause(key)).with_for_update()).first()
+            if row is None:
+                conn.execute(
+                    insert(D).values(
+                        tenant_id=key.tenant_id,
+                        dataset_id=key.dataset_id,
+                        document_id=key.document_id,
+                        source="",
+                        version=version,
+                        status="deleted",
+                    )
+                )
+                return True
+            if version < row.version:
+                return False
+            conn.execute(
+                update(D)
+                .where(D.c.id == row.id)
+                .values(status="deleted", version=version, error=None, updated_at=_now())
+            )
+            return True
+
+    def delete_segments(self, key: DocKey, version: int) -> list[str] | None:
+        """Remove every segment row of a document deleted at ``version``."""
+        with self.db.tx() as conn:
+            row = conn.execute(select(D).where(_key_clause(key)).with_for_update()).first()
+            if row is None or row.status != "deleted" or row.version != version:
+                return None
+            ids = [
+                r[0]
+                for r in conn.execute(select(S.c.index_node_id).where(S.c.document_pk == row.id))
+            ]
+            conn.execute(delete(S).where(S.c.document_pk == row.id))
+            conn.execute(
+                update(D)
+                .where(D.c.id == row.id)
+                .values(
+                    segments_removed=len(ids),
+                    segment_count=0,
+                    tokens=0,
+                    word_count=0,
+                    segments_added=0,
+                    segments_kept=0,
+                )
+            )
+            conn.execute(
+                update(J)
+                .where(
+                    J.c.tenant_id == key.tenant_id,
+                    J.c.dataset_id == key.dataset_id,
+                    J.c.document_id == key.document_id,
+                    J.c.status.in_(["waiting", "processing"]),
+                )
+                .values(status="error", error="the document was deleted", updated_at=_now())
+            )
+            return ids
+
+    def delete_segment(
+        self, key: DocKey, version: int, index_node_id: str | None, segment_id: int | None
+    ) -> str | None:
+        """Remove one segment; the document keeps its status."""
+        with self.db.tx() as conn:
+            row = conn.execute(select(D).where(_key_clause(key)).with_for_update()).first()
+            if row is None or row.status == "deleted" or version < row.version:
+                return None
+            q = select(S.c.index_node_id, S.c.tokens, S.c.word_count).where(
+                S.c.document_pk == row.id
+            )
+            q = (
+                q.where(S.c.index_node_id == index_node_id)
+                if index_node_id
+                else q.where(S.c.id == segment_id)
+            )
+            seg = conn.execute(q).first()
+            if seg is None:
+                return None
+            conn.execute(delete(S).where(S.c.index_node_id == seg.index_node_id))
+            conn.execute(
+                update(D)
+                .where(D.c.id == row.id)
+                .values(
+                    segment_count=D.c.segment_count - 1,
+                    tokens=D.c.tokens - seg.tokens,
+                    word_count=D.c.word_count - seg.word_count,
+                    updated_at=_now(),
+                )
+            )
+            return str(seg.index_node_id)
+
+    def import_segments(
+        self, key: DocKey, version: int, job_id: str, segments: Sequence[Segment]
+    ) -> list[Segment] | None:
+        """Append batch-imported segments after the document's last position."""
+        with self.db.tx() as conn:
+            row = conn.execute(select(D).where(_key_clause(key)).with_for_update()).first()
+            if row is None or row.status == "deleted" or version < row.version:
+                return None
+            rows = []
+            fresh = []
+            known = {
+                r[0]
+                for r in conn.execute(select(S.c.index_node_id).where(S.c.document_pk == row.id))
+            }
+            for seg in segments:
+                if seg.index_node_id in known:
+                    continue  # a replayed import
+                v = self._segment_values(key, row.id, row.version, seg)
+                v["job_id"] = job_id
+                rows.append(v)
+                fresh.append(seg)
+            for chunk in _chunks(rows):
+                conn.execute(self.db.insert_ignore(S), list(chunk))
+            if fresh:
+                conn.execute(
+                    update(D)
+                    .where(D.c.id == row.id)
+                    .values(
+                        status=IndexingStatus.INDEXING.value,
+                        segment_count=D.c.segment_count + len(fresh),
+                        tokens=D.c.tokens + sum(s.tokens for s in fresh),
+                        word_count=D.c.word_count + sum(s.word_count for s in fresh),
+                        completed_at=None,
+                        updated_at=_now(),
+                    )
+                )
+            conn.execute(
+                update(J)
+                .where(J.c.job_id == job_id)
+                .values(
+                    status="processing" if fresh else "completed",
+                    completed=0 if fresh else J.c.total,
+                    updated_at=_now(),
+                )
+            )
+            return fresh
+
+    def segment_hashes(self, key: DocKey, exclude_job: str | None = None) -> tuple[int, list[str]]:
+        """(next free position, doc_hash of every segment) of a document,
+        leaving out one import job's own segments (so its replay is a no-op)."""
+        with self.db.connect() as conn:
+            q = select(S.c.position, S.c.doc_hash, S.c.job_id).join(D, D.c.id == S.c.document_pk)
+            rows = conn.execute(q.where(_key_clause(key))).all()
+        mine = [r for r in rows if exclude_job is None or r[2] != exclude_job]
+        return (max((r[0] for r in rows), default=-1) + 1, [r[1] for r in mine])
 
     @staticmethod
     def _segment_values(key: DocKey, doc_pk: int, version: int, seg: Segment) -> dict[str, Any]:
@@ -363,6 +548,7 @@ class DocumentRepository:
             "vector_indexed": False,
             "keywords_indexed": False,
             "version": version,
+            "job_id": None,
         }
 
     def add_embedding_counts(self, counts: dict[tuple[DocKey, int], tuple[int, int]]) -> None:
@@ -403,13 +589,23 @@ class DocumentRepository:
                 .values(status="completed", completed_at=_now(), updated_at=_now())
             )
             conn.execute(update(S).where(S.c.document_pk == row.id).values(status="completed"))
+            conn.execute(
+                update(J)
+                .where(
+                    J.c.tenant_id == key.tenant_id,
+                    J.c.dataset_id == key.dataset_id,
+                    J.c.document_id == key.document_id,
+                    J.c.status == "processing",
+                )
+                .values(status="completed", completed=J.c.total, updated_at=_now())
+            )
             return IndexingStatus.COMPLETED
 
     def list(
         self, tenant_id: str, dataset_id: str, document_ids: Sequence[str] | None = None
     ) -> list[DocumentState]:
         q = select(D).where(D.c.tenant_id == tenant_id, D.c.dataset_id == dataset_id)
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             if document_ids is None:
                 return [_doc_state(r) for r in conn.execute(q.order_by(D.c.source))]
             out = []
@@ -418,7 +614,7 @@ class DocumentRepository:
             return out
 
     def status_counts(self, tenant_id: str, dataset_id: str) -> dict[str, int]:
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(
                 select(D.c.status, func.count())
                 .where(D.c.tenant_id == tenant_id, D.c.dataset_id == dataset_id)
@@ -432,7 +628,7 @@ class SegmentRepository:
         self.db = db
 
     def existing(self, key: DocKey) -> list[ExistingSegment]:
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(
                 select(
                     S.c.index_node_id,
@@ -442,7 +638,7 @@ class SegmentRepository:
                     S.c.keywords_indexed,
                 )
                 .join(D, D.c.id == S.c.document_pk)
-                .where(_key_clause(key))
+                .where(_key_clause(key), S.c.job_id.is_(None))
             )
             return [
                 ExistingSegment(
@@ -469,7 +665,7 @@ class SegmentRepository:
 
     def by_ids(self, index_node_ids: Sequence[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             for chunk in _chunks(list(index_node_ids)):
                 for r in conn.execute(
                     select(S, D.c.source)
@@ -479,9 +675,20 @@ class SegmentRepository:
                     out[r.index_node_id] = r
         return out
 
+    def ids_for_document(self, key: DocKey) -> set[str]:
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(S.c.index_node_id).where(
+                    S.c.tenant_id == key.tenant_id,
+                    S.c.dataset_id == key.dataset_id,
+                    S.c.document_id == key.document_id,
+                )
+            )
+            return {r[0] for r in rows}
+
     def ids_for_dataset(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
         """index_node_id -> document_id for every segment of a dataset."""
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(
                 select(S.c.index_node_id, S.c.document_id).where(
                     S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id
@@ -490,7 +697,7 @@ class SegmentRepository:
             return {r[0]: r[1] for r in rows}
 
     def count(self, tenant_id: str, dataset_id: str) -> int:
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             return int(
                 conn.execute(
                     select(func.count())
@@ -518,7 +725,7 @@ class EmbeddingCache:
     ) -> dict[str, np.ndarray]:
         hashes = sorted(set(doc_hashes))
         out: dict[str, np.ndarray] = {}
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             for chunk in _chunks(hashes):
                 rows = conn.execute(
                     select(E.c.doc_hash, E.c.vector).where(
@@ -550,7 +757,7 @@ class EmbeddingCache:
             q = q.where(E.c.provider == provider)
         if model:
             q = q.where(E.c.model == model)
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             return int(conn.execute(q).scalar_one())
 
 
@@ -594,12 +801,31 @@ class KeywordPostings:
                 n += conn.execute(delete(K).where(K.c.index_node_id.in_(chunk))).rowcount
         return n
 
+    def delete_document_orphans(self, key: DocKey) -> int:
+        """Postings of a document whose segment no longer exists."""
+        with self.db.tx() as conn:
+            alive = select(S.c.index_node_id).where(
+                S.c.tenant_id == key.tenant_id,
+                S.c.dataset_id == key.dataset_id,
+                S.c.document_id == key.document_id,
+            )
+            return int(
+                conn.execute(
+                    delete(K).where(
+                        K.c.tenant_id == key.tenant_id,
+                        K.c.dataset_id == key.dataset_id,
+                        K.c.document_id == key.document_id,
+                        K.c.index_node_id.notin_(alive),
+                    )
+                ).rowcount
+            )
+
     def search(
         self, tenant_id: str, dataset_id: str, keywords: dict[str, float], limit: int
     ) -> list[tuple[str, float]]:
         if not keywords:
             return []
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(
                 select(K.c.index_node_id, K.c.keyword, K.c.weight).where(
                     K.c.tenant_id == tenant_id,
@@ -613,7 +839,7 @@ class KeywordPostings:
         return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
 
     def count(self, tenant_id: str, dataset_id: str) -> int:
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             return int(
                 conn.execute(
                     select(func.count())
@@ -624,13 +850,19 @@ class KeywordPostings:
 
     def nodes(self, tenant_id: str, dataset_id: str) -> dict[str, int]:
         """index_node_id -> number of postings, for verification."""
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(
                 select(K.c.index_node_id, func.count())
                 .where(K.c.tenant_id == tenant_id, K.c.dataset_id == dataset_id)
                 .group_by(K.c.index_node_id)
             )
             return {r[0]: r[1] for r in rows}
+
+
+def _has_prefix(column: Any, prefix: str) -> Any:
+    # exact and case-sensitive on every dialect, unlike LIKE ('_' and '%' are
+    # wildcards, and SQLite's LIKE ignores case)
+    return func.substr(column, 1, len(prefix)) == prefix
 
 
 class ClaimCheckStore:
@@ -640,26 +872,48 @@ class ClaimCheckStore:
     def put(self, key: str, data: bytes, replace_prefix: str | None = None) -> None:
         with self.db.tx() as conn:
             if replace_prefix:
-                conn.execute(delete(P).where(P.c.key.like(f"{replace_prefix}%"), P.c.key != key))
+                conn.execute(delete(P).where(_has_prefix(P.c.key, replace_prefix), P.c.key != key))
             conn.execute(delete(P).where(P.c.key == key))
             conn.execute(insert(P).values(key=key, data=data))
 
     def get(self, key: str) -> bytes | None:
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             row = conn.execute(select(P.c.data).where(P.c.key == key)).first()
             return bytes(row[0]) if row else None
 
     def delete_prefix(self, prefix: str) -> None:
         with self.db.tx() as conn:
-            conn.execute(delete(P).where(P.c.key.like(f"{prefix}%")))
+            conn.execute(delete(P).where(_has_prefix(P.c.key, prefix)))
 
 
 class BatchJobRepository:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    def create(self, job_id: str, key: DocKey, total: int) -> None:
+        with self.db.tx() as conn:
+            conn.execute(
+                self.db.insert_ignore(J).values(
+                    job_id=job_id,
+                    tenant_id=key.tenant_id,
+                    dataset_id=key.dataset_id,
+                    document_id=key.document_id,
+                    status="waiting",
+                    total=total,
+                    completed=0,
+                )
+            )
+
+    def fail(self, job_id: str, reason: str) -> None:
+        with self.db.tx() as conn:
+            conn.execute(
+                update(J)
+                .where(J.c.job_id == job_id)
+                .values(status="error", error=reason[:4000], updated_at=_now())
+            )
+
     def get(self, job_id: str) -> dict[str, Any] | None:
-        with self.db.engine.connect() as conn:
+        with self.db.connect() as conn:
             row = conn.execute(select(J).where(J.c.job_id == job_id)).first()
             return dict(row._mapping) if row else None
 

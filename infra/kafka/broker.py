@@ -55,10 +55,19 @@ class EmbeddedBroker:
                 raise RuntimeError(f"tansu broker exited with code {self._proc.returncode}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                log.info("embedded broker listening on %s", self.bootstrap)
-                return self
             except OSError:
                 time.sleep(0.05)
+                continue
+            # something listens; make sure it is our broker, not a squatter on
+            # the port that made tansu fail its bind and exit
+            time.sleep(0.2)
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"tansu broker exited with code {self._proc.returncode}; is port "
+                    f"{self.port} already in use?"
+                )
+            log.info("embedded broker listening on %s", self.bootstrap)
+            return self
         self.stop()
         raise RuntimeError(f"tansu broker did not listen on {self.bootstrap} within {timeout}s")
 

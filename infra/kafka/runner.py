@@ -143,6 +143,9 @@ class StageRunner:
                 good.append((msg, decode_event(msg.value())))
             except InvalidEvent as exc:
                 self._dead_letter(msg, exc, attempts=1, event=None)
+            except Exception as exc:  # a decoder bug must not crash-loop the stage
+                log.exception("stage %s: decoder failed unexpectedly", self.stage.name)
+                self._dead_letter(msg, InvalidEvent(f"undecodable: {exc!r}"[:500]), 1, None)
 
         if good:
             self._handle_with_policy(consumer, good)
@@ -155,32 +158,34 @@ class StageRunner:
         try:
             self._handle_retrying_transient(consumer, [e for _, e in items])
             return
-        except _Failed:
-            pass
-        if len(items) == 1:
-            msg, event = items[0]
-            self._give_up(consumer, msg, event)
-            return
+        except _Failed as failed:
+            if len(items) == 1:
+                msg, event = items[0]
+                self._give_up(consumer, msg, event, failed)
+                return
         # isolate the culprit: the rest of the batch must not suffer for it
-        for item in items:
+        for msg, event in items:
             try:
-                self._handle_retrying_transient(consumer, [item[1]])
-            except _Failed:
-                self._give_up(consumer, *item)
+                self._handle_retrying_transient(consumer, [event])
+            except _Failed as failed:
+                self._give_up(consumer, msg, event, failed)
 
-    def _give_up(self, consumer: Consumer, msg: Message, event: Event) -> None:
-        last: BaseException | None = None
-        for attempt in range(2, self.config.retry_attempts + 1):
-            self._backoff(consumer, attempt - 1)
+    def _give_up(self, consumer: Consumer, msg: Message, event: Event, first: _Failed) -> None:
+        """The event failed alone: retry a bounded number of times unless the
+        error is permanent, then dead-letter it."""
+        failure = first
+        attempts = 1
+        while (
+            not isinstance(failure.cause, PermanentError) and attempts < self.config.retry_attempts
+        ):
+            self._backoff(consumer, attempts)
+            attempts += 1
             try:
                 self._handle_retrying_transient(consumer, [event])
                 return
-            except _Failed as failed:
-                last = failed.cause
-                if isinstance(failed.cause, PermanentError):
-                    break  # retrying a permanent error is pointless
-        cause = last or RuntimeError("unknown failure")
-        self._dead_letter(msg, cause, attempts=self.config.retry_attempts, event=event)
+            except _Failed as again:
+                failure = again
+        self._dead_letter(msg, failure.cause, attempts=attempts, event=event)
 
     def _handle_retrying_transient(self, consumer: Consumer, events: list[Event]) -> None:
         attempt = 0

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 23:59:16.007735
+Create Date: 2026-11-24 00:12:34.390599
 """
 
 import sqlalchemy as sa
@@ -40,6 +40,11 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("job_id"),
     )
+    with op.batch_alter_table("batch_jobs", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_batch_jobs_document", ["tenant_id", "dataset_id", "document_id"], unique=False
+        )
+
     op.create_table(
         "datasets",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -166,6 +171,7 @@ def upgrade() -> None:
         sa.Column("vector_indexed", sa.Boolean(), nullable=False),
         sa.Column("keywords_indexed", sa.Boolean(), nullable=False),
         sa.Column("version", sa.BigInteger(), nullable=False),
+        sa.Column("job_id", sa.String(length=128), nullable=True),
         sa.Column(
             "created_at",
             sa.DateTime(timezone=True),
@@ -209,5 +215,8 @@ def downgrade() -> None:
 
     op.drop_table("documents")
     op.drop_table("datasets")
+    with op.batch_alter_table("batch_jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_batch_jobs_document")
+
     op.drop_table("batch_jobs")
     # ### end Alembic commands ###
