@@ -183,8 +183,12 @@ class MilvusVectorStore:
 
     def ids(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
         """index_node_id -> document_id of every vector in a dataset."""
+        return {k: v[0] for k, v in self.ids_with_duplicates(tenant_id, dataset_id).items()}
+
+    def ids_with_duplicates(self, tenant_id: str, dataset_id: str) -> dict[str, tuple[str, int]]:
+        """index_node_id -> (document_id, how many rows carry that id)."""
         expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
-        out: dict[str, str] = {}
+        out: dict[str, tuple[str, int]] = {}
         it = self._call(
             "query",
             self.client.query_iterator,
@@ -199,7 +203,9 @@ class MilvusVectorStore:
                 it.close()
                 break
             for row in batch:
-                out[row["index_node_id"]] = row["document_id"]
+                node = row["index_node_id"]
+                seen = out.get(node)
+                out[node] = (row["document_id"], seen[1] + 1 if seen else 1)
         return out
 
     def ids_for_document(self, tenant_id: str, dataset_id: str, document_id: str) -> list[str]:

@@ -311,6 +311,119 @@ def status(
 
 
 @app.command()
+def verify(
+    dataset: DatasetOpt,
+    repair: Annotated[bool, typer.Option(help="converge what differs")] = False,
+    stuck_after: Annotated[
+        float, typer.Option(help="seconds before an unfinished document counts as stuck")
+    ] = 600.0,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that segments, vectors and keyword postings agree, document by
+    document; with --repair, fix what differs. Exit 1 if drift remains."""
+    from kbstream.verify import repair as run_repair
+    from kbstream.verify import verify as run_verify
+
+    settings = _settings(home)
+    _setup_logging(settings, quiet=True)
+    c = Container(settings)
+    try:
+        report = (
+            run_repair(c, dataset, stuck_after) if repair else run_verify(c, dataset, stuck_after)
+        )
+    except (KbstreamError, TimeoutError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    finally:
+        c.close()
+    data = report.to_dict()
+    if as_json:
+        _print_json(data)
+    else:
+        out.print(
+            f"{dataset}: {data['documents']} documents, {data['segments']} segments, "
+            f"{data['vectors']} vectors, {data['postings_segments']} segments with postings"
+        )
+        if report.repaired:
+            out.print(f"[green]repaired {len(report.repaired)} problem(s)[/green]")
+        if not report.drift:
+            out.print("[green]no drift[/green]")
+        for d in report.drift:
+            out.print(
+                f"[red]{d.problem}[/red] {d.document or d.document_id} {d.index_node_id or ''}"
+            )
+    if report.drift:
+        raise typer.Exit(1)
+
+
+dlq_app = typer.Typer(
+    help="Dead letters: list them, replay them after a fix.", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _running_broker(settings: Settings) -> str:
+    if not settings.brokers:
+        _fail(
+            "dead letters live on the broker: set KBSTREAM_BROKERS or run `kbstream up` "
+            "(the embedded broker started by `index` forgets them when it stops)"
+        )
+    assert settings.brokers is not None
+    return settings.brokers
+
+
+@dlq_app.command("list")
+def dlq_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Every dead letter with its stage, error and original position."""
+    from infra.kafka.topics import Topics
+    from kbstream.dlq import list_dead_letters
+
+    settings = _settings(home)
+    _setup_logging(settings, quiet=True)
+    letters = [
+        d.to_dict()
+        for d in list_dead_letters(_running_broker(settings), Topics(settings.topic_prefix))
+    ]
+    if as_json:
+        _print_json(letters)
+        return
+    table = Table("offset", "stage", "original", "error")
+    for d in letters:
+        table.add_row(
+            f"{d['partition']}:{d['offset']}",
+            str(d["stage"]),
+            f"{d['original_topic']}[{d['original_partition']}]@{d['original_offset']}",
+            str(d["error"])[:120],
+        )
+    out.print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    stage: Annotated[str | None, typer.Option(help="only dead letters of this stage")] = None,
+    dry_run: Annotated[bool, typer.Option(help="list what would be replayed")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Republish dead letters (not replayed before) to their original topic."""
+    from infra.kafka.topics import Topics
+    from kbstream.dlq import replay_dead_letters
+
+    settings = _settings(home)
+    _setup_logging(settings, quiet=True)
+    done = replay_dead_letters(
+        _running_broker(settings), Topics(settings.topic_prefix), stage, dry_run
+    )
+    if as_json:
+        _print_json(
+            {"replayed": len(done), "dry_run": dry_run, "letters": [d.to_dict() for d in done]}
+        )
+    else:
+        out.print(f"{'would replay' if dry_run else 'replayed'} {len(done)} dead letter(s)")
+
+
+@app.command()
 def worker(
     stage: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
     home: HomeOpt = None,

@@ -168,7 +168,13 @@ def _wait(
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         states = container.db.documents.list(container.settings.tenant, dataset, list(want))
-        finished = [d for d in states if d.version >= want[d.document_id] and d.status.finished]
+        finished = [
+            d
+            for d in states
+            if d.version >= want[d.document_id]
+            and d.status.finished
+            and (d.status is not IndexingStatus.DELETED or _delete_settled(container, d))
+        ]
         segments = sum(d.segment_count for d in states)
         if progress:
             progress(already_done + len(finished), total, segments)
@@ -182,6 +188,16 @@ def _wait(
                 "`kbstream status` shows where they are"
             )
         time.sleep(0.25)
+
+
+def _delete_settled(container: Container, d: DocumentState) -> bool:
+    """A delete is done once split removed the rows and both indexes followed:
+    the embedded broker forgets in-flight events when this process stops."""
+    if d.segment_count:
+        return False
+    if container.db.postings.count_document(d.key):
+        return False
+    return not container.vectors.ids_for_document(d.tenant_id, d.dataset_id, d.document_id)
 
 
 def _summarise(

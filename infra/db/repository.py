@@ -686,6 +686,18 @@ class SegmentRepository:
             )
             return {r[0] for r in rows}
 
+    def rows_for_dataset(
+        self, tenant_id: str, dataset_id: str
+    ) -> dict[str, tuple[str, bool, bool]]:
+        """index_node_id -> (document_id, vector_indexed, keywords_indexed)."""
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(
+                    S.c.index_node_id, S.c.document_id, S.c.vector_indexed, S.c.keywords_indexed
+                ).where(S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id)
+            )
+            return {r[0]: (r[1], bool(r[2]), bool(r[3])) for r in rows}
+
     def ids_for_dataset(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
         """index_node_id -> document_id for every segment of a dataset."""
         with self.db.connect() as conn:
@@ -845,6 +857,27 @@ class KeywordPostings:
                     select(func.count())
                     .select_from(K)
                     .where(K.c.tenant_id == tenant_id, K.c.dataset_id == dataset_id)
+                ).scalar_one()
+            )
+
+    def document_of(self, index_node_id: str) -> str | None:
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(K.c.document_id).where(K.c.index_node_id == index_node_id).limit(1)
+            ).first()
+            return str(row[0]) if row else None
+
+    def count_document(self, key: DocKey) -> int:
+        with self.db.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(K)
+                    .where(
+                        K.c.tenant_id == key.tenant_id,
+                        K.c.dataset_id == key.dataset_id,
+                        K.c.document_id == key.document_id,
+                    )
                 ).scalar_one()
             )
 

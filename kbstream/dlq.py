@@ -1,0 +1,164 @@
+"""Dead letters: list them, and replay them to their original topic after a fix.
+
+Listing reads the whole DLQ topic without committing anything. Replay uses
+its own consumer group (``<prefix>dlq-replay``) and commits after it has
+republished, so each dead letter is replayed once."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from infra.kafka.producer import EventPublisher
+from infra.kafka.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeadLetter:
+    partition: int
+    offset: int
+    key: str | None
+    headers: dict[str, str]
+    value: bytes | None
+
+    def to_dict(self) -> dict[str, Any]:
+        preview = None
+        if self.value is not None:
+            preview = self.value[:300].decode("utf-8", "replace")
+        return {
+            "partition": self.partition,
+            "offset": self.offset,
+            "key": self.key,
+            "stage": self.headers.get("kb-stage"),
+            "error": self.headers.get("kb-error"),
+            "error_class": self.headers.get("kb-error-class"),
+            "original_topic": self.headers.get("kb-original-topic"),
+            "original_partition": _int(self.headers.get("kb-original-partition")),
+            "original_offset": _int(self.headers.get("kb-original-offset")),
+            "attempts": _int(self.headers.get("kb-attempts")),
+            "failed_at": self.headers.get("kb-failed-at"),
+            "value_preview": preview,
+        }
+
+
+def _int(v: str | None) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def _letter(m: Message) -> DeadLetter:
+    headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (m.headers() or [])}
+    key = m.key().decode("utf-8", "replace") if m.key() else None
+    return DeadLetter(m.partition(), m.offset(), key, headers, m.value())
+
+
+def _consumer(bootstrap: str, group: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        },
+        logger=logging.getLogger("rdkafka"),
+    )
+
+
+def _read_to_end(consumer: Consumer, topic: str, start_committed: bool) -> list[Message]:
+    """Everything from the start (or the group's committed offsets) up to the
+    high watermark at the time of the call."""
+    md = consumer.list_topics(topic, timeout=15)
+    partitions = sorted(md.topics[topic].partitions) if topic in md.topics else []
+    ends: dict[int, int] = {}
+    assignment = []
+    committed = (
+        {
+            tp.partition: tp.offset
+            for tp in consumer.committed([TopicPartition(topic, p) for p in partitions], 15)
+        }
+        if start_committed
+        else {}
+    )
+    for p in partitions:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+        start = committed.get(p, -1)
+        start = low if start is None or start < 0 else start
+        if high > start:
+            ends[p] = high
+            assignment.append(TopicPartition(topic, p, start))
+    if not assignment:
+        return []
+    consumer.assign(assignment)
+    out: list[Message] = []
+    deadline = time.monotonic() + 60
+    done: set[int] = set()
+    while len(done) < len(ends) and time.monotonic() < deadline:
+        for m in consumer.consume(500, timeout=1.0):
+            if m.error() is not None:
+                continue
+            if m.offset() < ends[m.partition()]:
+                out.append(m)
+            if m.offset() >= ends[m.partition()] - 1:
+                done.add(m.partition())
+    return out
+
+
+def list_dead_letters(bootstrap: str, topics: Topics) -> list[DeadLetter]:
+    consumer = _consumer(bootstrap, f"{topics.prefix}dlq-list-{uuid.uuid4().hex[:8]}")
+    try:
+        return [_letter(m) for m in _read_to_end(consumer, topics.dlq, start_committed=False)]
+    finally:
+        consumer.close()
+
+
+def replay_dead_letters(
+    bootstrap: str, topics: Topics, stage: str | None = None, dry_run: bool = False
+) -> list[DeadLetter]:
+    """Republish dead letters not replayed before to their original topic."""
+    consumer = _consumer(bootstrap, f"{topics.prefix}dlq-replay")
+    publisher = EventPublisher(bootstrap, client_id="kbstream-dlq-replay")
+    replayed: list[DeadLetter] = []
+    try:
+        msgs = _read_to_end(consumer, topics.dlq, start_committed=True)
+        for m in msgs:
+            letter = _letter(m)
+            target = letter.headers.get("kb-original-topic")
+            if stage and letter.headers.get("kb-stage") != stage:
+                continue
+            if not target:
+                log.warning(
+                    "dead letter at %s:%s has no original topic; skipped", m.partition(), m.offset()
+                )
+                continue
+            if not dry_run:
+                publisher.produce_raw(
+                    target,
+                    letter.value,
+                    key=m.key(),
+                    headers=[("kb-replayed-from", f"{m.partition()}:{m.offset()}".encode())],
+                )
+            replayed.append(letter)
+        if not dry_run:
+            publisher.flush()
+            if msgs and stage is None:
+                offsets: dict[int, int] = {}
+                for m in msgs:
+                    offsets[m.partition()] = max(offsets.get(m.partition(), 0), m.offset() + 1)
+                consumer.commit(
+                    offsets=[TopicPartition(topics.dlq, p, o) for p, o in offsets.items()],
+                    asynchronous=False,
+                )
+    finally:
+        publisher.close()
+        consumer.close()
+    return replayed
