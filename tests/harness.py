@@ -1,0 +1,174 @@
+"""A pipeline under test: real tansu broker, real database (SQLite or
+PostgreSQL), real milvus-lite, every stage as a consumer group in this
+process, plus helpers to publish events, wait, and read the exact state of
+the three stores."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from domain.events import Event
+from domain.model import IndexingStatus
+from infra.db.repository import DocKey, DocumentState
+from infra.kafka.producer import EventPublisher
+from kbstream.bootstrap import Container
+from kbstream.settings import Settings
+from kbstream.stack import WorkerPool
+
+
+@dataclass
+class DocSnapshot:
+    """What each store holds for one document."""
+
+    segments: set[str]
+    vectors: set[str]
+    postings: set[str]
+    state: DocumentState | None
+
+    @property
+    def consistent(self) -> bool:
+        """Every segment has its vector, nothing else has one, and postings
+        only exist for segments (a segment may legitimately yield no keyword)."""
+        return self.segments == self.vectors and self.postings <= self.segments
+
+
+def make_settings(
+    home: Path, bootstrap: str, topic_prefix: str, database_url: str | None = None, **extra: Any
+) -> Settings:
+    return Settings(
+        home=home,
+        brokers=bootstrap,
+        database_url=database_url,
+        milvus_uri=str(home / "milvus.db"),
+        topic_prefix=topic_prefix,
+        allowed_roots=str(home),
+        **extra,
+    )
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, container: Container | None = None) -> None:
+        self.settings = settings
+        self.container = container or Container(settings)
+        self.pool: WorkerPool | None = None
+        self._pub: EventPublisher | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self, stages: Sequence[str] | None = None) -> Pipeline:
+        from consumers import STAGES
+
+        assert self.settings.brokers
+        self.pool = WorkerPool(self.container, self.settings.brokers, stages or STAGES).start()
+        assert self.pool.wait_ready(60), "stages did not join their consumer groups"
+        return self
+
+    def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+        if self._pub is not None:
+            self._pub.close()
+            self._pub = None
+
+    def close(self) -> None:
+        self.stop()
+        self.container.close()
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- driving -------------------------------------------------------------
+
+    @property
+    def publisher(self) -> EventPublisher:
+        if self._pub is None:
+            assert self.settings.brokers
+            self._pub = EventPublisher(self.settings.brokers, self.settings.max_event_bytes)
+        return self._pub
+
+    def publish(self, *events: Event, topic: str | None = None) -> None:
+        for e in events:
+            self.publisher.publish(topic or self.container.topics.lifecycle, e)
+        self.publisher.flush()
+
+    def publish_raw(self, topic: str, value: bytes | None, key: bytes | None = None) -> None:
+        self.publisher.produce_raw(topic, value, key=key)
+        self.publisher.flush()
+
+    # -- observing -----------------------------------------------------------
+
+    @property
+    def tenant(self) -> str:
+        return self.settings.tenant
+
+    def state(self, dataset: str, document_id: str) -> DocumentState | None:
+        return self.container.db.documents.get(DocKey(self.tenant, dataset, document_id))
+
+    def snapshot(self, dataset: str, document_id: str) -> DocSnapshot:
+        c = self.container
+        key = DocKey(self.tenant, dataset, document_id)
+        segments = c.db.segments.ids_for_document(key)
+        vectors = set(c.vectors.ids_for_document(self.tenant, dataset, document_id))
+        postings = {
+            n for n, doc in _postings_by_node(c, self.tenant, dataset).items() if doc == document_id
+        }
+        return DocSnapshot(segments, vectors, postings, c.db.documents.get(key))
+
+    def wait_for(
+        self,
+        dataset: str,
+        document_ids: Iterable[str],
+        statuses: Iterable[IndexingStatus] = (IndexingStatus.COMPLETED, IndexingStatus.ERROR),
+        min_version: int | None = None,
+        timeout: float = 120.0,
+        settled: bool = True,
+    ) -> dict[str, DocumentState]:
+        """Wait until every document reaches one of ``statuses`` and (with
+        ``settled``) Milvus and the postings agree with its segment rows."""
+        wanted = set(statuses)
+        ids = list(document_ids)
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            done = {}
+            for doc_id in ids:
+                st = self.state(dataset, doc_id)
+                last[doc_id] = st
+                if st is None or st.status not in wanted:
+                    break
+                if min_version is not None and st.version < min_version:
+                    break
+                if settled:
+                    snap = self.snapshot(dataset, doc_id)
+                    gone = st.status is IndexingStatus.DELETED
+                    if not snap.consistent or (gone and (snap.segments or snap.postings)):
+                        last[doc_id] = (st, snap)
+                        break
+                done[doc_id] = st
+            else:
+                return done
+            time.sleep(0.2)
+        raise AssertionError(f"documents did not settle within {timeout}s: {last}")
+
+
+def _postings_by_node(c: Container, tenant: str, dataset: str) -> dict[str, str]:
+    from sqlalchemy import select
+
+    from infra.db.models import KeywordPostingRow
+
+    k = KeywordPostingRow.__table__
+    with c.db.connect() as conn:
+        rows = conn.execute(
+            select(k.c.index_node_id, k.c.document_id)
+            .where(k.c.tenant_id == tenant, k.c.dataset_id == dataset)
+            .distinct()
+        )
+        return {r[0]: r[1] for r in rows}
