@@ -96,6 +96,4 @@ class EmbedStage:
         from domain.model import IndexingStatus
 
         key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        self.db.documents.set_status(
-            key, event.version, IndexingStatus.ERROR, f"embedding failed: {reason}"
-        )
+        self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, reason)

@@ -70,6 +70,4 @@ class IndexKeywordsStage:
 
     def on_dead_letter(self, event: Event, reason: str) -> None:
         key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        self.db.documents.set_status(
-            key, event.version, IndexingStatus.ERROR, f"keyword indexing failed: {reason}"
-        )
+        self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, reason)

@@ -106,6 +106,4 @@ class LoadVectorsStage:
 
     def on_dead_letter(self, event: Event, reason: str) -> None:
         key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        self.db.documents.set_status(
-            key, event.version, IndexingStatus.ERROR, f"vector load failed: {reason}"
-        )
+        self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, reason)

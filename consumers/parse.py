@@ -22,14 +22,14 @@ from domain.events import (
 from domain.model import IndexingStatus
 from infra.db.repository import Database, DocKey
 from infra.extract import ExtractLimits, extract_text, read_file_reference
-from infra.kafka.runner import Emit
+from infra.kafka.runner import Emit, RejectsEvents
 from infra.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ParseStage:
+class ParseStage(RejectsEvents):
     db: Database
     topics: Topics
     allowed_roots: Sequence[Path]
@@ -81,6 +81,7 @@ class ParseStage:
             text, mime = self._extract(event)
         except DocumentError as exc:
             self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, exc.reason)
+            self.reject(event, exc)
             return []
         self.db.documents.set_status(key, event.version, IndexingStatus.SPLITTING, chars=len(text))
         inline = len(text.encode()) <= self.inline_text_bytes

@@ -23,14 +23,14 @@ from domain.model import ChunkText, IndexingStatus, Segment, build_segments, dif
 from domain.ports import ModelTokens
 from domain.splitting import split_document
 from infra.db.repository import Database, DocKey
-from infra.kafka.runner import Emit
+from infra.kafka.runner import Emit, RejectsEvents
 from infra.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SplitStage:
+class SplitStage(RejectsEvents):
     db: Database
     topics: Topics
     tokens: ModelTokens
@@ -160,6 +160,7 @@ class SplitStage:
             )
         except DocumentError as exc:
             self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, exc.reason)
+            self.reject(event, exc)
             return []
         if not chunks:
             self.db.documents.set_status(

@@ -121,6 +121,7 @@ class Container:
             max_poll_interval_ms=s.max_poll_interval_ms,
             retry_attempts=s.retry_attempts,
             retry_max_seconds=s.retry_max_seconds,
+            max_event_bytes=s.max_event_bytes,
         )
         publisher = EventPublisher(bootstrap, s.max_event_bytes, client_id=f"kbstream-{name}")
         return StageRunner(self.stage(name), config, publisher)

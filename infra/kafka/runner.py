@@ -55,6 +55,20 @@ class Stage(Protocol):
         ...
 
 
+class RejectsEvents:
+    """Mixin for stages: ``reject(event, error)`` marks one event of a batch as
+    permanently failed (the stage has already recorded it on the document) while
+    the rest of the batch succeeds. The runner dead-letters each rejected event
+    after publishing the batch's output."""
+
+    def reject(self, event: Event, error: Exception) -> None:
+        self.__dict__.setdefault("_rejected", []).append((event, error))
+
+    def drain_rejected(self) -> list[tuple[Event, Exception]]:
+        rejected: list[tuple[Event, Exception]] = self.__dict__.pop("_rejected", [])
+        return rejected
+
+
 @dataclass
 class RunnerConfig:
     bootstrap: str
@@ -65,6 +79,7 @@ class RunnerConfig:
     retry_attempts: int = 6
     retry_max_seconds: float = 30.0
     poll_timeout: float = 0.5
+    max_event_bytes: int = 1_000_000
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -77,6 +92,7 @@ class StageRunner:
         self.ready = threading.Event()
         self.processed = 0
         self.dead_lettered = 0
+        self._by_event: dict[int, Message] = {}
         self._consumer: Consumer | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -139,6 +155,13 @@ class StageRunner:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("stage %s: consumer error %s", self.stage.name, err)
                 continue
+            size = len(msg.value() or b"")
+            if size > self.config.max_event_bytes:
+                too_big = InvalidEvent(
+                    f"event of {size} bytes exceeds the limit of {self.config.max_event_bytes}"
+                )
+                self._dead_letter(msg, too_big, attempts=1, event=None)
+                continue
             try:
                 good.append((msg, decode_event(msg.value())))
             except InvalidEvent as exc:
@@ -148,7 +171,9 @@ class StageRunner:
                 self._dead_letter(msg, InvalidEvent(f"undecodable: {exc!r}"[:500]), 1, None)
 
         if good:
+            self._by_event = {id(e): m for m, e in good}
             self._handle_with_policy(consumer, good)
+            self._by_event = {}
         self._commit(consumer, msgs)
         self.processed += len(msgs)
         metrics.EVENTS.labels(self.stage.name).inc(len(msgs))
@@ -191,10 +216,17 @@ class StageRunner:
         attempt = 0
         while True:
             try:
+                drain = getattr(self.stage, "drain_rejected", None)
+                if drain:
+                    drain()  # leftovers of an attempt that failed as a whole
                 emits = self.stage.handle(events)
                 for e in emits:
                     self.publisher.publish(e.topic, e.event)
                 self.publisher.flush()
+                for event, error in drain() if drain else []:
+                    msg = self._by_event.get(id(event))
+                    if msg is not None:
+                        self._dead_letter(msg, error, attempts=1, event=None)
                 return
             except TransientError as exc:
                 attempt += 1
