@@ -127,6 +127,15 @@ class MilvusVectorStore:
             try:
                 return fn(*args, **kwargs)
             except MilvusException as exc:
+                message = str(exc).lower()
+                if self._client is not None and ("released" in message or "not loaded" in message):
+                    # someone released the collection (an operator, a restart):
+                    # load it again and retry once instead of stalling forever
+                    try:
+                        self._client.load_collection(self.collection)
+                        return fn(*args, **kwargs)
+                    except MilvusException as again:
+                        raise _classify(what, again) from again
                 raise _classify(what, exc) from exc
 
     def upsert(self, rows: Sequence[VectorRow]) -> int:

@@ -74,13 +74,16 @@ def _consumer(bootstrap: str, group: str) -> Consumer:
     )
 
 
-def _read_to_end(consumer: Consumer, topic: str, start_committed: bool) -> list[Message]:
-    """Everything from the start (or the group's committed offsets) up to the
-    high watermark at the time of the call."""
+def _read_to_end(
+    consumer: Consumer, topic: str, start_committed: bool, idle_seconds: float = 2.0
+) -> list[Message]:
+    """Everything from the start (or the group's committed offsets) until the
+    topic has been quiet for ``idle_seconds``. Watermarks are only a lower
+    bound: tansu's memory engine under-reports them."""
     md = consumer.list_topics(topic, timeout=15)
     partitions = sorted(md.topics[topic].partitions) if topic in md.topics else []
-    ends: dict[int, int] = {}
-    assignment = []
+    if not partitions:
+        return []
     committed = (
         {
             tp.partition: tp.offset
@@ -89,27 +92,20 @@ def _read_to_end(consumer: Consumer, topic: str, start_committed: bool) -> list[
         if start_committed
         else {}
     )
+    assignment = []
     for p in partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
         start = committed.get(p, -1)
-        start = low if start is None or start < 0 else start
-        if high > start:
-            ends[p] = high
-            assignment.append(TopicPartition(topic, p, start))
-    if not assignment:
-        return []
+        low, _high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+        assignment.append(TopicPartition(topic, p, low if start is None or start < 0 else start))
     consumer.assign(assignment)
     out: list[Message] = []
-    deadline = time.monotonic() + 60
-    done: set[int] = set()
-    while len(done) < len(ends) and time.monotonic() < deadline:
-        for m in consumer.consume(500, timeout=1.0):
-            if m.error() is not None:
-                continue
-            if m.offset() < ends[m.partition()]:
-                out.append(m)
-            if m.offset() >= ends[m.partition()] - 1:
-                done.add(m.partition())
+    quiet_since = time.monotonic()
+    deadline = time.monotonic() + 300
+    while time.monotonic() - quiet_since < idle_seconds and time.monotonic() < deadline:
+        batch = [m for m in consumer.consume(500, timeout=0.5) if m.error() is None]
+        if batch:
+            out.extend(batch)
+            quiet_since = time.monotonic()
     return out
 
 

@@ -5,6 +5,7 @@ the database and Milvus are the durable state."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
 import time
@@ -73,12 +74,14 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
+            # SIGINT exits at once; SIGTERM waits for clients to disconnect
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                self._proc.send_signal(sig)
+                try:
+                    self._proc.wait(3)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         self._proc = None
 
     def __enter__(self) -> EmbeddedBroker:
