@@ -43,6 +43,10 @@ class WorkerPool:
 
     def start(self) -> WorkerPool:
         s = self.container.settings
+        if "embed" in self.stages:
+            # load the model while the consumer groups join (~3 s) and the first
+            # documents are parsed and split: it is on the critical path otherwise
+            threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         ensure_topics(self.bootstrap, self.container.topics, s.partitions, s.replication_factor)
         for name in self.stages:
             runner = self.container.runner(name, self.bootstrap)
@@ -53,6 +57,12 @@ class WorkerPool:
             self.threads.append(t)
             t.start()
         return self
+
+    def _warm_up(self) -> None:
+        try:
+            self.container.provider.warm_up()
+        except Exception:  # the embed stage reports the real error when it needs the model
+            log.warning("embedding model warm-up failed", exc_info=True)
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout
