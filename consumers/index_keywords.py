@@ -41,6 +41,7 @@ class IndexKeywordsStage:
                     self.db.postings.delete_document_orphans(
                         DocKey(e.tenant_id, e.dataset_id, e.document_id)
                     )
+                out.append(Emit(self.topics.progress, self._progress(e, [])))
         return out
 
     def _index(self, e: SegmentsSplit) -> list[Emit]:
@@ -56,17 +57,20 @@ class IndexKeywordsStage:
         self.db.postings.replace(e.tenant_id, e.dataset_id, postings)
         self.db.postings.delete_nodes([i for i in ids if i not in alive])
         live = [i for i in ids if i in alive]
-        if not live:
-            return []
-        self.db.segments.mark("keywords_indexed", live)
-        done = KeywordsIndexed(
+        if live:
+            self.db.segments.mark("keywords_indexed", live)
+        # always report: track_status re-checks completion on any progress
+        return [Emit(self.topics.progress, self._progress(e, live))]
+
+    @staticmethod
+    def _progress(e: Event, ids: list[str]) -> KeywordsIndexed:
+        return KeywordsIndexed(
             tenant_id=e.tenant_id,
             dataset_id=e.dataset_id,
             document_id=e.document_id,
             version=e.version,
-            index_node_ids=live,
+            index_node_ids=ids,
         )
-        return [Emit(self.topics.progress, done)]
 
     def on_dead_letter(self, event: Event, reason: str) -> None:
         key = DocKey(event.tenant_id, event.dataset_id, event.document_id)

@@ -46,6 +46,7 @@ class LoadVectorsStage:
                 self.vectors.delete([i for i in e.index_node_ids if i not in alive])
                 if e.whole_document:
                     self._drop_orphans(e)
+                out.append(Emit(self.topics.progress, self._progress(e, [])))
         return out
 
     def _load(self, e: SegmentsEmbedded) -> list[Emit]:
@@ -81,17 +82,20 @@ class LoadVectorsStage:
         ]
         self.vectors.upsert(rows)
         self.vectors.delete(dead)
-        if not live:
-            return []
-        self.db.segments.mark("vector_indexed", [r.index_node_id for r in live])
-        loaded = SegmentsLoaded(
+        if live:
+            self.db.segments.mark("vector_indexed", [r.index_node_id for r in live])
+        # always report: track_status re-checks completion on any progress
+        return [Emit(self.topics.progress, self._progress(e, [r.index_node_id for r in live]))]
+
+    @staticmethod
+    def _progress(e: Event, ids: list[str]) -> SegmentsLoaded:
+        return SegmentsLoaded(
             tenant_id=e.tenant_id,
             dataset_id=e.dataset_id,
             document_id=e.document_id,
             version=e.version,
-            index_node_ids=[r.index_node_id for r in live],
+            index_node_ids=ids,
         )
-        return [Emit(self.topics.progress, loaded)]
 
     def _drop_orphans(self, e: SegmentsRemoved) -> None:
         """After a document delete, no vector of it may outlive its segment rows,

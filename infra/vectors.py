@@ -228,6 +228,7 @@ class MilvusVectorStore:
             self.collection,
             filter=expr,
             output_fields=["index_node_id"],
+            consistency_level="Strong",  # completion decisions read this
         )
         return [r["index_node_id"] for r in res]
 

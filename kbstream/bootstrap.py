@@ -108,7 +108,7 @@ class Container:
         if name == "index_keywords":
             return IndexKeywordsStage(self.db, self.topics, self.keywords)
         if name == "track_status":
-            return TrackStatusStage(self.db, self.topics)
+            return TrackStatusStage(self.db, self.topics, self.vectors)
         raise PermanentError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
     def runner(self, name: str, bootstrap: str) -> StageRunner:

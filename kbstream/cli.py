@@ -268,9 +268,22 @@ def status(
             out.print(table)
         return
     if dataset is None:
-        c.close()
-        _fail("give --dataset (or --job)")
-        return
+        if document is None:
+            c.close()
+            _fail("give --dataset, --document or --job")
+            return
+        try:
+            found = c.db.documents.find(settings.tenant, document)
+        finally:
+            c.close()
+        if not found:
+            _fail(f"no document {document!r}", 1)
+        if len(found) > 1:
+            _fail(
+                f"document {document!r} is in several datasets: {', '.join(d.dataset_id for d in found)}; add --dataset"
+            )
+        dataset = found[0].dataset_id
+        c = Container(settings)
     try:
         docs = c.db.documents.list(settings.tenant, dataset, [document] if document else None)
     finally:
@@ -279,6 +292,7 @@ def status(
         {
             "document": d.source,
             "document_id": d.document_id,
+            "dataset": d.dataset_id,
             "status": d.status.value,
             "error": d.error,
             "segments": d.segment_count,

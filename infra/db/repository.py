@@ -359,11 +359,19 @@ class DocumentRepository:
                     func.coalesce(func.sum(S.c.word_count), 0),
                 ).where(S.c.document_pk == doc_pk)
             ).one()
-            done = not diff.to_index
+            # removals still have to reach Milvus and the postings: completion
+            # waits for them (track_status checks both stores)
+            done = not diff.to_index and not removed
+            extra: dict[str, Any] = {}
+            if keep_removed and diff.removed:
+                # vanished segments were kept on purpose; forget the file hash so
+                # the next incremental sync updates this document and drops them
+                extra["content_hash"] = None
             conn.execute(
                 update(D)
                 .where(D.c.id == doc_pk)
                 .values(
+                    **extra,
                     status=(IndexingStatus.COMPLETED if done else IndexingStatus.INDEXING).value,
                     chars=chars,
                     segment_count=totals[0],
@@ -558,7 +566,8 @@ class DocumentRepository:
             for (key, version), (embedded, hits) in counts.items():
                 conn.execute(
                     update(D)
-                    .where(_key_clause(key), D.c.version == version)
+                    # imports carry a newer version than the document they extend
+                    .where(_key_clause(key), D.c.version <= version)
                     .values(
                         embedded_texts=D.c.embedded_texts + embedded,
                         cache_hits=D.c.cache_hits + hits,
@@ -588,7 +597,11 @@ class DocumentRepository:
                 .where(D.c.id == row.id)
                 .values(status="completed", completed_at=_now(), updated_at=_now())
             )
-            conn.execute(update(S).where(S.c.document_pk == row.id).values(status="completed"))
+            conn.execute(
+                update(S)
+                .where(S.c.document_pk == row.id, S.c.status != "completed")
+                .values(status="completed")
+            )
             conn.execute(
                 update(J)
                 .where(
@@ -612,6 +625,14 @@ class DocumentRepository:
             for chunk in _chunks(list(document_ids)):
                 out.extend(_doc_state(r) for r in conn.execute(q.where(D.c.document_id.in_(chunk))))
             return out
+
+    def find(self, tenant_id: str, document_id: str) -> list[DocumentState]:
+        """A document id in every dataset of the tenant that has it."""
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(D).where(D.c.tenant_id == tenant_id, D.c.document_id == document_id)
+            )
+            return [_doc_state(r) for r in rows]
 
     def status_counts(self, tenant_id: str, dataset_id: str) -> dict[str, int]:
         with self.db.connect() as conn:
@@ -859,6 +880,19 @@ class KeywordPostings:
                     .where(K.c.tenant_id == tenant_id, K.c.dataset_id == dataset_id)
                 ).scalar_one()
             )
+
+    def nodes_for_document(self, key: DocKey) -> set[str]:
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(K.c.index_node_id)
+                .where(
+                    K.c.tenant_id == key.tenant_id,
+                    K.c.dataset_id == key.dataset_id,
+                    K.c.document_id == key.document_id,
+                )
+                .distinct()
+            )
+            return {r[0] for r in rows}
 
     def document_of(self, index_node_id: str) -> str | None:
         with self.db.connect() as conn:
