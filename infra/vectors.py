@@ -70,6 +70,39 @@ def _classify(what: str, exc: MilvusException) -> Exception:
     return PermanentError(f"Milvus rejected {what}: {exc}")
 
 
+# milvus-lite serves a local file from a gRPC server thread of this process
+# that outlives the client; stop it when the last store on that file closes.
+_LOCAL_OPEN: dict[str, int] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def _is_local(uri: str) -> bool:
+    return not uri.startswith(("http://", "https://", "tcp://", "unix:", "grpc://"))
+
+
+def _retain_local(uri: str) -> None:
+    if _is_local(uri):
+        with _LOCAL_LOCK:
+            _LOCAL_OPEN[uri] = _LOCAL_OPEN.get(uri, 0) + 1
+
+
+def _release_local(uri: str) -> None:
+    if not _is_local(uri):
+        return
+    with _LOCAL_LOCK:
+        left = _LOCAL_OPEN.get(uri, 1) - 1
+        if left > 0:
+            _LOCAL_OPEN[uri] = left
+            return
+        _LOCAL_OPEN.pop(uri, None)
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
+    except Exception:  # an older milvus-lite without a server manager
+        log.debug("could not release milvus-lite server for %s", uri, exc_info=True)
+
+
 def _q(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -94,6 +127,7 @@ class MilvusVectorStore:
                         if self._token:
                             kwargs["token"] = self._token
                         self._client = MilvusClient(**kwargs)
+                        _retain_local(self.uri)
                     except MilvusException as exc:
                         raise TransientError(f"Milvus unavailable at {self.uri}: {exc}") from exc
                     self._ensure_collection()
@@ -258,3 +292,4 @@ class MilvusVectorStore:
                     self._client.close()
                 finally:
                     self._client = None
+                    _release_local(self.uri)

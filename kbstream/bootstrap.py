@@ -111,7 +111,7 @@ class Container:
             return TrackStatusStage(self.db, self.topics, self.vectors)
         raise PermanentError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
-    def runner(self, name: str, bootstrap: str) -> StageRunner:
+    def runner(self, name: str, bootstrap: str, exclusive: bool = False) -> StageRunner:
         s = self.settings
         config = RunnerConfig(
             bootstrap=bootstrap,
@@ -122,6 +122,7 @@ class Container:
             retry_attempts=s.retry_attempts,
             retry_max_seconds=s.retry_max_seconds,
             max_event_bytes=s.max_event_bytes,
+            exclusive=exclusive,
         )
         publisher = EventPublisher(bootstrap, s.max_event_bytes, client_id=f"kbstream-{name}")
         return StageRunner(self.stage(name), config, publisher)

@@ -126,7 +126,8 @@ def index_paths(
         with broker_for(container.settings) as runtime:
             pool = None
             if runtime.embedded:
-                pool = WorkerPool(container, runtime.bootstrap).start()
+                # the broker is ours alone: no group join needed
+                pool = WorkerPool(container, runtime.bootstrap, exclusive=True).start()
             try:
                 publisher = LifecyclePublisher(
                     runtime.bootstrap, container.topics, container.settings.max_event_bytes

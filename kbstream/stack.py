@@ -33,10 +33,15 @@ class WorkerPool:
     """Every requested stage as its own consumer group, one thread each."""
 
     def __init__(
-        self, container: Container, bootstrap: str, stages: Sequence[str] = STAGES
+        self,
+        container: Container,
+        bootstrap: str,
+        stages: Sequence[str] = STAGES,
+        exclusive: bool = False,
     ) -> None:
         self.container = container
         self.bootstrap = bootstrap
+        self.exclusive = exclusive
         self.stages = list(stages)
         self.runners: list[StageRunner] = []
         self.threads: list[threading.Thread] = []
@@ -49,7 +54,7 @@ class WorkerPool:
             threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         ensure_topics(self.bootstrap, self.container.topics, s.partitions, s.replication_factor)
         for name in self.stages:
-            runner = self.container.runner(name, self.bootstrap)
+            runner = self.container.runner(name, self.bootstrap, exclusive=self.exclusive)
             t = threading.Thread(
                 target=run_until_stopped, args=(runner,), name=f"stage-{name}", daemon=True
             )

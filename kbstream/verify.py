@@ -250,7 +250,9 @@ def _publish_and_wait(c: Container, dataset: str, events: list[Any], timeout: fl
             }
         )
     with broker_for(c.settings) as runtime:
-        pool = WorkerPool(c, runtime.bootstrap).start() if runtime.embedded else None
+        pool = (
+            WorkerPool(c, runtime.bootstrap, exclusive=True).start() if runtime.embedded else None
+        )
         try:
             pub = EventPublisher(
                 runtime.bootstrap, c.settings.max_event_bytes, client_id="kbstream-verify"
