@@ -75,6 +75,37 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+MaxTokensOpt = Annotated[
+    int | None, typer.Option("--max-tokens", help="custom rule: chunk size in model tokens")
+]
+OverlapOpt = Annotated[
+    int | None, typer.Option("--chunk-overlap", help="custom rule: overlap in tokens")
+]
+SeparatorOpt = Annotated[
+    str | None, typer.Option("--separator", help="custom rule: hard chunk boundary, e.g. '\\n\\n'")
+]
+UrlsOpt = Annotated[
+    bool, typer.Option("--remove-urls-emails", help="cleaning: drop URLs and e-mail addresses")
+]
+FormOpt = Annotated[str, typer.Option("--doc-form", help="text | qa | parent_child")]
+
+
+def _rule(max_tokens: int | None, overlap: int | None, separator: str | None, urls: bool) -> Any:
+    from domain.events import ProcessRule
+
+    custom = any(v is not None for v in (max_tokens, overlap, separator))
+    try:
+        return ProcessRule(
+            mode="custom" if custom else "automatic",
+            max_tokens=max_tokens,
+            chunk_overlap=overlap,
+            separator=separator,
+            remove_urls_emails=urls,
+        )
+    except ValueError as exc:
+        _fail(f"invalid processing rule: {exc}")
+
+
 def _run_indexing(
     paths: list[Path],
     dataset: str,
@@ -83,8 +114,14 @@ def _run_indexing(
     force: bool,
     timeout: float | None,
     cleanup: str,
+    rule: Any = None,
+    doc_form: str = "text",
 ) -> None:
+    from domain.events import DocForm
     from kbstream.indexing import index_paths
+
+    if doc_form not in {f.value for f in DocForm}:
+        _fail(f"--doc-form must be text, qa or parent_child, not {doc_form!r}")
 
     settings = _settings(home)
     _setup_logging(settings, quiet=True)
@@ -98,6 +135,8 @@ def _run_indexing(
                 force=force,
                 timeout=timeout,
                 cleanup=cleanup,  # type: ignore[arg-type]
+                rule=rule,
+                doc_form=DocForm(doc_form),
             )
         else:
             with Progress(
@@ -121,6 +160,8 @@ def _run_indexing(
                     timeout=timeout,
                     progress=progress,
                     cleanup=cleanup,  # type: ignore[arg-type]
+                    rule=rule,
+                    doc_form=DocForm(doc_form),
                 )
     except (FileNotFoundError, KbstreamError, TimeoutError, RuntimeError) as exc:
         _fail(str(exc))
@@ -151,9 +192,17 @@ def index(
     as_json: JsonOpt = False,
     force: Annotated[bool, typer.Option(help="republish unchanged files too")] = False,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+    max_tokens: MaxTokensOpt = None,
+    chunk_overlap: OverlapOpt = None,
+    separator: SeparatorOpt = None,
+    remove_urls_emails: UrlsOpt = False,
+    doc_form: FormOpt = "text",
 ) -> None:
-    """Index files and folders into DATASET and wait until every document is done."""
-    _run_indexing(paths, dataset, home, as_json, force, timeout, "incremental")
+    """Index files and folders into DATASET and wait until every document is done.
+    Processing options apply to the documents published by this run (use
+    --force to re-split unchanged files with new options)."""
+    rule = _rule(max_tokens, chunk_overlap, separator, remove_urls_emails)
+    _run_indexing(paths, dataset, home, as_json, force, timeout, "incremental", rule, doc_form)
 
 
 @app.command()
@@ -165,12 +214,18 @@ def sync(
     as_json: JsonOpt = False,
     force: Annotated[bool, typer.Option(help="republish unchanged files too")] = False,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+    max_tokens: MaxTokensOpt = None,
+    chunk_overlap: OverlapOpt = None,
+    separator: SeparatorOpt = None,
+    remove_urls_emails: UrlsOpt = False,
+    doc_form: FormOpt = "text",
 ) -> None:
     """Make DATASET match PATHS: add new files, update changed ones and, with
     --cleanup full, delete documents whose files are gone."""
     if cleanup not in ("none", "incremental", "full"):
         _fail(f"--cleanup must be none, incremental or full, not {cleanup!r}")
-    _run_indexing(paths, dataset, home, as_json, force, timeout, cleanup)
+    rule = _rule(max_tokens, chunk_overlap, separator, remove_urls_emails)
+    _run_indexing(paths, dataset, home, as_json, force, timeout, cleanup, rule, doc_form)
 
 
 @app.command()

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from domain.events import DocumentCreated, DocumentDeleted, DocumentUpdated
+from domain.events import DocForm, DocumentCreated, DocumentDeleted, DocumentUpdated, ProcessRule
 from domain.model import IndexingStatus
+from domain.splitting import resolve_rule
 from infra.db.repository import DocumentState
 from kbstream.bootstrap import Container
 from kbstream.stack import WorkerPool, broker_for
@@ -62,6 +63,8 @@ def plan(
     files: Sequence[FileDocument],
     force: bool = False,
     cleanup: Cleanup = "incremental",
+    rule: ProcessRule | None = None,
+    doc_form: DocForm = DocForm.TEXT,
 ) -> tuple[list[Lifecycle], list[DocumentState]]:
     """Events to publish, and the documents that are already up to date."""
     tenant = container.settings.tenant
@@ -77,6 +80,8 @@ def plan(
             "source": str(f.path),
             "uri": f.uri,
             "content_hash": f.content_hash,
+            "doc_form": doc_form,
+            "process_rule": rule or ProcessRule(),
         }
         if (
             state is not None
@@ -109,6 +114,8 @@ def index_paths(
     timeout: float | None = None,
     progress: ProgressFn | None = None,
     cleanup: Cleanup = "incremental",
+    rule: ProcessRule | None = None,
+    doc_form: DocForm = DocForm.TEXT,
 ) -> IndexSummary:
     started = time.perf_counter()
     files = discover(paths, container.settings.tenant, dataset)
@@ -120,7 +127,10 @@ def index_paths(
     container.settings = s.model_copy(
         update={"allowed_roots": os.pathsep.join(filter(None, [s.allowed_roots, extra]))}
     )
-    events, unchanged = plan(container, dataset, files, force, cleanup)
+    if rule is not None:
+        # fail before publishing anything, not once per document
+        resolve_rule(rule, container.token_counter.max_input_tokens)
+    events, unchanged = plan(container, dataset, files, force, cleanup, rule, doc_form)
     summary.skipped = len(unchanged)
     if events:
         with broker_for(container.settings) as runtime:
