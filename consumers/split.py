@@ -102,7 +102,9 @@ class SplitStage(RejectsEvents):
                 return []
             chunks.append(ChunkText(content=item.content, answer=item.answer, tokens=n))
         segments = _offset_occurrences(
-            build_segments(event.dataset_id, event.document_id, chunks, start), hashes, event
+            build_segments(event.dataset_id, event.document_id, chunks, start, event.tenant_id),
+            hashes,
+            event,
         )
         fresh = self.db.documents.import_segments(key, event.version, event.job_id, segments)
         if fresh is None:
@@ -167,7 +169,9 @@ class SplitStage(RejectsEvents):
                 key, event.version, IndexingStatus.ERROR, "splitting produced no segments"
             )
             return []
-        segments = build_segments(event.dataset_id, event.document_id, chunks)
+        segments = build_segments(
+            event.dataset_id, event.document_id, chunks, tenant_id=event.tenant_id
+        )
         diff = diff_segments(self.db.segments.existing(key), segments)
         keep = event.cleanup == "none"
         state = self.db.documents.apply_split(
@@ -233,7 +237,7 @@ def _offset_occurrences(
         out.append(
             Segment(
                 index_node_id=make_index_node_id(
-                    event.dataset_id, event.document_id, s.doc_hash, occurrence
+                    event.dataset_id, event.document_id, s.doc_hash, occurrence, event.tenant_id
                 ),
                 doc_hash=s.doc_hash,
                 position=s.position,

@@ -273,6 +273,10 @@ def decode_event(raw: bytes | str | None) -> Event:
     """Bytes off the wire -> a typed event, or InvalidEvent saying why not."""
     if raw is None:
         raise InvalidEvent("empty message (no value)")
+    nul = b"\\u0000" in raw if isinstance(raw, bytes) else "\\u0000" in raw
+    if nul:
+        # databases refuse NUL in text; retrying could never help
+        raise InvalidEvent("the event contains NUL characters (\\u0000); strip them upstream")
     try:
         obj: Any = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError, TypeError) as exc:

@@ -83,12 +83,18 @@ def compute_doc_hash(content: str, answer: str | None = None, parent: str | None
 
 
 def make_index_node_id(
-    dataset_id: str, document_id: str, doc_hash: str, occurrence: int = 0
+    dataset_id: str,
+    document_id: str,
+    doc_hash: str,
+    occurrence: int = 0,
+    tenant_id: str = "default",
 ) -> str:
     """Deterministic id of a segment: the same document and content always give
     the same id (a replay overwrites, never duplicates), while identical content
-    in two documents, or twice in one, gets distinct ids."""
+    in two documents, twice in one, or in two tenants gets distinct ids."""
     name = f"{dataset_id}\x1f{document_id}\x1f{doc_hash}\x1f{occurrence}"
+    if tenant_id != "default":  # ids of the default tenant stay what they were
+        name = f"{tenant_id}\x1e{name}"
     return str(uuid.uuid5(INDEX_NODE_NAMESPACE, name))
 
 
@@ -101,7 +107,11 @@ class ChunkText:
 
 
 def build_segments(
-    dataset_id: str, document_id: str, chunks: Sequence[ChunkText], start_position: int = 0
+    dataset_id: str,
+    document_id: str,
+    chunks: Sequence[ChunkText],
+    start_position: int = 0,
+    tenant_id: str = "default",
 ) -> list[Segment]:
     """Give chunks their doc_hash, index_node_id and position."""
     seen: Counter[str] = Counter()
@@ -112,7 +122,9 @@ def build_segments(
         seen[doc_hash] += 1
         out.append(
             Segment(
-                index_node_id=make_index_node_id(dataset_id, document_id, doc_hash, occurrence),
+                index_node_id=make_index_node_id(
+                    dataset_id, document_id, doc_hash, occurrence, tenant_id
+                ),
                 doc_hash=doc_hash,
                 position=start_position + i,
                 content=chunk.content,

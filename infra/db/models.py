@@ -74,6 +74,9 @@ class DocumentRow(Base):
     segments_added: Mapped[int] = mapped_column(Integer, default=0)
     segments_kept: Mapped[int] = mapped_column(Integer, default=0)
     segments_removed: Mapped[int] = mapped_column(Integer, default=0)
+    # the version whose split set the three counters above: a redelivered split
+    # of the same version must not overwrite them with a diff against itself
+    split_version: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

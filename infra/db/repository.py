@@ -362,6 +362,14 @@ class DocumentRepository:
             # removals still have to reach Milvus and the postings: completion
             # waits for them (track_status checks both stores)
             done = not diff.to_index and not removed
+            counters: dict[str, Any] = {}
+            if row.split_version != version:
+                counters = {
+                    "segments_added": diff.added_count,
+                    "segments_kept": diff.kept_count,
+                    "segments_removed": len(removed),
+                    "split_version": version,
+                }
             extra: dict[str, Any] = {}
             if keep_removed and diff.removed:
                 # vanished segments were kept on purpose; forget the file hash so
@@ -377,9 +385,7 @@ class DocumentRepository:
                     segment_count=totals[0],
                     tokens=totals[1],
                     word_count=totals[2],
-                    segments_added=diff.added_count,
-                    segments_kept=diff.kept_count,
-                    segments_removed=len(removed),
+                    **counters,
                     indexing_started_at=_now(),
                     completed_at=_now() if done else None,
                     updated_at=_now(),

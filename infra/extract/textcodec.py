@@ -103,7 +103,9 @@ def _mostly_utf8(data: bytes, replaced: str) -> bool:
     """UTF-8 with a few stray legacy bytes (concatenated or hand-edited files): keep it
     UTF-8 with replacement characters rather than re-decode everything as a legacy code page."""
     high = len(data) - len(data.translate(None, _HIGH_BYTES))
-    return replaced.count("\ufffd") * 10 <= high
+    bad = replaced.count("\ufffd")
+    # a few stray bytes, not a soup: at most 1 in 200 characters replaced
+    return bad * 10 <= high and bad <= max(1, len(replaced) // 200)
 
 
 # Labels documents declare, mapped the way browsers do (WHATWG Encoding): "iso-8859-1"
@@ -130,8 +132,12 @@ def _declared_codec(label: str) -> str | None:
     return _DECLARED_ALIASES.get(codec or "", codec)
 
 
+_EBCDIC = ("cp037", "cp273", "cp424", "cp500", "cp875", "cp1026", "cp1140")
+
+
 def _detect(data: bytes) -> tuple[str, str] | None:
-    matches = list(charset_normalizer.from_bytes(data))
+    # EBCDIC code pages "decode" almost any bytes; nobody sends them undeclared
+    matches = [m for m in charset_normalizer.from_bytes(data) if not m.encoding.startswith(_EBCDIC)]
     if not matches:
         return None
     best = matches[0]
@@ -191,8 +197,10 @@ def decode_text(data: bytes, what: str, declared: str | None = None) -> tuple[st
 
     detected = _detect(data)
     if detected is None:
-        # Not binary, but no encoding fits: keep what UTF-8 can read rather than fail.
-        return replaced, "utf-8"
+        raise UnparseableDocument(
+            f"{what} is not valid UTF-8 and no single text encoding fits it "
+            "(mixed or corrupted encodings?); re-save it as UTF-8"
+        )
     text, detected_codec = detected
     _reject_binary_text(text, data, what)
     return text, detected_codec

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 00:12:34.390599
+Create Date: 2026-11-24 01:17:54.126282
 """
 
 import sqlalchemy as sa
@@ -83,6 +83,7 @@ def upgrade() -> None:
         sa.Column("segments_added", sa.Integer(), nullable=False),
         sa.Column("segments_kept", sa.Integer(), nullable=False),
         sa.Column("segments_removed", sa.Integer(), nullable=False),
+        sa.Column("split_version", sa.BigInteger(), nullable=True),
         sa.Column(
             "created_at",
             sa.DateTime(timezone=True),

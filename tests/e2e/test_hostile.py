@@ -1,0 +1,339 @@
+"""Hostile documents through the whole pipeline (real broker, PostgreSQL,
+milvus-lite, the real model): each ends in status `error` with a reason a
+person can act on, one dead letter saying the same, no segment, vector or
+posting of its own, and the good documents published alongside complete
+untouched."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import docx
+import pytest
+from pypdf import PdfWriter
+
+from domain.events import DocumentCreated
+from domain.model import IndexingStatus
+from infra.db.repository import DocKey
+from kbstream.dlq import list_dead_letters
+from tests.e2e.procs import fresh_database, wait_until
+from tests.harness import Pipeline, make_settings
+
+pytestmark = pytest.mark.e2e
+
+KiB = 1024
+MiB = 1024 * KiB
+MAX_BYTES = 64 * KiB  # KBSTREAM_MAX_DOCUMENT_BYTES for these tests
+
+
+def blank_pdf() -> bytes:
+    """A valid PDF whose only page has no text layer (a scan without OCR)."""
+    writer = PdfWriter()
+    writer.add_blank_page(width=612, height=792)
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def encrypted_pdf() -> bytes:
+    writer = PdfWriter()
+    writer.add_blank_page(width=612, height=792)
+    writer.encrypt(user_password="secret", owner_password="owner", algorithm="RC4-128")
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def zip_of(members: dict[str, bytes | int]) -> bytes:
+    """A deflated zip; an int member is that many zero bytes, streamed in."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            if isinstance(content, bytes):
+                archive.writestr(name, content)
+                continue
+            with archive.open(name, "w", force_zip64=True) as member:
+                for _ in range(content // MiB):
+                    member.write(bytes(MiB))
+    return buf.getvalue()
+
+
+def forged_size(archive: bytes, declared: int) -> bytes:
+    """Rewrite a member's uncompressed size in the central directory, as a bomb would."""
+    import struct
+
+    at = archive.rindex(b"PK\x01\x02") + 24
+    return archive[:at] + struct.pack("<I", declared) + archive[at + 4 :]
+
+
+def good_docx(text: str) -> bytes:
+    d = docx.Document()
+    d.add_heading("Tide tables", level=1)
+    d.add_paragraph(text)
+    buf = io.BytesIO()
+    d.save(buf)
+    return buf.getvalue()
+
+
+def invalid_utf8_soup() -> bytes:
+    """Bytes that are neither valid UTF-8 nor one consistent legacy encoding:
+    truncated and overlong UTF-8 sequences, lone continuation bytes, encoded
+    surrogates, GBK and Latin-1 fragments, with a little readable text (no
+    NUL or control bytes, so it passes the plain binary sniff)."""
+    rng = random.Random(11)
+    pieces = [
+        b"\xe6\x96",
+        b"\xc0\xaf",
+        b"\x80\x81",
+        b"\xed\xa0\x80",
+        b"\xf8\x88\x80",
+        "café".encode("latin-1"),
+        "文档".encode("gbk"),
+        "索引".encode(),
+        b"ok ",
+    ]
+    return b"".join(rng.choice(pieces) for _ in range(400))
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, tansu: str, topic_prefix: str) -> Iterator[Pipeline]:
+    with fresh_database() as (url, _):
+        home = tmp_path / "home"
+        settings = make_settings(
+            home, tansu, topic_prefix, database_url=url, max_document_bytes=MAX_BYTES
+        )
+        with Pipeline(settings) as p:
+            yield p
+
+
+GOOD = {
+    "tides.txt": b"High tide at the harbour arrives forty minutes later each day.",
+    "moon.md": b"# Moon\n\nThe moon's pull on the oceans causes two tides a day.",
+}
+
+
+def publish_files(p: Pipeline, dataset: str, files: dict[str, bytes]) -> dict[str, str]:
+    """Write the files under the allowed root and publish a created event per
+    file; returns document_id -> file name."""
+    root = p.settings.home / "docs"
+    root.mkdir(parents=True, exist_ok=True)
+    ids = {}
+    events = []
+    for i, (name, data) in enumerate(files.items()):
+        path = root / name
+        if not path.exists():  # a FIFO or symlink the test prepared stays as it is
+            path.write_bytes(data)
+        doc_id = f"h{i:02d}"
+        ids[doc_id] = name
+        events.append(
+            DocumentCreated(
+                dataset_id=dataset, document_id=doc_id, source=str(path), uri=path.as_uri()
+            )
+        )
+    p.publish(*events)
+    return ids
+
+
+def test_hostile_documents_fail_alone_with_a_reason(pipeline: Pipeline) -> None:
+    p = pipeline
+    docs_dir = p.settings.home / "docs"
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    (docs_dir / "fifo.txt").unlink(missing_ok=True)
+    os.mkfifo(docs_dir / "fifo.txt")
+    outside = p.settings.home.parent / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("a file outside the allowed roots")
+    (docs_dir / "escape.txt").symlink_to(outside / "secret.txt")
+
+    hostile: dict[str, tuple[bytes, str]] = {
+        "empty.txt": (b"", "file is empty"),
+        "junk.txt": (random.Random(7).randbytes(4096) + b"\x00", "binary content in a .txt file"),
+        "noise.csv": (
+            bytes(b for b in random.Random(8).randbytes(8192) if b),
+            "binary content",
+        ),
+        "scan.pdf": (blank_pdf(), "no text layer"),
+        "locked.pdf": (encrypted_pdf(), "password-protected"),
+        "broken.pdf": (b"%PDF-1.7\n" + random.Random(3).randbytes(2048), "PDF is corrupted"),
+        "broken.docx": (random.Random(5).randbytes(4096), "DOCX is corrupted"),
+        "bomb.docx": (
+            zip_of({"[Content_Types].xml": b"<Types/>", "word/media/pad.bin": 12 * MiB}),
+            "decompression bomb",
+        ),
+        "forged.docx": (
+            forged_size(zip_of({"word/document.xml": b"<w:document/>"}), 300_000_000),
+            "decompression bomb",
+        ),
+        "huge.txt": (
+            b"All work and no play makes a very large file. " * (2 * MAX_BYTES // 40),
+            "KBSTREAM_MAX_DOCUMENT_BYTES",
+        ),
+        "fifo.txt": (b"", "not a regular file"),
+        "escape.txt": (b"", "outside the allowed roots"),
+    }
+    files = {name: data for name, (data, _) in hostile.items()}
+    files["minutes.docx"] = good_docx("The tide tables are printed every spring.")
+    files.update(GOOD)
+    ids = publish_files(p, "hostile", files)
+    by_name = {name: doc_id for doc_id, name in ids.items()}
+    # references that are not files under the allowed roots at all
+    refs = {
+        "passwd": ("file:///etc/passwd", "outside the allowed roots"),
+        "dotdot": (
+            (docs_dir / ".." / ".." / "outside" / "secret.txt").as_posix(),
+            "outside the allowed roots",
+        ),
+        "missing": ((docs_dir / "gone.txt").as_uri(), "does not exist"),
+        "remote": ("file://fileserver/share/x.txt", "not this machine"),
+        "http": ("https://example.com/x.txt", "scheme https is not supported"),
+    }
+    p.publish(
+        *[
+            DocumentCreated(dataset_id="hostile", document_id=f"ref-{k}", source=k, uri=uri)
+            for k, (uri, _) in refs.items()
+        ]
+    )
+    every = [*ids, *(f"ref-{k}" for k in refs)]
+    states = p.wait_for("hostile", every, timeout=240)
+
+    expected = {by_name[n]: reason for n, (_, reason) in hostile.items()}
+    expected.update({f"ref-{k}": reason for k, (_, reason) in refs.items()})
+    for doc_id, reason in expected.items():
+        st = states[doc_id]
+        assert st.status is IndexingStatus.ERROR, (doc_id, ids.get(doc_id), st)
+        assert st.error and reason in st.error, (doc_id, ids.get(doc_id), st.error)
+        snap = p.snapshot("hostile", doc_id)
+        assert not (snap.segments or snap.vectors or snap.postings), doc_id
+    # the reason names the limit that was hit
+    huge = states[by_name["huge.txt"]].error or ""
+    assert "above the 64.0 KiB limit" in huge
+    # and nothing else is affected
+    for name in ("minutes.docx", *GOOD):
+        doc_id = by_name[name]
+        assert states[doc_id].status is IndexingStatus.COMPLETED, (name, states[doc_id])
+        snap = p.snapshot("hostile", doc_id)
+        assert snap.segments and snap.consistent and snap.postings == snap.segments, name
+    assert p.pool is not None and p.pool.alive()
+    # each broken document is dead-lettered once by parse, with its reason;
+    # nothing else is
+    letters = list_dead_letters(p.settings.brokers or "", p.container.topics)
+    assert sorted(d.key or "" for d in letters) == sorted(expected)
+    for d in letters:
+        assert d.headers["kb-stage"] == "parse", d.to_dict()
+        assert d.headers["kb-error-class"] == "UnparseableDocument", d.to_dict()
+        assert expected[d.key or ""] in d.headers["kb-error"], d.to_dict()
+
+
+def test_invalid_utf8_soup_fails_with_an_encoding_reason(pipeline: Pipeline) -> None:
+    p = pipeline
+    ids = publish_files(p, "soup", {"soup.txt": invalid_utf8_soup(), **GOOD})
+    states = p.wait_for("soup", ids, timeout=180)
+    for doc_id, name in ids.items():
+        if name in GOOD:
+            assert states[doc_id].status is IndexingStatus.COMPLETED
+    soup = next(states[d] for d, n in ids.items() if n == "soup.txt")
+    assert soup.status is IndexingStatus.ERROR, soup
+    assert soup.error and any(w in soup.error.lower() for w in ("encoding", "utf-8", "decode"))
+
+
+def test_another_tenant_cannot_overwrite_a_tenants_segments(pipeline: Pipeline) -> None:
+    p = pipeline
+    text = "The shared onboarding handbook explains how to request a badge."
+    for tenant, timeout in (("acme", 120), ("globex", 45)):
+        p.publish(
+            DocumentCreated(
+                tenant_id=tenant,
+                dataset_id="kb",
+                document_id="handbook",
+                source="handbook.txt",
+                content=text,
+            )
+        )
+        key = DocKey(tenant, "kb", "handbook")
+        wait_until(
+            lambda key=key: (
+                (st := p.container.db.documents.get(key)) is not None and st.status.finished
+            ),
+            timeout,
+        )
+    for tenant in ("acme", "globex"):
+        key = DocKey(tenant, "kb", "handbook")
+        st = p.container.db.documents.get(key)
+        assert st is not None and st.status is IndexingStatus.COMPLETED, st
+        segments = p.container.db.segments.ids_for_document(key)
+        vectors = set(p.container.vectors.ids_for_document(tenant, "kb", "handbook"))
+        assert segments and segments == vectors, (tenant, segments, vectors)
+
+
+def test_nul_in_an_event_field_is_dead_lettered_at_once(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.publish(
+        DocumentCreated(
+            dataset_id="nul", document_id="evil", source="evil\x00name.txt", content="Some text."
+        )
+    )
+    ids = publish_files(p, "nul", GOOD)
+    p.wait_for("nul", ids, timeout=180)
+    assert wait_until(
+        lambda: any(
+            d.key == "evil" for d in list_dead_letters(p.settings.brokers or "", p.container.topics)
+        ),
+        120,
+        1,
+    )
+    (letter,) = [
+        d
+        for d in list_dead_letters(p.settings.brokers or "", p.container.topics)
+        if d.key == "evil"
+    ]
+    assert letter.headers["kb-error-class"] == "InvalidEvent", letter.to_dict()
+    assert letter.headers["kb-attempts"] == "1", letter.to_dict()
+
+
+def test_a_fixed_document_replayed_from_the_dlq_completes(pipeline: Pipeline) -> None:
+    """The operator's loop: a broken file fails and is dead-lettered; the file
+    is fixed; `kbstream dlq replay --stage parse` sends the same event again and
+    the document completes, without a second dead letter."""
+    import json
+    import subprocess
+    import sys
+
+    p = pipeline
+    ids = publish_files(p, "fixme", {"draft.txt": b"", **GOOD})
+    draft = next(d for d, n in ids.items() if n == "draft.txt")
+    states = p.wait_for("fixme", ids, timeout=180)
+    assert states[draft].status is IndexingStatus.ERROR
+    brokers = p.settings.brokers or ""
+    assert wait_until(lambda: len(list_dead_letters(brokers, p.container.topics)) == 1, 60, 1)
+
+    (p.settings.home / "docs" / "draft.txt").write_text("The draft now has its text.")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBSTREAM_")}
+    env.update(
+        KBSTREAM_BROKERS=brokers,
+        KBSTREAM_TOPIC_PREFIX=p.settings.topic_prefix,
+        KBSTREAM_HOME=str(p.settings.home / "cli"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "kbstream.cli", "dlq", "replay", "--stage", "parse", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["replayed"] == 1
+
+    assert wait_until(
+        lambda: (
+            (st := p.state("fixme", draft)) is not None and st.status is IndexingStatus.COMPLETED
+        ),
+        120,
+    ), p.state("fixme", draft)
+    snap = p.snapshot("fixme", draft)
+    assert snap.segments and snap.consistent and snap.postings == snap.segments
+    assert len(list_dead_letters(brokers, p.container.topics)) == 1
