@@ -33,7 +33,7 @@ class EmbedStage:
     def handle(self, events: Sequence[Event]) -> list[Emit]:
         splits = [e for e in events if isinstance(e, SegmentsSplit)]
         # segments superseded since they were split (update, delete) need no vectors
-        alive = self.db.segments.by_ids([s.index_node_id for e in splits for s in e.segments])
+        alive = self.db.segments.existing_ids([s.index_node_id for e in splits for s in e.segments])
         texts: dict[str, str] = {}
         first_doc: dict[str, tuple[DocKey, int]] = {}
         for e in splits:

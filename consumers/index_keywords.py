@@ -35,7 +35,7 @@ class IndexKeywordsStage:
             if isinstance(e, SegmentsSplit):
                 out.extend(self._index(e))
             elif isinstance(e, SegmentsRemoved):
-                alive = self.db.segments.by_ids(e.index_node_ids)
+                alive = self.db.segments.existing_ids(e.index_node_ids)
                 self.db.postings.delete_nodes([i for i in e.index_node_ids if i not in alive])
                 if e.whole_document:
                     self.db.postings.delete_document_orphans(
@@ -46,7 +46,7 @@ class IndexKeywordsStage:
 
     def _index(self, e: SegmentsSplit) -> list[Emit]:
         ids = [s.index_node_id for s in e.segments]
-        alive = self.db.segments.by_ids(ids)
+        alive = self.db.segments.existing_ids(ids)
         postings = {
             (s.index_node_id, e.document_id): self.keywords.extract(
                 s.content if not s.answer else f"{s.content}\n{s.answer}"

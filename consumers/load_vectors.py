@@ -42,7 +42,7 @@ class LoadVectorsStage:
             if isinstance(e, SegmentsEmbedded):
                 out.extend(self._load(e))
             elif isinstance(e, SegmentsRemoved):
-                alive = self.db.segments.by_ids(e.index_node_ids)
+                alive = self.db.segments.existing_ids(e.index_node_ids)
                 self.vectors.delete([i for i in e.index_node_ids if i not in alive])
                 if e.whole_document:
                     self._drop_orphans(e)
@@ -60,7 +60,7 @@ class LoadVectorsStage:
             )
             return []
         ids = [r.index_node_id for r in e.segments]
-        alive = self.db.segments.by_ids(ids)
+        alive = self.db.segments.existing_ids(ids)
         dead = [i for i in ids if i not in alive]
         live = [r for r in e.segments if r.index_node_id in alive]
         vectors = self.db.embeddings.get_many(e.provider, e.model, {r.doc_hash for r in live})

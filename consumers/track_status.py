@@ -31,7 +31,10 @@ class TrackStatusStage:
     def handle(self, events: Sequence[Event]) -> list[Emit]:
         keys = {DocKey(e.tenant_id, e.dataset_id, e.document_id) for e in events}
         for key, state in self.db.documents.versions(keys).items():
-            if state.status is IndexingStatus.INDEXING and self._stores_agree(key):
+            if state.status is not IndexingStatus.INDEXING:
+                continue
+            # cheap flag count first; the store comparison only when it could complete
+            if self.db.segments.pending_count(key) == 0 and self._stores_agree(key):
                 self.db.documents.try_complete(key, state.version)
         return []
 

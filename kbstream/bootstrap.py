@@ -100,7 +100,9 @@ class Container:
                 self.db,
                 self.topics,
                 self.provider,
-                max_batch=max(1, s.embed_max_segments // s.segments_per_event),
+                # documents are often smaller than one event's worth of segments:
+                # take more events per poll so a model call sees ~embed_max_segments
+                max_batch=max(1, 4 * s.embed_max_segments // s.segments_per_event),
             )
         if name == "load_vectors":
             provider, model, _ = self.model_identity

@@ -20,6 +20,26 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6B6273  # any constant; all workers must use the same one
 
 
+def create_read_engine(engine: Engine) -> Engine:
+    """SQLite: a second engine for read-only work. Its transactions stay
+    deferred (no BEGIN IMMEDIATE), so readers use WAL snapshots and never queue
+    behind the writer. Other databases use the same engine."""
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return engine
+    reader = create_engine(
+        engine.url, connect_args={"timeout": 60, "check_same_thread": False}, pool_pre_ping=True
+    )
+
+    @event.listens_for(reader, "connect")
+    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA query_only=ON")
+        cur.close()
+
+    return reader
+
+
 def create_db_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":

@@ -92,7 +92,7 @@ class SegmentRow(Base):
     __tablename__ = "segments"
     __table_args__ = (
         Index("ix_segments_document", "document_pk", "position"),
-        Index("ix_segments_dataset", "tenant_id", "dataset_id"),
+        Index("ix_segments_dataset", "tenant_id", "dataset_id", "document_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -141,6 +141,7 @@ class KeywordPostingRow(Base):
             "tenant_id", "dataset_id", "keyword", "index_node_id", name="uq_postings_key"
         ),
         Index("ix_postings_node", "index_node_id"),
+        Index("ix_postings_document", "tenant_id", "dataset_id", "document_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -116,7 +116,10 @@ class Database:
     TransientError, so stages retry instead of dead-lettering."""
 
     def __init__(self, engine: Engine) -> None:
+        from infra.db.engine import create_read_engine
+
         self.engine = engine
+        self.read_engine = create_read_engine(engine)
         self.documents = DocumentRepository(self)
         self.segments = SegmentRepository(self)
         self.embeddings = EmbeddingCache(self)
@@ -133,7 +136,7 @@ class Database:
 
     def connect(self) -> _Tx:
         """A read-only connection; a lost database surfaces as TransientError."""
-        return _Tx(self.engine.connect)
+        return _Tx(self.read_engine.connect)
 
     def insert_ignore(self, table: Any) -> Any:
         """INSERT that skips rows whose key exists: concurrent writers of the same
@@ -146,6 +149,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
 
 
 class _Tx:
@@ -701,6 +706,35 @@ class SegmentRepository:
                 ):
                     out[r.index_node_id] = r
         return out
+
+    def existing_ids(self, index_node_ids: Sequence[str]) -> set[str]:
+        """Which of these segments still exist (the cheap form of by_ids)."""
+        out: set[str] = set()
+        with self.db.connect() as conn:
+            for chunk in _chunks(sorted(set(index_node_ids))):
+                out.update(
+                    r[0]
+                    for r in conn.execute(
+                        select(S.c.index_node_id).where(S.c.index_node_id.in_(chunk))
+                    )
+                )
+        return out
+
+    def pending_count(self, key: DocKey) -> int:
+        """Segments of a document not yet flagged by both branches."""
+        with self.db.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(S)
+                    .where(
+                        S.c.tenant_id == key.tenant_id,
+                        S.c.dataset_id == key.dataset_id,
+                        S.c.document_id == key.document_id,
+                        or_(S.c.vector_indexed.is_(False), S.c.keywords_indexed.is_(False)),
+                    )
+                ).scalar_one()
+            )
 
     def ids_for_document(self, key: DocKey) -> set[str]:
         with self.db.connect() as conn:

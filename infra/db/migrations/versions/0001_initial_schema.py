@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 01:17:54.126282
+Create Date: 2026-11-24 01:29:13.892245
 """
 
 import sqlalchemy as sa
@@ -139,6 +139,9 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("keyword_postings", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_postings_document", ["tenant_id", "dataset_id", "document_id"], unique=False
+        )
         batch_op.create_index("ix_postings_node", ["index_node_id"], unique=False)
 
     op.create_table(
@@ -190,7 +193,9 @@ def upgrade() -> None:
         sa.UniqueConstraint("index_node_id"),
     )
     with op.batch_alter_table("segments", schema=None) as batch_op:
-        batch_op.create_index("ix_segments_dataset", ["tenant_id", "dataset_id"], unique=False)
+        batch_op.create_index(
+            "ix_segments_dataset", ["tenant_id", "dataset_id", "document_id"], unique=False
+        )
         batch_op.create_index(batch_op.f("ix_segments_doc_hash"), ["doc_hash"], unique=False)
         batch_op.create_index("ix_segments_document", ["document_pk", "position"], unique=False)
 
@@ -208,6 +213,7 @@ def downgrade() -> None:
     op.drop_table("payloads")
     with op.batch_alter_table("keyword_postings", schema=None) as batch_op:
         batch_op.drop_index("ix_postings_node")
+        batch_op.drop_index("ix_postings_document")
 
     op.drop_table("keyword_postings")
     op.drop_table("embeddings")
