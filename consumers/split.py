@@ -14,10 +14,9 @@ from domain.events import (
     DocumentParsed,
     Event,
     SegmentDeleted,
-    SegmentPayload,
     SegmentsBatchImported,
     SegmentsRemoved,
-    SegmentsSplit,
+    split_batches,
 )
 from domain.model import ChunkText, IndexingStatus, Segment, build_segments, diff_segments
 from domain.ports import ModelTokens
@@ -124,30 +123,15 @@ class SplitStage(RejectsEvents):
         }
 
     def _emit_segments(self, event: Event, todo: list[Segment]) -> list[Emit]:
-        n = self.segments_per_event
-        batches = (len(todo) + n - 1) // n
-        out = []
-        for b in range(batches):
-            payload = [
-                SegmentPayload(
-                    index_node_id=s.index_node_id,
-                    doc_hash=s.doc_hash,
-                    position=s.position,
-                    content=s.content,
-                    answer=s.answer,
-                    tokens=s.tokens,
-                )
-                for s in todo[b * n : (b + 1) * n]
-            ]
-            out.append(
-                Emit(
-                    self.topics.segments,
-                    SegmentsSplit(
-                        segments=payload, batch=b, batches=batches, **self._common(event)
-                    ),  # type: ignore[arg-type]
-                )
-            )
-        return out
+        batches = split_batches(
+            event.tenant_id,
+            event.dataset_id,
+            event.document_id,
+            event.version,
+            todo,
+            self.segments_per_event,
+        )
+        return [Emit(self.topics.segments, e) for e in batches]
 
     def _split(self, event: DocumentParsed) -> list[Emit]:
         key = DocKey(event.tenant_id, event.dataset_id, event.document_id)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -189,6 +190,51 @@ class SegmentsSplit(_Event):
     batches: int = 1
 
 
+class _SegmentLike(Protocol):
+    index_node_id: str
+    doc_hash: str
+    position: int
+    content: str
+    answer: str | None
+    tokens: int
+
+
+def split_batches(
+    tenant_id: str,
+    dataset_id: str,
+    document_id: str,
+    version: int,
+    segments: Sequence[_SegmentLike],
+    per_event: int,
+) -> list[SegmentsSplit]:
+    """A document's segments to index, as events of at most ``per_event``
+    (domain Segments and segment rows alike)."""
+    payload = [
+        SegmentPayload(
+            index_node_id=s.index_node_id,
+            doc_hash=s.doc_hash,
+            position=s.position,
+            content=s.content,
+            answer=s.answer,
+            tokens=s.tokens,
+        )
+        for s in segments
+    ]
+    batches = (len(payload) + per_event - 1) // per_event
+    return [
+        SegmentsSplit(
+            tenant_id=tenant_id,
+            dataset_id=dataset_id,
+            document_id=document_id,
+            version=version,
+            segments=payload[b * per_event : (b + 1) * per_event],
+            batch=b,
+            batches=batches,
+        )
+        for b in range(batches)
+    ]
+
+
 class SegmentsRemoved(_Event):
     """split -> embed (forwarded in order to load_vectors) and index_keywords."""
 
@@ -227,20 +273,6 @@ LifecycleEvent = Annotated[
     DocumentCreated | DocumentUpdated | DocumentDeleted | SegmentDeleted | SegmentsBatchImported,
     Field(discriminator="type"),
 ]
-AnyEvent = Annotated[
-    DocumentCreated
-    | DocumentUpdated
-    | DocumentDeleted
-    | SegmentDeleted
-    | SegmentsBatchImported
-    | DocumentParsed
-    | SegmentsSplit
-    | SegmentsRemoved
-    | SegmentsEmbedded
-    | SegmentsLoaded
-    | KeywordsIndexed,
-    Field(discriminator="type"),
-]
 Event = (
     DocumentCreated
     | DocumentUpdated
@@ -254,6 +286,8 @@ Event = (
     | SegmentsLoaded
     | KeywordsIndexed
 )
+
+AnyEvent = Annotated[Event, Field(discriminator="type")]
 
 _ANY = TypeAdapter(AnyEvent)
 _LIFECYCLE = TypeAdapter(LifecycleEvent)

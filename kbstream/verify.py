@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from domain.events import DocumentUpdated, SegmentPayload, SegmentsSplit
+from domain.events import DocumentUpdated, SegmentsSplit, split_batches
 from domain.model import IndexingStatus
 from infra.db.repository import DocKey, DocumentState
 from kbstream.bootstrap import Container
@@ -190,32 +190,15 @@ def repair(
 
 
 def _resend(c: Container, state: DocumentState, nodes: list[str]) -> list[SegmentsSplit]:
-    rows = c.db.segments.by_ids(nodes)
-    payload = [
-        SegmentPayload(
-            index_node_id=r.index_node_id,
-            doc_hash=r.doc_hash,
-            position=r.position,
-            content=r.content,
-            answer=r.answer,
-            tokens=r.tokens,
-        )
-        for r in sorted(rows.values(), key=lambda r: r.position)
-    ]
-    n = c.settings.segments_per_event
-    batches = (len(payload) + n - 1) // n
-    return [
-        SegmentsSplit(
-            tenant_id=state.tenant_id,
-            dataset_id=state.dataset_id,
-            document_id=state.document_id,
-            version=state.version,
-            segments=payload[b * n : (b + 1) * n],
-            batch=b,
-            batches=batches,
-        )
-        for b in range(batches)
-    ]
+    rows = sorted(c.db.segments.by_ids(nodes).values(), key=lambda r: r.position)
+    return split_batches(
+        state.tenant_id,
+        state.dataset_id,
+        state.document_id,
+        state.version,
+        rows,
+        c.settings.segments_per_event,
+    )
 
 
 def _republish_source(c: Container, state: DocumentState) -> DocumentUpdated | None:
