@@ -109,6 +109,14 @@ def _read_to_end(
     return out
 
 
+def _replay_headers(m: Message, letter: DeadLetter) -> list[tuple[str, bytes]]:
+    headers = [("kb-replayed-from", f"{m.partition()}:{m.offset()}".encode())]
+    stage = letter.headers.get("kb-stage")
+    if stage:  # only the stage that gave up on it takes it back
+        headers.append(("kb-replay-for", stage.encode()))
+    return headers
+
+
 def list_dead_letters(bootstrap: str, topics: Topics) -> list[DeadLetter]:
     consumer = _consumer(bootstrap, f"{topics.prefix}dlq-list-{uuid.uuid4().hex[:8]}")
     try:
@@ -141,7 +149,7 @@ def replay_dead_letters(
                     target,
                     letter.value,
                     key=m.key(),
-                    headers=[("kb-replayed-from", f"{m.partition()}:{m.offset()}".encode())],
+                    headers=_replay_headers(m, letter),
                 )
             replayed.append(letter)
         if not dry_run:

@@ -176,6 +176,8 @@ class StageRunner:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("stage %s: consumer error %s", self.stage.name, err)
                 continue
+            if not self._meant_for_me(msg):
+                continue
             size = len(msg.value() or b"")
             if size > self.config.max_event_bytes:
                 too_big = InvalidEvent(
@@ -199,6 +201,14 @@ class StageRunner:
         self.processed += len(msgs)
         metrics.EVENTS.labels(self.stage.name).inc(len(msgs))
         metrics.BATCH_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+
+    def _meant_for_me(self, msg: Message) -> bool:
+        """A replayed dead letter goes back to its topic, which other groups
+        read too; only the stage that dead-lettered it takes it."""
+        for key, value in msg.headers() or []:
+            if key == "kb-replay-for":
+                return (value or b"").decode() == self.stage.name
+        return True
 
     def _handle_with_policy(self, consumer: Consumer, items: list[tuple[Message, Event]]) -> None:
         try:
