@@ -573,7 +573,6 @@ def publish(
 ) -> None:
     """Publish lifecycle events (JSON) to the lifecycle topic."""
     from domain.events import decode_lifecycle_event
-    from kbstream.stack import broker_for
     from producers.client import LifecyclePublisher
 
     settings = _settings(home)
@@ -590,17 +589,19 @@ def publish(
     except KbstreamError as exc:
         _fail(str(exc))
         return
-    with broker_for(settings) as runtime:
-        if runtime.embedded:
-            _fail("no broker: set KBSTREAM_BROKERS or run `kbstream up` first")
-        from infra.kafka.topics import Topics
+    from infra.kafka.topics import Topics
 
-        pub = LifecyclePublisher(
-            runtime.bootstrap, Topics(settings.topic_prefix), settings.max_event_bytes
-        )
-        for e in events:
-            pub.publish(e)
-        pub.flush()
+    # settings already point at a running `kbstream up` when there is one; an
+    # embedded broker started just for this would forget the events at once
+    if not settings.brokers:
+        _fail("no broker: set KBSTREAM_BROKERS or run `kbstream up` first")
+    assert settings.brokers is not None
+    pub = LifecyclePublisher(
+        settings.brokers, Topics(settings.topic_prefix), settings.max_event_bytes
+    )
+    for e in events:
+        pub.publish(e)
+    pub.flush()
     _print_json(
         [
             {
