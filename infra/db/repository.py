@@ -103,12 +103,17 @@ def _doc_state(row: Any) -> DocumentState:
     )
 
 
-def _key_clause(key: DocKey) -> Any:
+def _of_document(table: Any, key: DocKey) -> Any:
+    """Rows of one document in a table keyed by tenant, dataset and document."""
     return and_(
-        D.c.tenant_id == key.tenant_id,
-        D.c.dataset_id == key.dataset_id,
-        D.c.document_id == key.document_id,
+        table.c.tenant_id == key.tenant_id,
+        table.c.dataset_id == key.dataset_id,
+        table.c.document_id == key.document_id,
     )
+
+
+def _key_clause(key: DocKey) -> Any:
+    return _of_document(D, key)
 
 
 class Database:
@@ -451,9 +456,7 @@ class DocumentRepository:
             conn.execute(
                 update(J)
                 .where(
-                    J.c.tenant_id == key.tenant_id,
-                    J.c.dataset_id == key.dataset_id,
-                    J.c.document_id == key.document_id,
+                    _of_document(J, key),
                     J.c.status.in_(["waiting", "processing"]),
                 )
                 .values(status="error", error="the document was deleted", updated_at=_now())
@@ -616,9 +619,7 @@ class DocumentRepository:
             conn.execute(
                 update(J)
                 .where(
-                    J.c.tenant_id == key.tenant_id,
-                    J.c.dataset_id == key.dataset_id,
-                    J.c.document_id == key.document_id,
+                    _of_document(J, key),
                     J.c.status == "processing",
                 )
                 .values(status="completed", completed=J.c.total, updated_at=_now())
@@ -728,9 +729,7 @@ class SegmentRepository:
                     select(func.count())
                     .select_from(S)
                     .where(
-                        S.c.tenant_id == key.tenant_id,
-                        S.c.dataset_id == key.dataset_id,
-                        S.c.document_id == key.document_id,
+                        _of_document(S, key),
                         or_(S.c.vector_indexed.is_(False), S.c.keywords_indexed.is_(False)),
                     )
                 ).scalar_one()
@@ -740,9 +739,7 @@ class SegmentRepository:
         with self.db.connect() as conn:
             rows = conn.execute(
                 select(S.c.index_node_id).where(
-                    S.c.tenant_id == key.tenant_id,
-                    S.c.dataset_id == key.dataset_id,
-                    S.c.document_id == key.document_id,
+                    _of_document(S, key),
                 )
             )
             return {r[0] for r in rows}
@@ -878,16 +875,12 @@ class KeywordPostings:
         """Postings of a document whose segment no longer exists."""
         with self.db.tx() as conn:
             alive = select(S.c.index_node_id).where(
-                S.c.tenant_id == key.tenant_id,
-                S.c.dataset_id == key.dataset_id,
-                S.c.document_id == key.document_id,
+                _of_document(S, key),
             )
             return int(
                 conn.execute(
                     delete(K).where(
-                        K.c.tenant_id == key.tenant_id,
-                        K.c.dataset_id == key.dataset_id,
-                        K.c.document_id == key.document_id,
+                        _of_document(K, key),
                         K.c.index_node_id.notin_(alive),
                     )
                 ).rowcount
@@ -926,9 +919,7 @@ class KeywordPostings:
             rows = conn.execute(
                 select(K.c.index_node_id)
                 .where(
-                    K.c.tenant_id == key.tenant_id,
-                    K.c.dataset_id == key.dataset_id,
-                    K.c.document_id == key.document_id,
+                    _of_document(K, key),
                 )
                 .distinct()
             )
@@ -948,9 +939,7 @@ class KeywordPostings:
                     select(func.count())
                     .select_from(K)
                     .where(
-                        K.c.tenant_id == key.tenant_id,
-                        K.c.dataset_id == key.dataset_id,
-                        K.c.document_id == key.document_id,
+                        _of_document(K, key),
                     )
                 ).scalar_one()
             )
