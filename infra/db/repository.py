@@ -112,6 +112,10 @@ def _of_document(table: Any, key: DocKey) -> Any:
     )
 
 
+# a segment one of the two branches has not finished
+_UNFLAGGED = or_(S.c.vector_indexed.is_(False), S.c.keywords_indexed.is_(False))
+
+
 def _key_clause(key: DocKey) -> Any:
     return _of_document(D, key)
 
@@ -142,6 +146,13 @@ class Database:
     def connect(self) -> _Tx:
         """A read-only connection; a lost database surfaces as TransientError."""
         return _Tx(self.read_engine.connect)
+
+    def count(self, table: Any, *where: Any) -> int:
+        """SELECT count(*) FROM table WHERE ..., on the read engine."""
+        with self.connect() as conn:
+            return int(
+                conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+            )
 
     def insert_ignore(self, table: Any) -> Any:
         """INSERT that skips rows whose key exists: concurrent writers of the same
@@ -597,12 +608,7 @@ class DocumentRepository:
             if row.status != IndexingStatus.INDEXING.value:
                 return IndexingStatus(row.status)
             pending = conn.execute(
-                select(func.count())
-                .select_from(S)
-                .where(
-                    S.c.document_pk == row.id,
-                    or_(S.c.vector_indexed.is_(False), S.c.keywords_indexed.is_(False)),
-                )
+                select(func.count()).select_from(S).where(S.c.document_pk == row.id, _UNFLAGGED)
             ).scalar_one()
             if pending:
                 return IndexingStatus.INDEXING
@@ -723,17 +729,7 @@ class SegmentRepository:
 
     def pending_count(self, key: DocKey) -> int:
         """Segments of a document not yet flagged by both branches."""
-        with self.db.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(S)
-                    .where(
-                        _of_document(S, key),
-                        or_(S.c.vector_indexed.is_(False), S.c.keywords_indexed.is_(False)),
-                    )
-                ).scalar_one()
-            )
+        return self.db.count(S, _of_document(S, key), _UNFLAGGED)
 
     def ids_for_document(self, key: DocKey) -> set[str]:
         with self.db.connect() as conn:
@@ -767,14 +763,7 @@ class SegmentRepository:
             return {r[0]: r[1] for r in rows}
 
     def count(self, tenant_id: str, dataset_id: str) -> int:
-        with self.db.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(S)
-                    .where(S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id)
-                ).scalar_one()
-            )
+        return self.db.count(S, S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id)
 
     def delete_ids(self, index_node_ids: Sequence[str]) -> int:
         n = 0
@@ -822,13 +811,10 @@ class EmbeddingCache:
                 conn.execute(self.db.insert_ignore(E), list(chunk))
 
     def count(self, provider: str | None = None, model: str | None = None) -> int:
-        q = select(func.count()).select_from(E)
-        if provider:
-            q = q.where(E.c.provider == provider)
+        where = [E.c.provider == provider] if provider else []
         if model:
-            q = q.where(E.c.model == model)
-        with self.db.connect() as conn:
-            return int(conn.execute(q).scalar_one())
+            where.append(E.c.model == model)
+        return self.db.count(E, *where)
 
 
 class KeywordPostings:
@@ -905,14 +891,7 @@ class KeywordPostings:
         return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
 
     def count(self, tenant_id: str, dataset_id: str) -> int:
-        with self.db.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(K)
-                    .where(K.c.tenant_id == tenant_id, K.c.dataset_id == dataset_id)
-                ).scalar_one()
-            )
+        return self.db.count(K, K.c.tenant_id == tenant_id, K.c.dataset_id == dataset_id)
 
     def nodes_for_document(self, key: DocKey) -> set[str]:
         with self.db.connect() as conn:
@@ -933,16 +912,7 @@ class KeywordPostings:
             return str(row[0]) if row else None
 
     def count_document(self, key: DocKey) -> int:
-        with self.db.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(K)
-                    .where(
-                        _of_document(K, key),
-                    )
-                ).scalar_one()
-            )
+        return self.db.count(K, _of_document(K, key))
 
     def nodes(self, tenant_id: str, dataset_id: str) -> dict[str, int]:
         """index_node_id -> number of postings, for verification."""

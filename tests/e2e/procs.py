@@ -33,6 +33,7 @@ from kbstream.bootstrap import Container
 from kbstream.settings import Settings
 from kbstream.stack import MilvusLiteServer
 from tests.conftest import PG_ADMIN_URL
+from tests.polling import poll
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = ("parse", "split", "embed", "load_vectors", "index_keywords", "track_status")
@@ -41,12 +42,7 @@ T = TypeVar("T")
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
+    return poll(pred, timeout, interval)
 
 
 def retrying(fn: Callable[[], T], timeout: float = 60.0) -> T:

@@ -24,6 +24,7 @@ from domain.events import DocumentCreated, DocumentParsed, Event, decode_event, 
 from infra.kafka.producer import EventPublisher
 from infra.kafka.runner import Emit, RunnerConfig, StageRunner, run_until_stopped
 from infra.kafka.topics import Topics, ensure_topics
+from tests.polling import poll
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +42,7 @@ DLQ_HEADERS = (
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
+    return poll(pred, timeout, interval)
 
 
 def created(doc: str, n: int = 0, dataset: str = "ds1", version: int | None = None) -> Event:
