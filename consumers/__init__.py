@@ -1,5 +1,4 @@
-"""One module per stage. Each is thin glue, readable top to bottom: take the
-decoded events, call domain and infra, return the events to emit next. The
-runner (infra/kafka/runner.py) does consuming, retries, dead letters, commits."""
-
-STAGES = ("parse", "split", "embed", "load_vectors", "index_keywords", "track_status")
+"""One module per stage, each thin glue readable top to bottom: take the
+decoded events, apply the domain rules through the ports, return what to emit
+next. The contract is in contract.py, the table of stages in pipeline.py;
+nothing here imports infra/."""

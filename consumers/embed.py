@@ -93,7 +93,7 @@ class EmbedStage:
         return out
 
     def on_dead_letter(self, event: Event, reason: str) -> None:
-        from domain.model import IndexingStatus
+        from domain.documents import IndexingStatus
 
         key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
         self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, reason)

@@ -7,8 +7,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from domain.documents import IndexingStatus
 from domain.events import Event, KeywordsIndexed, SegmentsRemoved, SegmentsSplit
-from domain.model import IndexingStatus
 from infra.db.repository import Database, DocKey
 from infra.kafka.runner import Emit
 from infra.kafka.topics import Topics

@@ -10,9 +10,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from domain.documents import IndexingStatus
 from domain.errors import PermanentError
 from domain.events import Event, SegmentsEmbedded, SegmentsLoaded, SegmentsRemoved
-from domain.model import IndexingStatus
 from infra.db.repository import Database, DocKey
 from infra.kafka.runner import Emit
 from infra.kafka.topics import Topics

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from domain.documents import IndexingStatus
 from domain.errors import DocumentError
 from domain.events import (
     DocumentCreated,
@@ -19,7 +20,6 @@ from domain.events import (
     SegmentDeleted,
     SegmentsBatchImported,
 )
-from domain.model import IndexingStatus
 from infra.db.repository import Database, DocKey
 from infra.extract import ExtractLimits, extract_text, read_file_reference
 from infra.kafka.runner import Emit, RejectsEvents

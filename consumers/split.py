@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from domain.documents import IndexingStatus
 from domain.errors import DocumentError
 from domain.events import (
     DocumentDeleted,
@@ -18,7 +19,7 @@ from domain.events import (
     SegmentsRemoved,
     split_batches,
 )
-from domain.model import ChunkText, IndexingStatus, Segment, build_segments, diff_segments
+from domain.model import ChunkText, Segment, build_segments, diff_segments
 from domain.ports import ModelTokens
 from domain.splitting import split_document
 from infra.db.repository import Database, DocKey

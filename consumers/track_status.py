@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from domain.documents import IndexingStatus
 from domain.events import Event
-from domain.model import IndexingStatus
 from infra.db.repository import Database, DocKey
 from infra.kafka.runner import Emit
 from infra.kafka.topics import Topics

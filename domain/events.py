@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from domain.documents import DocKey
 from domain.errors import InvalidEvent
 
 SCHEMA_VERSION = 1
@@ -37,6 +38,18 @@ def _now_version() -> int:
     # Microseconds since the epoch: monotonic enough for one publisher, and an
     # upstream system with its own revision numbers passes those instead.
     return time.time_ns() // 1_000
+
+
+class Topic(StrEnum):
+    """The logical topics; ``KBSTREAM_TOPIC_PREFIX`` makes the physical names.
+    Which stage reads and writes which is declared once, in consumers/pipeline.py."""
+
+    LIFECYCLE = "lifecycle"  # upstream systems publish here
+    PARSED = "parsed"
+    SEGMENTS = "segments"
+    EMBEDDED = "embedded"
+    PROGRESS = "progress"
+    DLQ = "dlq"
 
 
 class DocForm(StrEnum):
@@ -87,7 +100,12 @@ class _Event(BaseModel):
 
     @property
     def key(self) -> str:
+        """The Kafka message key: one document's events stay in one partition."""
         return self.document_id
+
+    @property
+    def doc_key(self) -> DocKey:
+        return DocKey(self.tenant_id, self.dataset_id, self.document_id)
 
 
 # --- upstream lifecycle ------------------------------------------------------

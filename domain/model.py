@@ -1,5 +1,6 @@
-"""Dataset, Document and Segment, the identities that make every stage
-idempotent (doc_hash, index_node_id), and the diff an update applies."""
+"""Segment, the identities that make every stage idempotent (doc_hash,
+index_node_id), and the diff an update applies. The Document aggregate and
+its rules live in domain/documents.py."""
 
 from __future__ import annotations
 
@@ -9,41 +10,9 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 # Fixed namespace: index_node_ids must be identical across machines and replays.
 INDEX_NODE_NAMESPACE = uuid.UUID("6f1c2d0e-8b7a-4c55-9a3e-2f6d1b9c4e71")
-
-
-class IndexingStatus(StrEnum):
-    WAITING = "waiting"
-    PARSING = "parsing"
-    SPLITTING = "splitting"
-    INDEXING = "indexing"
-    COMPLETED = "completed"
-    ERROR = "error"
-    DELETED = "deleted"
-
-    @property
-    def finished(self) -> bool:
-        return self in (IndexingStatus.COMPLETED, IndexingStatus.ERROR, IndexingStatus.DELETED)
-
-
-@dataclass(frozen=True)
-class Dataset:
-    tenant_id: str
-    dataset_id: str
-
-
-@dataclass(frozen=True)
-class Document:
-    tenant_id: str
-    dataset_id: str
-    document_id: str
-    source: str
-    version: int
-    status: IndexingStatus = IndexingStatus.WAITING
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +111,30 @@ class ExistingSegment:
     doc_hash: str
     position: int
     indexed: bool  # both the vector and the keyword branch have it
+
+
+@dataclass(frozen=True)
+class StoredSegment:
+    """A segment as the database holds it, with both branches' flags."""
+
+    index_node_id: str
+    document_id: str
+    doc_hash: str
+    position: int
+    content: str
+    answer: str | None = None
+    parent: str | None = None
+    tokens: int = 0
+    word_count: int = 0
+    vector_indexed: bool = False
+    keywords_indexed: bool = False
+    job_id: str | None = None
+    source: str = ""
+
+    @property
+    def searchable_text(self) -> str:
+        """What the keyword index sees: the question and its answer."""
+        return self.content if not self.answer else f"{self.content}\n{self.answer}"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,27 @@
-"""The small interfaces domain code needs from the outside world."""
+"""The ports: the small interfaces stages need from the outside world.
+
+Stages (consumers/) depend on these, never on infra/. infra/ implements them
+against PostgreSQL/SQLite, Milvus, jieba and the embedding model; the stage
+unit tests implement them in memory (tests/fakes.py).
+
+Storage goes through a unit of work: one database transaction, opened with
+``with uow_factory() as uow:``, committed by ``uow.commit()`` and rolled back
+if the block ends without it. A read-only unit of work (``readonly=True``)
+never takes the write lock (SQLite serializes writers), so a stage reads, does
+its slow work (extraction, the model, Milvus) outside any transaction, and
+then writes once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Self
+
+from domain.documents import DocKey, Document
+from domain.model import ExistingSegment, Segment, SegmentDiff, StoredSegment
+
+# -- the embedding model -------------------------------------------------------
 
 
 class TokenCounter(Protocol):
@@ -28,3 +46,220 @@ class EmbeddingProvider(ModelTokens, Protocol):
     dim: int
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+# -- indexes beside the database -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    index_node_id: str
+    vector: Sequence[float] | Any  # a list or a numpy array
+    key: DocKey
+
+
+class VectorIndex(Protocol):
+    """Vectors keyed by index_node_id; every write is an idempotent upsert."""
+
+    def upsert(self, rows: Sequence[VectorRow]) -> None: ...
+
+    def delete(self, index_node_ids: Sequence[str]) -> None: ...
+
+    def delete_document(self, key: DocKey) -> None: ...
+
+    def ids_for_document(self, key: DocKey) -> list[str]: ...
+
+
+class KeywordExtractor(Protocol):
+    """Keywords of a text with their weights (jieba TF-IDF in production)."""
+
+    def extract(self, text: str) -> list[tuple[str, float]]: ...
+
+
+class DocumentReader(Protocol):
+    """Turns a lifecycle event's body (inline content or a reference) into
+    text; raises DocumentError with a reason a person can act on."""
+
+    def read(
+        self, content: str | None, uri: str | None, mime_type: str | None
+    ) -> tuple[str, str | None]: ...
+
+
+# -- repositories (inside a unit of work) ----------------------------------------
+
+
+class DocumentRepository(Protocol):
+    def get(self, key: DocKey, for_update: bool = False) -> Document | None:
+        """``for_update`` locks the row until the unit of work ends (PostgreSQL)."""
+        ...
+
+    def get_many(self, keys: Iterable[DocKey]) -> dict[DocKey, Document]: ...
+
+    def add(self, document: Document) -> None:
+        """Insert a new document (and its dataset, if new)."""
+        ...
+
+    def save(self, document: Document) -> None:
+        """Write back every field of a loaded document."""
+        ...
+
+    def list(
+        self, tenant_id: str, dataset_id: str, document_ids: Sequence[str] | None = None
+    ) -> list[Document]: ...
+
+    def find(self, tenant_id: str, document_id: str) -> list[Document]: ...
+
+    def status_counts(self, tenant_id: str, dataset_id: str) -> dict[str, int]: ...
+
+
+class SegmentRepository(Protocol):
+    def existing(self, key: DocKey) -> list[ExistingSegment]:
+        """The split segments of a document (imported ones left out)."""
+        ...
+
+    def replace_split(
+        self,
+        document: Document,
+        segments: Sequence[Segment],
+        diff: SegmentDiff,
+        keep_removed: bool,
+    ) -> tuple[int, int, int]:
+        """Insert new, re-position kept, reset the flags of re-indexed, delete
+        removed (unless ``keep_removed``); imported segments stay after the
+        split ones. Returns (segments, tokens, words) of the document after."""
+        ...
+
+    def append_imported(
+        self, document: Document, job_id: str, segments: Sequence[Segment]
+    ) -> list[Segment]:
+        """Insert imported segments not there yet; returns those inserted."""
+        ...
+
+    def delete_document(self, key: DocKey) -> list[str]:
+        """Remove every segment of a document; returns their ids."""
+        ...
+
+    def delete_one(
+        self, key: DocKey, index_node_id: str | None, segment_id: int | None
+    ) -> StoredSegment | None: ...
+
+    def mark(self, column: str, index_node_ids: Sequence[str], value: bool = True) -> int:
+        """Set ``vector_indexed`` or ``keywords_indexed``."""
+        ...
+
+    def alive(self, index_node_ids: Sequence[str]) -> set[str]:
+        """Which of these segments still exist."""
+        ...
+
+    def by_ids(self, index_node_ids: Sequence[str]) -> dict[str, StoredSegment]: ...
+
+    def ids_for_document(self, key: DocKey) -> set[str]: ...
+
+    def pending_count(self, key: DocKey) -> int:
+        """Segments of a document not yet flagged by both branches."""
+        ...
+
+    def hashes(self, key: DocKey, exclude_job: str | None = None) -> tuple[int, list[str]]:
+        """(next free position, doc_hash of every segment), leaving out one
+        import job's own segments (so its replay is a no-op)."""
+        ...
+
+    def for_dataset(self, tenant_id: str, dataset_id: str) -> dict[str, StoredSegment]:
+        """Every segment of a dataset without its text (content is '')."""
+        ...
+
+    def count(self, tenant_id: str, dataset_id: str) -> int: ...
+
+
+class EmbeddingCache(Protocol):
+    """(provider, model, doc_hash) -> vector, stored as float32 bytes."""
+
+    def get_many(self, provider: str, model: str, doc_hashes: Iterable[str]) -> dict[str, Any]: ...
+
+    def put_many(self, provider: str, model: str, vectors: Mapping[str, Sequence[float]]) -> None:
+        """Insert, skipping keys already there (concurrent writers never fail)."""
+        ...
+
+    def count(self, provider: str | None = None, model: str | None = None) -> int: ...
+
+
+class KeywordPostings(Protocol):
+    """(tenant, dataset, keyword, index_node_id, weight): one row per posting."""
+
+    def replace(
+        self, key_postings: Mapping[tuple[DocKey, str], Sequence[tuple[str, float]]]
+    ) -> None:
+        """(document, index_node_id) -> keywords: replace those nodes' postings."""
+        ...
+
+    def delete_nodes(self, index_node_ids: Sequence[str]) -> int: ...
+
+    def delete_document_orphans(self, key: DocKey) -> int:
+        """Postings of a document whose segment no longer exists."""
+        ...
+
+    def nodes_for_document(self, key: DocKey) -> set[str]: ...
+
+    def nodes(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
+        """index_node_id -> document_id of every node with postings."""
+        ...
+
+    def search(
+        self, tenant_id: str, dataset_id: str, keywords: Mapping[str, float], limit: int
+    ) -> list[tuple[str, float]]: ...
+
+    def count(self, tenant_id: str, dataset_id: str) -> int: ...
+
+
+class PayloadStore(Protocol):
+    """Claim-check store for payloads too large to travel on the broker."""
+
+    def put(self, key: str, data: bytes, replace_prefix: str | None = None) -> None: ...
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+class ImportJobs(Protocol):
+    """Batch-import jobs, keyed by (tenant, job_id)."""
+
+    def create(self, key: DocKey, job_id: str, total: int) -> None: ...
+
+    def processing(self, tenant_id: str, job_id: str, fresh: int) -> None:
+        """Segments were appended (``fresh`` new ones; 0 completes the job)."""
+        ...
+
+    def fail(self, tenant_id: str, job_id: str, reason: str) -> None: ...
+
+    def complete_for_document(self, key: DocKey) -> None:
+        """The document completed: so did its jobs still processing."""
+        ...
+
+    def fail_for_document(self, key: DocKey, reason: str) -> None:
+        """The document was deleted: its unfinished jobs fail."""
+        ...
+
+    def get(self, tenant_id: str, job_id: str) -> dict[str, Any] | None: ...
+
+
+class UnitOfWork(Protocol):
+    documents: DocumentRepository
+    segments: SegmentRepository
+    embeddings: EmbeddingCache
+    postings: KeywordPostings
+    payloads: PayloadStore
+    jobs: ImportJobs
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def commit(self) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    def __call__(self, readonly: bool = False) -> UnitOfWork: ...
+
+
+Clock = Callable[[], float]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from domain.documents import IndexingStatus
 from domain.events import DocForm, DocumentCreated, DocumentDeleted, DocumentUpdated, ProcessRule
-from domain.model import IndexingStatus
 from domain.splitting import resolve_rule
 from infra.db.repository import DocumentState
 from kbstream.bootstrap import Container

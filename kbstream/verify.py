@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from domain.documents import IndexingStatus
 from domain.events import DocumentUpdated, SegmentsSplit, split_batches
-from domain.model import IndexingStatus
 from infra.db.repository import DocKey, DocumentState
 from kbstream.bootstrap import Container
 from kbstream.stack import WorkerPool, broker_for

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domain.documents import IndexingStatus
 from domain.events import Event
-from domain.model import IndexingStatus
 from infra.db.repository import DocKey, DocumentState
 from infra.kafka.producer import EventPublisher
 from kbstream.bootstrap import Container

@@ -15,8 +15,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from domain.documents import IndexingStatus
 from domain.errors import TransientError
-from domain.model import ExistingSegment, IndexingStatus, Segment, SegmentDiff
+from domain.model import ExistingSegment, Segment, SegmentDiff
 from infra.db.models import (
     BatchJobRow,
     DatasetRow,

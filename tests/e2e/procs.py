@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
+from domain.documents import IndexingStatus
 from domain.events import Event
-from domain.model import IndexingStatus
 from infra.kafka.producer import EventPublisher
 from infra.kafka.topics import Topics, ensure_topics
 from kbstream.bootstrap import Container

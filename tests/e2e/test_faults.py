@@ -23,6 +23,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from sqlalchemy import create_engine, text
 
+from domain.documents import IndexingStatus
 from domain.events import (
     DocForm,
     DocumentCreated,
@@ -30,7 +31,7 @@ from domain.events import (
     DocumentUpdated,
     ProcessRule,
 )
-from domain.model import IndexingStatus, build_segments
+from domain.model import build_segments
 from domain.splitting import split_document
 from infra.extract import extract_text
 from kbstream.dlq import list_dead_letters

@@ -17,8 +17,8 @@ import docx
 import pytest
 from pypdf import PdfWriter
 
+from domain.documents import IndexingStatus
 from domain.events import DocumentCreated
-from domain.model import IndexingStatus
 from infra.db.repository import DocKey
 from kbstream.dlq import list_dead_letters
 from tests.e2e.procs import fresh_database, wait_until

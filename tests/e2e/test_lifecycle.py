@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from domain.documents import IndexingStatus
 from domain.events import (
     DocForm,
     DocumentCreated,
@@ -35,7 +36,7 @@ from domain.events import (
     SegmentDeleted,
     SegmentsBatchImported,
 )
-from domain.model import IndexingStatus, build_segments, compute_doc_hash, make_index_node_id
+from domain.model import build_segments, compute_doc_hash, make_index_node_id
 from domain.splitting import split_document
 from infra.db.models import KeywordPostingRow, SegmentRow
 from infra.db.repository import DocumentState

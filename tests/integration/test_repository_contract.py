@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select, text
 
+from domain.documents import IndexingStatus
 from domain.errors import TransientError
-from domain.model import (
-    ChunkText,
-    IndexingStatus,
-    Segment,
-    build_segments,
-    diff_segments,
-)
+from domain.model import ChunkText, Segment, build_segments, diff_segments
 from infra.db.engine import create_db_engine, migrate
 from infra.db.models import DatasetRow, DocumentRow, EmbeddingRow, KeywordPostingRow
 from infra.db.repository import Database, DocKey

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from domain.documents import IndexingStatus
 from domain.model import (
     ChunkText,
     ExistingSegment,
-    IndexingStatus,
     Segment,
     build_segments,
     compute_doc_hash,

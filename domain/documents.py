@@ -1,0 +1,333 @@
+"""The Document aggregate: every rule of a document's life in one place.
+
+Which version is current, whether an event is stale, whether a delete wins,
+which status may follow which, and when a document may complete are decided
+here, in plain Python. Repositories load and save documents; they decide
+nothing. Each rule-changing method returns whether it applied, so a stage can
+drop a stale event instead of overwriting newer work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+
+
+class IndexingStatus(StrEnum):
+    WAITING = "waiting"
+    PARSING = "parsing"
+    SPLITTING = "splitting"
+    INDEXING = "indexing"
+    COMPLETED = "completed"
+    ERROR = "error"
+    DELETED = "deleted"
+
+    @property
+    def finished(self) -> bool:
+        return self in (IndexingStatus.COMPLETED, IndexingStatus.ERROR, IndexingStatus.DELETED)
+
+    @property
+    def in_flight(self) -> bool:
+        return not self.finished
+
+
+S = IndexingStatus
+
+# Within one version a document only moves forward; ERROR is reachable from any
+# live status. INDEXING is re-entered from COMPLETED when segments are imported
+# or repaired. A new version restarts at PARSING from anywhere (start_parsing),
+# and DELETED is left only by a newer version.
+TRANSITIONS: dict[IndexingStatus, frozenset[IndexingStatus]] = {
+    S.WAITING: frozenset({S.PARSING, S.ERROR}),
+    S.PARSING: frozenset({S.PARSING, S.SPLITTING, S.ERROR}),
+    S.SPLITTING: frozenset({S.SPLITTING, S.INDEXING, S.COMPLETED, S.ERROR}),
+    S.INDEXING: frozenset({S.INDEXING, S.COMPLETED, S.ERROR}),
+    S.COMPLETED: frozenset({S.INDEXING, S.COMPLETED, S.ERROR}),
+    S.ERROR: frozenset({S.ERROR, S.INDEXING}),
+    S.DELETED: frozenset(),
+}
+
+MAX_ERROR_CHARS = 4000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DocKey:
+    """A document's identity: the same document id in two tenants or two
+    datasets is two documents."""
+
+    tenant_id: str
+    dataset_id: str
+    document_id: str
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.dataset_id}/{self.document_id}"
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """What the last split of a version did, for the people reading status."""
+
+    added: int = 0
+    kept: int = 0
+    removed: int = 0
+
+
+@dataclass
+class Document:
+    key: DocKey
+    version: int
+    status: IndexingStatus = IndexingStatus.WAITING
+    source: str = ""
+    doc_form: str = "text"
+    error: str | None = None
+    content_hash: str | None = None
+    mime_type: str | None = None
+    chars: int = 0
+    segment_count: int = 0
+    tokens: int = 0
+    word_count: int = 0
+    embedded_texts: int = 0
+    cache_hits: int = 0
+    segments_added: int = 0
+    segments_kept: int = 0
+    segments_removed: int = 0
+    # the version whose split set the change counters: a redelivered split of
+    # the same version must not overwrite them with an empty diff
+    split_version: int | None = None
+    # why the last event for this document was dropped (stale version, ...)
+    last_dropped: str | None = None
+    updated_at: datetime | None = None
+    completed_at: datetime | None = None
+    error_at: datetime | None = None
+    parsing_started_at: datetime | None = None
+    splitting_started_at: datetime | None = None
+    indexing_started_at: datetime | None = None
+    pk: int | None = None  # the row id, owned by the repository
+
+    # -- identity ------------------------------------------------------------
+
+    @property
+    def tenant_id(self) -> str:
+        return self.key.tenant_id
+
+    @property
+    def dataset_id(self) -> str:
+        return self.key.dataset_id
+
+    @property
+    def document_id(self) -> str:
+        return self.key.document_id
+
+    @property
+    def deleted(self) -> bool:
+        return self.status is IndexingStatus.DELETED
+
+    @classmethod
+    def new(cls, key: DocKey, version: int = 0, source: str = "") -> Document:
+        return cls(key=key, version=version, source=source)
+
+    # -- version fencing -------------------------------------------------------
+
+    def resolve_version(self, version: int | None) -> int:
+        """An event without a version comes after everything known of this document."""
+        return self.version + 1 if version is None else version
+
+    def is_stale(self, version: int) -> bool:
+        """Older than the current version, or not newer than a delete."""
+        if version < self.version:
+            return True
+        return self.deleted and version <= self.version
+
+    def is_current(self, version: int) -> bool:
+        """Work of exactly this version may still change the document."""
+        return version == self.version and not self.deleted
+
+    def drop(self, what: str, version: int) -> None:
+        """Record that an event was dropped as stale, for `status --document`."""
+        self.last_dropped = (
+            f"{what} v{version} dropped: document is at v{self.version} ({self.status.value})"
+        )
+
+    # -- transitions -----------------------------------------------------------
+
+    def start_parsing(
+        self,
+        version: int,
+        source: str,
+        doc_form: str = "text",
+        content_hash: str | None = None,
+        mime_type: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Claim ``version`` for processing. False when the event is stale. A
+        redelivered event of the current version claims it again (its earlier
+        attempt may have died half-way)."""
+        if self.is_stale(version):
+            return False
+        now = now or utcnow()
+        if version > self.version or self.status is IndexingStatus.DELETED:
+            # a new version starts its own work counters
+            self.embedded_texts = 0
+            self.cache_hits = 0
+        self.version = version
+        self.status = IndexingStatus.PARSING
+        self.source = source
+        self.doc_form = doc_form
+        self.content_hash = content_hash
+        self.mime_type = mime_type
+        self.error = None
+        self.error_at = None
+        self.completed_at = None
+        self.parsing_started_at = now
+        self.updated_at = now
+        return True
+
+    def delete(self, version: int, now: datetime | None = None) -> bool:
+        """Tombstone as of ``version``: every older event is stale from now on.
+        False when a newer version exists (the delete itself is stale)."""
+        if version < self.version:
+            return False
+        self.version = version
+        self.status = IndexingStatus.DELETED
+        self.error = None
+        self.updated_at = now or utcnow()
+        return True
+
+    def move_to(self, status: IndexingStatus, version: int, now: datetime | None = None) -> bool:
+        """Move ``version`` on to ``status``; False if the version is no longer
+        current or the transition is not allowed."""
+        if not self.is_current(version) or status not in TRANSITIONS[self.status]:
+            return False
+        now = now or utcnow()
+        self.status = status
+        self.updated_at = now
+        if status is IndexingStatus.SPLITTING:
+            self.splitting_started_at = now
+        elif status is IndexingStatus.INDEXING:
+            self.completed_at = None
+            self.indexing_started_at = now
+        elif status is IndexingStatus.COMPLETED:
+            self.completed_at = now
+        return True
+
+    def fail(self, version: int, reason: str, now: datetime | None = None) -> bool:
+        """ERROR with a reason a person can act on; only for the current version."""
+        if not self.is_current(version):
+            return False
+        now = now or utcnow()
+        self.status = IndexingStatus.ERROR
+        self.error = (reason or "unknown error")[:MAX_ERROR_CHARS]
+        self.error_at = now
+        self.updated_at = now
+        return True
+
+    def parsed(self, version: int, chars: int, now: datetime | None = None) -> bool:
+        if not self.move_to(IndexingStatus.SPLITTING, version, now):
+            return False
+        self.chars = chars
+        return True
+
+    def split(
+        self,
+        version: int,
+        counts: SplitCounts,
+        totals: tuple[int, int, int],
+        pending: bool,
+        forget_content_hash: bool = False,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record a new segment set. ``totals`` is (segments, tokens, words)
+        after the split; with nothing ``pending`` (no segment to index, no
+        removal to propagate) the document completes at once."""
+        if not self.is_current(version):
+            return False
+        # the split is authoritative for the current version, whatever status a
+        # redelivery finds (completed, error, a re-claimed parse)
+        now = now or utcnow()
+        self.status = IndexingStatus.INDEXING if pending else IndexingStatus.COMPLETED
+        self.error = None
+        self.indexing_started_at = now
+        self.completed_at = None if pending else now
+        self.updated_at = now
+        self.segment_count, self.tokens, self.word_count = totals
+        if self.split_version != version:
+            self.segments_added = counts.added
+            self.segments_kept = counts.kept
+            self.segments_removed = counts.removed
+            self.split_version = version
+        if forget_content_hash:
+            # vanished segments were kept on purpose; forget the file hash so
+            # the next incremental sync updates this document and drops them
+            self.content_hash = None
+        return True
+
+    def segments_imported(
+        self, version: int, added: int, tokens: int, words: int, now: datetime | None = None
+    ) -> bool:
+        """Segments appended by a batch import; imports carry a newer version
+        than the split they extend, so the check is 'not stale', not 'current'."""
+        if self.deleted or version < self.version:
+            return False
+        if added:
+            self.status = IndexingStatus.INDEXING
+            self.completed_at = None
+            self.segment_count += added
+            self.tokens += tokens
+            self.word_count += words
+            self.updated_at = now or utcnow()
+        return True
+
+    def segment_deleted(self, version: int, tokens: int, words: int) -> bool:
+        if self.deleted or version < self.version:
+            return False
+        self.segment_count = max(0, self.segment_count - 1)
+        self.tokens = max(0, self.tokens - tokens)
+        self.word_count = max(0, self.word_count - words)
+        self.updated_at = utcnow()
+        return True
+
+    def segments_purged(self, version: int, removed: int) -> bool:
+        """Every segment of a deleted document is gone."""
+        if not (self.deleted and self.version == version):
+            return False
+        self.segments_removed = removed
+        self.segments_added = 0
+        self.segments_kept = 0
+        self.segment_count = 0
+        self.tokens = 0
+        self.word_count = 0
+        return True
+
+    def count_embeddings(self, version: int, embedded: int, hits: int) -> bool:
+        # imports carry a newer version than the document they extend
+        if version < self.version:
+            return False
+        self.embedded_texts += embedded
+        self.cache_hits += hits
+        return True
+
+    # -- completion ------------------------------------------------------------
+
+    def may_complete(self, version: int, pending_segments: int, stores_agree: bool) -> bool:
+        """The completion rule: the current version is indexing, both branches
+        flagged every segment, and both indexes hold exactly its segments
+        (removals included)."""
+        return (
+            self.is_current(version)
+            and self.status is IndexingStatus.INDEXING
+            and pending_segments == 0
+            and stores_agree
+        )
+
+    def complete(self, version: int, pending_segments: int, stores_agree: bool) -> bool:
+        if not self.may_complete(version, pending_segments, stores_agree):
+            return False
+        return self.move_to(IndexingStatus.COMPLETED, version)
+
+    def copy(self) -> Document:
+        return replace(self)
