@@ -44,6 +44,12 @@ class Rejection:
 class StageResult:
     emits: list[Emit] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    # what the stage did, for metrics (e.g. "embedded_texts", "cache_hits");
+    # the runtime exports them, so stages need no metrics library
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
 
     def emit(self, topic: Topic, event: Event) -> None:
         self.emits.append(Emit(topic, event))
@@ -54,6 +60,8 @@ class StageResult:
     def extend(self, other: StageResult) -> None:
         self.emits.extend(other.emits)
         self.rejected.extend(other.rejected)
+        for name, n in other.counts.items():
+            self.count(name, n)
 
 
 class Stage(Protocol):

@@ -8,92 +8,100 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from domain.events import EmbeddedRef, Event, SegmentsEmbedded, SegmentsRemoved, SegmentsSplit
-from domain.ports import EmbeddingProvider
-from infra import metrics
-from infra.db.repository import Database, DocKey
-from infra.kafka.runner import Emit
-from infra.kafka.topics import Topics
+from consumers.contract import StageResult
+from domain.documents import DocKey
+from domain.events import (
+    EmbeddedRef,
+    Event,
+    SegmentsEmbedded,
+    SegmentsRemoved,
+    SegmentsSplit,
+    Topic,
+)
+from domain.ports import EmbeddingProvider, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
+
+DocVersion = tuple[DocKey, int]
 
 
 @dataclass
 class EmbedStage:
-    db: Database
-    topics: Topics
-    provider: EmbeddingProvider
-    name: str = "embed"
+    uow: UnitOfWorkFactory
+    embedder: EmbeddingProvider
     max_batch: int = 3
+    name: str = "embed"
 
-    @property
-    def input_topics(self) -> list[str]:
-        return [self.topics.segments]
-
-    def handle(self, events: Sequence[Event]) -> list[Emit]:
+    def handle(self, events: Sequence[Event]) -> StageResult:
+        result = StageResult()
+        provider, model = self.embedder.provider, self.embedder.model
         splits = [e for e in events if isinstance(e, SegmentsSplit)]
-        # segments superseded since they were split (update, delete) need no vectors
-        alive = self.db.segments.existing_ids([s.index_node_id for e in splits for s in e.segments])
-        texts: dict[str, str] = {}
-        first_doc: dict[str, tuple[DocKey, int]] = {}
-        for e in splits:
-            for s in e.segments:
-                if s.index_node_id in alive and s.doc_hash not in texts:
-                    texts[s.doc_hash] = s.content
-                    first_doc[s.doc_hash] = (
-                        DocKey(e.tenant_id, e.dataset_id, e.document_id),
-                        e.version,
-                    )
-        cached = self.db.embeddings.get_many(self.provider.provider, self.provider.model, texts)
+        with self.uow(readonly=True) as uow:
+            # segments superseded since they were split (update, delete) need no vectors
+            alive = uow.segments.alive([s.index_node_id for sp in splits for s in sp.segments])
+            texts: dict[str, str] = {}
+            first_doc: dict[str, DocVersion] = {}
+            for sp in splits:
+                for s in sp.segments:
+                    if s.index_node_id in alive and s.doc_hash not in texts:
+                        texts[s.doc_hash] = s.content
+                        first_doc[s.doc_hash] = (sp.doc_key, sp.version)
+            cached = uow.embeddings.get_many(provider, model, texts) if texts else {}
         misses = [h for h in texts if h not in cached]
-        if misses:
-            vectors = self.provider.embed([texts[h] for h in misses])
-            self.db.embeddings.put_many(
-                self.provider.provider, self.provider.model, dict(zip(misses, vectors, strict=True))
-            )
-        metrics.EMBEDDED_TEXTS.inc(len(misses))
+        vectors = self.embedder.embed([texts[h] for h in misses]) if misses else []
 
-        counts: dict[tuple[DocKey, int], list[int]] = {}
+        counts: dict[DocVersion, list[int]] = {}  # [embedded here, cache hits]
         missed = set(misses)
-        out: list[Emit] = []
         for e in events:
             if isinstance(e, SegmentsRemoved):
-                out.append(Emit(self.topics.embedded, e))
+                result.emit(Topic.EMBEDDED, e)
             elif isinstance(e, SegmentsSplit):
                 refs = [
                     EmbeddedRef(index_node_id=s.index_node_id, doc_hash=s.doc_hash)
                     for s in e.segments
                     if s.index_node_id in alive
                 ]
-                key = (DocKey(e.tenant_id, e.dataset_id, e.document_id), e.version)
+                key = (e.doc_key, e.version)
                 c = counts.setdefault(key, [0, 0])
                 for r in refs:
+                    # a text embedded now counts once, for the first document
+                    # that asked; every other use of it is a cache hit
                     if r.doc_hash in missed and first_doc.get(r.doc_hash) == key:
                         c[0] += 1
                         first_doc.pop(r.doc_hash)
                     else:
                         c[1] += 1
                 if refs:
-                    out.append(
-                        Emit(
-                            self.topics.embedded,
-                            SegmentsEmbedded(
-                                tenant_id=e.tenant_id,
-                                dataset_id=e.dataset_id,
-                                document_id=e.document_id,
-                                version=e.version,
-                                provider=self.provider.provider,
-                                model=self.provider.model,
-                                segments=refs,
-                            ),
-                        )
+                    result.emit(
+                        Topic.EMBEDDED,
+                        SegmentsEmbedded(
+                            tenant_id=e.tenant_id,
+                            dataset_id=e.dataset_id,
+                            document_id=e.document_id,
+                            version=e.version,
+                            provider=provider,
+                            model=model,
+                            segments=refs,
+                        ),
                     )
-        metrics.CACHE_HITS.inc(sum(c[1] for c in counts.values()))
-        self.db.documents.add_embedding_counts({k: (v[0], v[1]) for k, v in counts.items()})
-        return out
+        result.count("embedded_texts", len(misses))
+        result.count("cache_hits", sum(c[1] for c in counts.values()))
+        if misses or counts:
+            self._write(dict(zip(misses, vectors, strict=True)), counts)
+        return result
 
-    def on_dead_letter(self, event: Event, reason: str) -> None:
-        from domain.documents import IndexingStatus
-
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, reason)
+    def _write(
+        self, vectors: dict[str, Sequence[float]], counts: dict[DocVersion, list[int]]
+    ) -> None:
+        with self.uow() as uow:
+            if vectors:
+                uow.embeddings.put_many(self.embedder.provider, self.embedder.model, vectors)
+            # one lock order for every writer of these rows
+            for key, version in sorted(counts, key=lambda kv: (str(kv[0]), kv[1])):
+                embedded, hits = counts[(key, version)]
+                if not (embedded or hits):
+                    continue
+                doc = uow.documents.get(key, for_update=True)
+                if doc is not None and doc.count_embeddings(version, embedded, hits):
+                    uow.documents.save(doc)
+            uow.commit()

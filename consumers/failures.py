@@ -30,7 +30,12 @@ class FailureRecorder:
         current. Returns whether the document changed."""
         with self.uow() as uow:
             doc = uow.documents.get(event.doc_key, for_update=True)
-            if doc is None or not doc.fail(event.version, failure_reason(stage, error)):
+            if doc is None:
+                return False
+            # a lifecycle event without a version failed in parse: after its
+            # claim, the current version is the one parse resolved for it
+            version = doc.version if event.version is None else event.version
+            if not doc.fail(version, failure_reason(stage, error)):
                 return False
             uow.documents.save(doc)
             uow.commit()

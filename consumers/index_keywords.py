@@ -1,5 +1,7 @@
-"""index_keywords: segments -> jieba TF-IDF keyword postings, one row per
-(dataset, keyword, index_node_id). Reconciles by id like load_vectors."""
+"""index_keywords: segments -> keyword postings, one row per
+(dataset, keyword, index_node_id). Reconciles by id like load_vectors: a
+segment that still exists gets its postings replaced, one that is gone loses
+them."""
 
 from __future__ import annotations
 
@@ -7,71 +9,71 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from domain.documents import IndexingStatus
-from domain.events import Event, KeywordsIndexed, SegmentsRemoved, SegmentsSplit
-from infra.db.repository import Database, DocKey
-from infra.kafka.runner import Emit
-from infra.kafka.topics import Topics
-from infra.keywords import JiebaKeywordExtractor
+from consumers.contract import StageResult
+from domain.events import (
+    Event,
+    KeywordsIndexed,
+    SegmentsRemoved,
+    SegmentsSplit,
+    Topic,
+    resolved_version,
+)
+from domain.ports import KeywordExtractor, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class IndexKeywordsStage:
-    db: Database
-    topics: Topics
-    keywords: JiebaKeywordExtractor
+    uow: UnitOfWorkFactory
+    keywords: KeywordExtractor
     name: str = "index_keywords"
     max_batch: int = 16
 
-    @property
-    def input_topics(self) -> list[str]:
-        return [self.topics.segments]
+    def handle(self, events: Sequence[Event]) -> StageResult:
+        result = StageResult()
+        splits = [e for e in events if isinstance(e, SegmentsSplit)]
+        removed = [e for e in events if isinstance(e, SegmentsRemoved)]
+        if not (splits or removed):
+            return result
+        extracted: dict[str, list[tuple[str, float]]] = {}
+        if splits:
+            with self.uow(readonly=True) as uow:
+                alive = uow.segments.alive([s.index_node_id for sp in splits for s in sp.segments])
+            # the slow part, outside any transaction
+            for sp in splits:
+                for s in sp.segments:
+                    if s.index_node_id in alive and s.index_node_id not in extracted:
+                        text = s.content if not s.answer else f"{s.content}\n{s.answer}"
+                        extracted[s.index_node_id] = self.keywords.extract(text)
+        with self.uow() as uow:
+            # read again under the write: a segment removed meanwhile gets no postings
+            every = [s.index_node_id for sp in splits for s in sp.segments]
+            alive = uow.segments.alive(every + [i for r in removed for i in r.index_node_ids])
+            for e in events:
+                if isinstance(e, SegmentsSplit):
+                    ids = [s.index_node_id for s in e.segments]
+                    live = [i for i in ids if i in alive and i in extracted]
+                    if live:
+                        uow.postings.replace({(e.doc_key, i): extracted[i] for i in live})
+                        uow.segments.mark("keywords_indexed", live)
+                    uow.postings.delete_nodes([i for i in ids if i not in alive])
+                    # always report: track_status re-checks completion on any progress
+                    result.emit(Topic.PROGRESS, _progress(e, live))
+                elif isinstance(e, SegmentsRemoved):
+                    uow.postings.delete_nodes([i for i in e.index_node_ids if i not in alive])
+                    if e.whole_document:
+                        uow.postings.delete_document_orphans(e.doc_key)
+                    result.emit(Topic.PROGRESS, _progress(e, []))
+            uow.commit()
+        return result
 
-    def handle(self, events: Sequence[Event]) -> list[Emit]:
-        out: list[Emit] = []
-        for e in events:
-            if isinstance(e, SegmentsSplit):
-                out.extend(self._index(e))
-            elif isinstance(e, SegmentsRemoved):
-                alive = self.db.segments.existing_ids(e.index_node_ids)
-                self.db.postings.delete_nodes([i for i in e.index_node_ids if i not in alive])
-                if e.whole_document:
-                    self.db.postings.delete_document_orphans(
-                        DocKey(e.tenant_id, e.dataset_id, e.document_id)
-                    )
-                out.append(Emit(self.topics.progress, self._progress(e, [])))
-        return out
 
-    def _index(self, e: SegmentsSplit) -> list[Emit]:
-        ids = [s.index_node_id for s in e.segments]
-        alive = self.db.segments.existing_ids(ids)
-        postings = {
-            (s.index_node_id, e.document_id): self.keywords.extract(
-                s.content if not s.answer else f"{s.content}\n{s.answer}"
-            )
-            for s in e.segments
-            if s.index_node_id in alive
-        }
-        self.db.postings.replace(e.tenant_id, e.dataset_id, postings)
-        self.db.postings.delete_nodes([i for i in ids if i not in alive])
-        live = [i for i in ids if i in alive]
-        if live:
-            self.db.segments.mark("keywords_indexed", live)
-        # always report: track_status re-checks completion on any progress
-        return [Emit(self.topics.progress, self._progress(e, live))]
-
-    @staticmethod
-    def _progress(e: Event, ids: list[str]) -> KeywordsIndexed:
-        return KeywordsIndexed(
-            tenant_id=e.tenant_id,
-            dataset_id=e.dataset_id,
-            document_id=e.document_id,
-            version=e.version,
-            index_node_ids=ids,
-        )
-
-    def on_dead_letter(self, event: Event, reason: str) -> None:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, reason)
+def _progress(e: Event, ids: list[str]) -> KeywordsIndexed:
+    return KeywordsIndexed(
+        tenant_id=e.tenant_id,
+        dataset_id=e.dataset_id,
+        document_id=e.document_id,
+        version=resolved_version(e),
+        index_node_ids=ids,
+    )

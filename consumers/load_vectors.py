@@ -1,4 +1,4 @@
-"""load_vectors: cached vectors -> Milvus, upserted by index_node_id.
+"""load_vectors: cached vectors -> the vector index, upserted by index_node_id.
 
 Reconciles by id against the segments table, which is the source of truth: an
 id whose segment row exists is upserted, an id whose row is gone is deleted.
@@ -9,105 +9,170 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from domain.documents import IndexingStatus
+from consumers.contract import StageResult
+from domain.documents import DocKey
 from domain.errors import PermanentError
-from domain.events import Event, SegmentsEmbedded, SegmentsLoaded, SegmentsRemoved
-from infra.db.repository import Database, DocKey
-from infra.kafka.runner import Emit
-from infra.kafka.topics import Topics
-from infra.vectors import MilvusVectorStore, VectorRow
+from domain.events import (
+    Event,
+    SegmentsEmbedded,
+    SegmentsLoaded,
+    SegmentsRemoved,
+    Topic,
+    resolved_version,
+)
+from domain.ports import UnitOfWorkFactory, VectorIndex, VectorRow
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadVectorsStage:
-    db: Database
-    topics: Topics
-    vectors: MilvusVectorStore
+    uow: UnitOfWorkFactory
+    vectors: VectorIndex
     provider: str
     model: str
     name: str = "load_vectors"
     max_batch: int = 16
 
-    @property
-    def input_topics(self) -> list[str]:
-        return [self.topics.embedded]
-
-    def handle(self, events: Sequence[Event]) -> list[Emit]:
-        out: list[Emit] = []
-        # events of one document stay in order; apply them one by one
-        for e in events:
-            if isinstance(e, SegmentsEmbedded):
-                out.extend(self._load(e))
-            elif isinstance(e, SegmentsRemoved):
-                alive = self.db.segments.existing_ids(e.index_node_ids)
-                self.vectors.delete([i for i in e.index_node_ids if i not in alive])
-                if e.whole_document:
-                    self._drop_orphans(e)
-                out.append(Emit(self.topics.progress, self._progress(e, [])))
-        return out
-
-    def _load(self, e: SegmentsEmbedded) -> list[Emit]:
-        if (e.provider, e.model) != (self.provider, self.model):
-            log.warning(
-                "load_vectors: skipping vectors of %s/%s (this loader serves %s/%s)",
-                e.provider,
-                e.model,
-                self.provider,
-                self.model,
-            )
-            return []
-        ids = [r.index_node_id for r in e.segments]
-        alive = self.db.segments.existing_ids(ids)
-        dead = [i for i in ids if i not in alive]
-        live = [r for r in e.segments if r.index_node_id in alive]
-        vectors = self.db.embeddings.get_many(e.provider, e.model, {r.doc_hash for r in live})
-        missing = [r.doc_hash for r in live if r.doc_hash not in vectors]
-        if missing:
-            raise PermanentError(
-                f"{len(missing)} vector(s) missing from the embedding cache (first {missing[0]}); "
-                "re-publish the document"
-            )
-        rows = [
-            VectorRow(
-                index_node_id=r.index_node_id,
-                vector=vectors[r.doc_hash],
-                tenant_id=e.tenant_id,
-                dataset_id=e.dataset_id,
-                document_id=e.document_id,
-            )
-            for r in live
+    def handle(self, events: Sequence[Event]) -> StageResult:
+        result = StageResult()
+        served = {
+            i for i, e in enumerate(events) if isinstance(e, SegmentsEmbedded) and self._serves(e)
+        }
+        embedded = [
+            e for i, e in enumerate(events) if i in served and isinstance(e, SegmentsEmbedded)
         ]
-        self.vectors.upsert(rows)
-        self.vectors.delete(dead)
-        if live:
-            self.db.segments.mark("vector_indexed", [r.index_node_id for r in live])
-        # always report: track_status re-checks completion on any progress
-        return [Emit(self.topics.progress, self._progress(e, [r.index_node_id for r in live]))]
+        removed = [e for e in events if isinstance(e, SegmentsRemoved)]
+        if not (embedded or removed):
+            return result
+        # every read before the vector index is touched
+        with self.uow(readonly=True) as uow:
+            ids = [r.index_node_id for e in embedded for r in e.segments]
+            ids += [i for e in removed for i in e.index_node_ids]
+            alive = uow.segments.alive(ids)
+            hashes = {r.doc_hash for e in embedded for r in e.segments if r.index_node_id in alive}
+            cached = uow.embeddings.get_many(self.provider, self.model, hashes) if hashes else {}
+            documents = {
+                e.doc_key: uow.segments.ids_for_document(e.doc_key)
+                for e in removed
+                if e.whole_document
+            }
+        writes = _Writes(self.vectors)
+        loaded: list[str] = []
+        for i, e in enumerate(events):
+            if isinstance(e, SegmentsEmbedded) and i in served:
+                ids_loaded = self._load(e, alive, cached, result, writes)
+                if ids_loaded is not None:
+                    loaded.extend(ids_loaded)
+                    # always report: track_status re-checks completion on any progress
+                    result.emit(Topic.PROGRESS, _progress(e, ids_loaded))
+            elif isinstance(e, SegmentsRemoved):
+                # a document's events stay in order: its pending upserts go first,
+                # so a removal after them in the batch wins
+                writes.before_removal(e.doc_key)
+                self.vectors.delete([n for n in e.index_node_ids if n not in alive])
+                if e.whole_document:
+                    self._drop_orphans(e.doc_key, documents[e.doc_key])
+                result.emit(Topic.PROGRESS, _progress(e, []))
+        writes.flush()
+        if loaded:
+            with self.uow() as uow:
+                uow.segments.mark("vector_indexed", loaded)
+                uow.commit()
+        return result
 
-    @staticmethod
-    def _progress(e: Event, ids: list[str]) -> SegmentsLoaded:
-        return SegmentsLoaded(
-            tenant_id=e.tenant_id,
-            dataset_id=e.dataset_id,
-            document_id=e.document_id,
-            version=e.version,
-            index_node_ids=ids,
+    def _serves(self, e: SegmentsEmbedded) -> bool:
+        if (e.provider, e.model) == (self.provider, self.model):
+            return True
+        log.warning(
+            "load_vectors: skipping vectors of %s/%s (this loader serves %s/%s)",
+            e.provider,
+            e.model,
+            self.provider,
+            self.model,
         )
+        return False
 
-    def _drop_orphans(self, e: SegmentsRemoved) -> None:
+    def _load(
+        self,
+        e: SegmentsEmbedded,
+        alive: set[str],
+        cached: dict[str, Any],
+        result: StageResult,
+        writes: _Writes,
+    ) -> list[str] | None:
+        live = [r for r in e.segments if r.index_node_id in alive]
+        missing = [r.doc_hash for r in live if r.doc_hash not in cached]
+        if missing:
+            result.reject(
+                e,
+                PermanentError(
+                    f"{len(missing)} vector(s) missing from the embedding cache "
+                    f"(first {missing[0]}); re-publish the document"
+                ),
+            )
+            return None
+        key = e.doc_key
+        writes.upsert(
+            key,
+            [
+                VectorRow(index_node_id=r.index_node_id, vector=cached[r.doc_hash], key=key)
+                for r in live
+            ],
+        )
+        writes.delete([r.index_node_id for r in e.segments if r.index_node_id not in alive])
+        return [r.index_node_id for r in live]
+
+    def _drop_orphans(self, key: DocKey, alive: set[str]) -> None:
         """After a document delete, no vector of it may outlive its segment rows,
-        including ones this event does not name (a crash between writes)."""
-        key = DocKey(e.tenant_id, e.dataset_id, e.document_id)
-        alive = self.db.segments.ids_for_document(key)
+        including ones the event does not name (a crash between writes)."""
         if not alive:
-            self.vectors.delete_document(e.tenant_id, e.dataset_id, e.document_id)
+            self.vectors.delete_document(key)
             return
-        stored = self.vectors.ids_for_document(e.tenant_id, e.dataset_id, e.document_id)
+        stored = self.vectors.ids_for_document(key)
         self.vectors.delete([i for i in stored if i not in alive])
 
-    def on_dead_letter(self, event: Event, reason: str) -> None:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, reason)
+
+class _Writes:
+    """The batch's vector writes, gathered so the index sees one upsert (and one
+    delete) per batch instead of one per event. The ids written and the ids
+    deleted are disjoint (one ``alive`` snapshot decides both), so only a
+    removal event, which also deletes by document, has to wait for them."""
+
+    def __init__(self, vectors: VectorIndex) -> None:
+        self.vectors = vectors
+        self.rows: list[VectorRow] = []
+        self.dead: list[str] = []
+        self.documents: set[DocKey] = set()
+
+    def upsert(self, key: DocKey, rows: list[VectorRow]) -> None:
+        self.rows.extend(rows)
+        if rows:
+            self.documents.add(key)
+
+    def delete(self, ids: list[str]) -> None:
+        self.dead.extend(ids)
+
+    def before_removal(self, key: DocKey) -> None:
+        if key in self.documents:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.vectors.upsert(self.rows)
+        if self.dead:
+            self.vectors.delete(self.dead)
+        self.rows, self.dead = [], []
+        self.documents.clear()
+
+
+def _progress(e: Event, ids: list[str]) -> SegmentsLoaded:
+    return SegmentsLoaded(
+        tenant_id=e.tenant_id,
+        dataset_id=e.dataset_id,
+        document_id=e.document_id,
+        version=resolved_version(e),
+        index_node_ids=ids,
+    )

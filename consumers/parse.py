@@ -1,15 +1,22 @@
-"""parse: lifecycle events -> text. Reads the file a document.created/updated
-event refers to (or its inline content), extracts text, and hands it to split
-inline or, past the inline limit, through the claim-check store."""
+"""parse: lifecycle events -> text. Resolves the version of each event,
+claims it on the document, reads the body (inline content, bytes uploaded to
+the database, or a file reference), extracts text, and hands it to split
+inline or, past the inline limit, through the claim-check store.
+
+Every event parse sends on carries the version it resolved, so the stages
+after it never see an event without one."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePath
+from typing import TypeVar, cast
 
-from domain.documents import IndexingStatus
+from consumers.contract import Emit, StageResult
+from consumers.failpoints import failpoint
+from domain.documents import DocKey, Document
 from domain.errors import DocumentError
 from domain.events import (
     DocumentCreated,
@@ -19,110 +26,216 @@ from domain.events import (
     Event,
     SegmentDeleted,
     SegmentsBatchImported,
+    Topic,
 )
-from infra.db.repository import Database, DocKey
-from infra.extract import ExtractLimits, extract_text, read_file_reference
-from infra.kafka.runner import Emit, RejectsEvents
-from infra.kafka.topics import Topics
+from domain.ports import DocumentReader, UnitOfWork, UnitOfWorkFactory
+from domain.uploads import upload_payload_key
 
 log = logging.getLogger(__name__)
 
+Source = DocumentCreated | DocumentUpdated
+
+
+def parsed_prefix(key: DocKey) -> str:
+    """Claim-check keys of a document's parsed text; one version's at a time."""
+    return f"parsed/{key.tenant_id}/{key.dataset_id}/{key.document_id}/"
+
+
+def load_or_create(uow: UnitOfWork, key: DocKey, source: str = "") -> Document:
+    """The document, locked; created first if it is new. ``add`` ignores a
+    row a concurrent writer inserted first, so read it back either way."""
+    doc = uow.documents.get(key, for_update=True)
+    if doc is None:
+        uow.documents.add(Document.new(key, source=source))
+        doc = uow.documents.get(key, for_update=True)
+        if doc is None:  # pragma: no cover - a broken repository
+            raise RuntimeError(f"document {key} vanished right after it was added")
+    return doc
+
+
+@dataclass(frozen=True)
+class _Claim:
+    slot: int
+    event: Source  # with the resolved version
+    version: int
+
 
 @dataclass
-class ParseStage(RejectsEvents):
-    db: Database
-    topics: Topics
-    allowed_roots: Sequence[Path]
-    limits: ExtractLimits
+class ParseStage:
+    uow: UnitOfWorkFactory
+    reader: DocumentReader
     inline_text_bytes: int
     name: str = "parse"
     max_batch: int = 4
 
-    @property
-    def input_topics(self) -> list[str]:
-        return [self.topics.lifecycle]
+    def handle(self, events: Sequence[Event]) -> StageResult:
+        result = StageResult()
+        # what each event emits, by position, so the output keeps the input order
+        slots: list[list[Emit]] = [[] for _ in events]
+        # Two write units of work per batch, on purpose: the claims commit
+        # first (status shows `parsing` while extraction runs, outside any
+        # transaction), the results in a second one.
+        claims = self._claim(events, slots, result)
+        failpoint("parse.after_claim")
+        uploads = self._uploads(claims)
+        extracted: list[tuple[_Claim, str, str | None]] = []
+        for claim in claims:
+            event = claim.event
+            try:
+                upload = uploads.get(claim.slot)
+                if isinstance(upload, DocumentError):
+                    raise upload
+                if upload is not None:
+                    name = PurePath(event.source).name or event.source
+                    text, mime = self.reader.extract(upload, name, event.mime_type)
+                else:
+                    text, mime = self.reader.read(event.content, event.uri, event.mime_type)
+            except DocumentError as exc:
+                result.reject(event, exc)
+                continue
+            extracted.append((claim, text, mime))
+        if extracted:
+            self._record(extracted, slots, result)
+        for emits in slots:
+            result.emits.extend(emits)
+        return result
 
-    def handle(self, events: Sequence[Event]) -> list[Emit]:
-        out: list[Emit] = []
-        for event in events:
-            key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-            if isinstance(event, DocumentCreated | DocumentUpdated):
-                out.extend(self._parse(event))
-            elif isinstance(event, DocumentDeleted):
-                # the tombstone makes every older event of this document stale at
-                # once; split removes the segments behind anything still in flight
-                if self.db.documents.record_delete(key, event.version):
-                    out.append(Emit(self.topics.parsed, event))
-            elif isinstance(event, SegmentsBatchImported):
-                self.db.jobs.create(event.job_id, key, len(event.segments))
-                out.append(Emit(self.topics.parsed, event))
-            elif isinstance(event, SegmentDeleted):
-                out.append(Emit(self.topics.parsed, event))
-            else:
-                log.warning("parse: %s does not belong on the lifecycle topic; skipped", event.type)
+    def _claim(
+        self, events: Sequence[Event], slots: list[list[Emit]], result: StageResult
+    ) -> list[_Claim]:
+        claims: list[_Claim] = []
+        with self.uow() as uow:
+            for i, event in enumerate(events):
+                key = event.doc_key
+                if isinstance(event, DocumentCreated | DocumentUpdated):
+                    doc = load_or_create(uow, key, event.source)
+                    # no version: a new version, after everything known of the document
+                    version = doc.resolve_version(event.version)
+                    if doc.start_parsing(
+                        version,
+                        event.source,
+                        event.doc_form.value,
+                        event.content_hash,
+                        event.mime_type,
+                    ):
+                        claims.append(_Claim(i, _versioned(event, version), version))
+                    else:
+                        self._drop(doc, event.type, version, result)
+                    uow.documents.save(doc)
+                elif isinstance(event, DocumentDeleted):
+                    # the tombstone makes every older event of this document stale
+                    # at once; split removes the segments behind anything in flight.
+                    # No version: delete what is there now, so the next version
+                    # (e.g. upstream's v4 after v3 and a delete) brings it back.
+                    doc = load_or_create(uow, key)
+                    version = doc.version if event.version is None else event.version
+                    if doc.delete(version):
+                        slots[i].append(Emit(Topic.PARSED, _versioned(event, version)))
+                    else:
+                        self._drop(doc, event.type, version, result)
+                    uow.documents.save(doc)
+                elif isinstance(event, SegmentsBatchImported | SegmentDeleted):
+                    # they change the current version's segments, never make a new one
+                    applies_to = event.version
+                    if applies_to is None:
+                        current = uow.documents.get(key)
+                        applies_to = current.version if current is not None else 0
+                    if isinstance(event, SegmentsBatchImported):
+                        uow.jobs.create(key, event.job_id, len(event.segments))
+                    slots[i].append(Emit(Topic.PARSED, _versioned(event, applies_to)))
+                else:
+                    log.warning(
+                        "parse: %s does not belong on the lifecycle topic; skipped", event.type
+                    )
+            uow.commit()
+        return claims
+
+    def _uploads(self, claims: list[_Claim]) -> dict[int, bytes | DocumentError]:
+        """The bytes of every claimed event whose body was uploaded to the
+        database, read in one read-only unit of work; or why not."""
+        out: dict[int, bytes | DocumentError] = {}
+        wanted: dict[int, tuple[str, str]] = {}
+        for claim in claims:
+            try:
+                key = upload_payload_key(claim.event.uri, claim.event.doc_key)
+            except DocumentError as exc:
+                out[claim.slot] = exc
+                continue
+            if key is not None:
+                wanted[claim.slot] = (key, claim.event.source)
+        if wanted:
+            with self.uow(readonly=True) as uow:
+                for slot, (key, source) in wanted.items():
+                    data = uow.payloads.get(key)
+                    out[slot] = (
+                        data
+                        if data is not None
+                        else DocumentError(
+                            f"the uploaded content of {source} is no longer in the database; "
+                            "index the file again"
+                        )
+                    )
         return out
 
-    def _parse(self, event: DocumentCreated | DocumentUpdated) -> list[Emit]:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        state = self.db.documents.begin_parsing(
-            key,
-            event.version,
-            event.source,
-            event.doc_form.value,
-            event.content_hash,
-            event.mime_type,
-        )
-        if state is None:
-            log.info(
-                "parse: dropping stale %s v%s of %s", event.type, event.version, event.document_id
-            )
-            return []
-        try:
-            text, mime = self._extract(event)
-        except DocumentError as exc:
-            self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, exc.reason)
-            self.reject(event, exc)
-            return []
-        self.db.documents.set_status(key, event.version, IndexingStatus.SPLITTING, chars=len(text))
-        inline = len(text.encode()) <= self.inline_text_bytes
-        text_ref = None
-        if not inline:
-            prefix = f"parsed/{event.tenant_id}/{event.dataset_id}/{event.document_id}/"
-            text_ref = f"{prefix}{event.version}"
-            self.db.payloads.put(text_ref, text.encode(), replace_prefix=prefix)
-        parsed = DocumentParsed(
+    def _record(
+        self,
+        extracted: list[tuple[_Claim, str, str | None]],
+        slots: list[list[Emit]],
+        result: StageResult,
+    ) -> None:
+        with self.uow() as uow:
+            for claim, text, mime in extracted:
+                event, version = claim.event, claim.version
+                doc = uow.documents.get(event.doc_key, for_update=True)
+                if doc is None:
+                    continue
+                if not doc.parsed(version, len(text)):
+                    # a newer version (or a delete) claimed the document meanwhile
+                    self._drop(doc, event.type, version, result)
+                    uow.documents.save(doc)
+                    continue
+                uow.documents.save(doc)
+                text_ref = None
+                if len(text.encode()) > self.inline_text_bytes:
+                    prefix = parsed_prefix(event.doc_key)
+                    text_ref = f"{prefix}{version}"
+                    uow.payloads.put(text_ref, text.encode(), replace_prefix=prefix)
+                parsed = self._parsed(event, version, text, text_ref, mime)
+                slots[claim.slot].append(Emit(Topic.PARSED, parsed))
+            uow.commit()
+
+    @staticmethod
+    def _parsed(
+        event: Source, version: int, text: str, text_ref: str | None, mime: str | None
+    ) -> DocumentParsed:
+        return DocumentParsed(
             tenant_id=event.tenant_id,
             dataset_id=event.dataset_id,
             document_id=event.document_id,
-            version=event.version,
+            version=version,
             source=event.source,
             doc_form=event.doc_form,
             process_rule=event.process_rule,
-            text=text if inline else None,
+            text=None if text_ref else text,
             text_ref=text_ref,
             chars=len(text),
             mime_type=mime,
             cleanup=event.cleanup if isinstance(event, DocumentUpdated) else "incremental",
         )
-        return [Emit(self.topics.parsed, parsed)]
 
-    def _extract(self, event: DocumentCreated | DocumentUpdated) -> tuple[str, str | None]:
-        if event.content is not None:
-            if len(event.content) > self.limits.max_chars:
-                raise DocumentError(
-                    f"inline content has {len(event.content)} characters, above the limit of "
-                    f"{self.limits.max_chars}; send large documents by uri"
-                )
-            if not event.content.strip():
-                raise DocumentError("the document is empty")
-            return event.content, event.mime_type or "text/plain"
-        assert event.uri is not None
-        data, filename = read_file_reference(event.uri, self.allowed_roots, self.limits.max_bytes)
-        extracted = extract_text(data, filename, event.mime_type, self.limits)
-        return extracted.text, extracted.mime_type
+    @staticmethod
+    def _drop(doc: Document, what: str, version: int, result: StageResult) -> None:
+        # visible three ways: the log, the stale_dropped metric, `status --document`
+        doc.drop(what, version)
+        result.count("stale_dropped")
+        log.warning("parse: %s: %s", doc.key, doc.last_dropped)
 
-    def on_dead_letter(self, event: Event, reason: str) -> None:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        self.db.documents.set_status(
-            key, event.version, IndexingStatus.ERROR, f"parse failed: {reason}"
-        )
+
+E = TypeVar("E", bound=Event)
+
+
+def _versioned(event: E, version: int) -> E:
+    """The event as parse sends it on: with the version it resolved."""
+    if event.version == version:
+        return event
+    return cast(E, event.model_copy(update={"version": version}))

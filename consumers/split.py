@@ -1,14 +1,24 @@
 """split: text -> segments. Cleans and splits the text, gives every segment
 its doc_hash and index_node_id, diffs against what the document already has,
-stores the new segment set, and sends on only what needs indexing."""
+stores the new segment set, and sends on only what needs indexing.
+
+Everything split emits can be derived again from state, so a crash between
+its commit and its publish loses nothing: on redelivery the diff re-sends
+every segment not yet flagged by both branches, and the removals still owed
+to the indexes are kept in the claim-check store until the document
+completes (track_status clears them)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from domain.documents import IndexingStatus
+from consumers.contract import StageResult
+from consumers.parse import parsed_prefix
+from domain.documents import DocKey, Document, SplitCounts
 from domain.errors import DocumentError
 from domain.events import (
     DocumentDeleted,
@@ -17,180 +27,107 @@ from domain.events import (
     SegmentDeleted,
     SegmentsBatchImported,
     SegmentsRemoved,
+    Topic,
+    resolved_version,
     split_batches,
 )
-from domain.model import ChunkText, Segment, build_segments, diff_segments
-from domain.ports import ModelTokens
+from domain.model import (
+    ChunkText,
+    Segment,
+    StoredSegment,
+    build_segments,
+    diff_segments,
+    make_index_node_id,
+)
+from domain.ports import ModelTokens, UnitOfWork, UnitOfWorkFactory
 from domain.splitting import split_document
-from infra.db.repository import Database, DocKey
-from infra.kafka.runner import Emit, RejectsEvents
-from infra.kafka.topics import Topics
+from domain.uploads import upload_prefix
 
 log = logging.getLogger(__name__)
 
 
+def removals_prefix(key: DocKey) -> str:
+    """Claim-check key space of the ids a document's indexes may still hold."""
+    return f"removed/{key.tenant_id}/{key.dataset_id}/{key.document_id}/"
+
+
+def _removals_key(key: DocKey) -> str:
+    return f"{removals_prefix(key)}ids"
+
+
 @dataclass
-class SplitStage(RejectsEvents):
-    db: Database
-    topics: Topics
+class SplitStage:
+    uow: UnitOfWorkFactory
     tokens: ModelTokens
     segments_per_event: int = 32
     name: str = "split"
     max_batch: int = 4
 
-    @property
-    def input_topics(self) -> list[str]:
-        return [self.topics.parsed]
-
-    def handle(self, events: Sequence[Event]) -> list[Emit]:
-        out: list[Emit] = []
-        for event in events:
-            if isinstance(event, DocumentParsed):
-                out.extend(self._split(event))
-            elif isinstance(event, DocumentDeleted):
-                out.extend(self._delete_document(event))
-            elif isinstance(event, SegmentDeleted):
-                out.extend(self._delete_segment(event))
+    def handle(self, events: Sequence[Event]) -> StageResult:
+        result = StageResult()
+        texts, skip = self._read(events, result)
+        # the slow part (tokenizing), outside any transaction
+        prepared: dict[int, list[Segment]] = {}
+        token_counts: dict[int, list[int]] = {}
+        for i, event in enumerate(events):
+            if isinstance(event, DocumentParsed) and i in texts:
+                try:
+                    prepared[i] = self._segments(event, texts[i])
+                except DocumentError as exc:
+                    result.reject(event, exc)
+                    skip.add(i)
             elif isinstance(event, SegmentsBatchImported):
-                out.extend(self._import(event))
-            else:
-                log.warning("split: %s does not belong on the parsed topic; skipped", event.type)
-        return out
+                token_counts[i] = [self.tokens.count_tokens(s.content) for s in event.segments]
+        with self.uow() as uow:
+            for i, event in enumerate(events):
+                if i in skip:
+                    continue  # rejected
+                if isinstance(event, DocumentParsed):
+                    self._split(uow, event, prepared.get(i), result)
+                elif isinstance(event, DocumentDeleted):
+                    self._delete_document(uow, event, result)
+                elif isinstance(event, SegmentDeleted):
+                    self._delete_segment(uow, event, result)
+                elif isinstance(event, SegmentsBatchImported):
+                    self._import(uow, event, token_counts[i], result)
+                else:
+                    log.warning(
+                        "split: %s does not belong on the parsed topic; skipped", event.type
+                    )
+            uow.commit()
+        return result
 
-    def _delete_document(self, event: DocumentDeleted) -> list[Emit]:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        ids = self.db.documents.delete_segments(key, event.version)
-        if ids is None:
-            return []
-        removed = SegmentsRemoved(index_node_ids=ids, whole_document=True, **self._common(event))
-        return [Emit(self.topics.segments, removed)]
+    # -- reading, before any write -------------------------------------------------
 
-    def _delete_segment(self, event: SegmentDeleted) -> list[Emit]:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        gone = self.db.documents.delete_segment(
-            key, event.version, event.index_node_id, event.segment_id
-        )
-        if gone is None:
-            log.info(
-                "split: segment %s of %s not found (already deleted?)",
-                event.index_node_id or event.segment_id,
-                event.document_id,
-            )
-            return []
-        return [
-            Emit(
-                self.topics.segments, SegmentsRemoved(index_node_ids=[gone], **self._common(event))
-            )
-        ]
-
-    def _import(self, event: SegmentsBatchImported) -> list[Emit]:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        current = self.db.documents.get(key)
-        if current is None or current.status is IndexingStatus.DELETED:
-            self.db.jobs.fail(event.job_id, f"document {event.document_id} does not exist")
-            return []
-        start, hashes = self.db.documents.segment_hashes(key, exclude_job=event.job_id)
-        chunks = []
-        for item in event.segments:
-            n = self.tokens.count_tokens(item.content)
-            if n > self.tokens.max_input_tokens:
-                self.db.jobs.fail(
-                    event.job_id,
-                    f"segment {item.content[:40]!r}... has {n} tokens, above the model limit of "
-                    f"{self.tokens.max_input_tokens}; split it before importing",
-                )
-                return []
-            chunks.append(ChunkText(content=item.content, answer=item.answer, tokens=n))
-        segments = _offset_occurrences(
-            build_segments(event.dataset_id, event.document_id, chunks, start, event.tenant_id),
-            hashes,
-            event,
-        )
-        fresh = self.db.documents.import_segments(key, event.version, event.job_id, segments)
-        if fresh is None:
-            self.db.jobs.fail(
-                event.job_id, "the document changed or was deleted before the import ran"
-            )
-            return []
-        return self._emit_segments(event, fresh)
+    def _read(
+        self, events: Sequence[Event], result: StageResult
+    ) -> tuple[dict[int, str], set[int]]:
+        """The text of every parsed event whose version is still current, and
+        the positions of the events rejected."""
+        texts: dict[int, str] = {}
+        rejected: set[int] = set()
+        parsed = [(i, e) for i, e in enumerate(events) if isinstance(e, DocumentParsed)]
+        if not parsed:
+            return texts, rejected
+        with self.uow(readonly=True) as uow:
+            for i, event in parsed:
+                doc = uow.documents.get(event.doc_key)
+                if doc is None or not doc.is_current(event.version):
+                    continue  # dropped (and recorded) in the write below
+                try:
+                    texts[i] = self._text(uow, event)
+                except DocumentError as exc:
+                    result.reject(event, exc)
+                    rejected.add(i)
+        return texts, rejected
 
     @staticmethod
-    def _common(event: Event) -> dict[str, object]:
-        return {
-            "tenant_id": event.tenant_id,
-            "dataset_id": event.dataset_id,
-            "document_id": event.document_id,
-            "version": event.version,
-        }
-
-    def _emit_segments(self, event: Event, todo: list[Segment]) -> list[Emit]:
-        batches = split_batches(
-            event.tenant_id,
-            event.dataset_id,
-            event.document_id,
-            event.version,
-            todo,
-            self.segments_per_event,
-        )
-        return [Emit(self.topics.segments, e) for e in batches]
-
-    def _split(self, event: DocumentParsed) -> list[Emit]:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        current = self.db.documents.get(key)
-        if current is None or current.version != event.version:
-            log.info("split: dropping stale v%s of %s", event.version, event.document_id)
-            return []
-        try:
-            text = self._text(event)
-            chunks = split_document(
-                text, event.doc_form, event.process_rule, self.tokens, self.tokens.max_input_tokens
-            )
-        except DocumentError as exc:
-            self.db.documents.set_status(key, event.version, IndexingStatus.ERROR, exc.reason)
-            self.reject(event, exc)
-            return []
-        if not chunks:
-            self.db.documents.set_status(
-                key, event.version, IndexingStatus.ERROR, "splitting produced no segments"
-            )
-            return []
-        segments = build_segments(
-            event.dataset_id, event.document_id, chunks, tenant_id=event.tenant_id
-        )
-        diff = diff_segments(self.db.segments.existing(key), segments)
-        keep = event.cleanup == "none"
-        state = self.db.documents.apply_split(
-            key, event.version, segments, diff, event.chars, keep_removed=keep
-        )
-        if state is None:
-            return []
-        out: list[Emit] = []
-        if diff.removed and not keep:
-            out.append(
-                Emit(
-                    self.topics.segments,
-                    SegmentsRemoved(index_node_ids=diff.removed, **self._common(event)),  # type: ignore[arg-type]
-                )
-            )
-        todo = diff.to_index
-        out.extend(self._emit_segments(event, todo))
-        log.info(
-            "split: %s v%s -> %d segments (%d to index, %d kept, %d removed)",
-            event.source,
-            event.version,
-            len(segments),
-            len(todo),
-            diff.kept_count,
-            len(diff.removed),
-        )
-        return out
-
-    def _text(self, event: DocumentParsed) -> str:
+    def _text(uow: UnitOfWork, event: DocumentParsed) -> str:
         if event.text is not None:
             return event.text
         if event.text_ref is None:
             raise DocumentError("parsed event carries neither text nor text_ref")
-        data = self.db.payloads.get(event.text_ref)
+        data = uow.payloads.get(event.text_ref)
         if data is None:
             raise DocumentError(
                 f"parsed text {event.text_ref} is no longer in the claim-check store; "
@@ -198,11 +135,216 @@ class SplitStage(RejectsEvents):
             )
         return data.decode()
 
-    def on_dead_letter(self, event: Event, reason: str) -> None:
-        key = DocKey(event.tenant_id, event.dataset_id, event.document_id)
-        self.db.documents.set_status(
-            key, event.version, IndexingStatus.ERROR, f"split failed: {reason}"
+    def _segments(self, event: DocumentParsed, text: str) -> list[Segment]:
+        chunks = split_document(
+            text, event.doc_form, event.process_rule, self.tokens, self.tokens.max_input_tokens
         )
+        if not chunks:
+            raise DocumentError("splitting produced no segments")
+        return build_segments(
+            event.dataset_id, event.document_id, chunks, tenant_id=event.tenant_id
+        )
+
+    # -- one write per batch ---------------------------------------------------------
+
+    def _split(
+        self,
+        uow: UnitOfWork,
+        event: DocumentParsed,
+        segments: list[Segment] | None,
+        result: StageResult,
+    ) -> None:
+        key = event.doc_key
+        doc = uow.documents.get(key, for_update=True)
+        if doc is None or segments is None or not doc.is_current(event.version):
+            _drop(uow, doc, event)
+            return
+        diff = diff_segments(uow.segments.existing(key), segments)
+        keep = event.cleanup == "none"
+        removed = [] if keep else diff.removed
+        totals = uow.segments.replace_split(doc, segments, diff, keep_removed=keep)
+        owed = _owed_removals(uow, key, removed)
+        doc.split(
+            event.version,
+            SplitCounts(added=diff.added_count, kept=diff.kept_count, removed=len(removed)),
+            totals,
+            pending=bool(diff.to_index or owed),
+            forget_content_hash=keep and bool(diff.removed),
+        )
+        uow.documents.save(doc)
+        if owed:
+            result.emit(Topic.SEGMENTS, _removed(event, owed))
+        self._emit_segments(result, event, diff.to_index)
+        log.info(
+            "split: %s v%s -> %d segments (%d to index, %d kept, %d removed, %d removals owed)",
+            event.source,
+            event.version,
+            len(segments),
+            len(diff.to_index),
+            diff.kept_count,
+            len(removed),
+            len(owed),
+        )
+
+    def _delete_document(
+        self, uow: UnitOfWork, event: DocumentDeleted, result: StageResult
+    ) -> None:
+        key = event.doc_key
+        doc = uow.documents.get(key, for_update=True)
+        if doc is None or not (doc.deleted and doc.version == event.version):
+            _drop(uow, doc, event)
+            return
+        ids = uow.segments.delete_document(key)
+        if ids or doc.segment_count:
+            # a redelivery finds nothing left: keep the first delivery's count
+            doc.segments_purged(event.version, len(ids))
+        uow.jobs.fail_for_document(key, "the document was deleted")
+        uow.payloads.delete_prefix(parsed_prefix(key))
+        uow.payloads.delete_prefix(upload_prefix(key))
+        # the whole-document removal below reconciles everything still owed
+        uow.payloads.delete_prefix(removals_prefix(key))
+        uow.documents.save(doc)
+        # emitted even when nothing was left: downstream drops the document's orphans
+        result.emit(
+            Topic.SEGMENTS,
+            _removed(event, ids, whole_document=True),
+        )
+
+    def _delete_segment(self, uow: UnitOfWork, event: SegmentDeleted, result: StageResult) -> None:
+        key = event.doc_key
+        doc = uow.documents.get(key, for_update=True)
+        if doc is None or doc.deleted or resolved_version(event) < doc.version:
+            _drop(uow, doc, event)
+            return
+        gone = uow.segments.delete_one(key, event.index_node_id, event.segment_id)
+        if gone is None:
+            log.info(
+                "split: segment %s of %s not found (already deleted?)",
+                event.index_node_id or event.segment_id,
+                event.document_id,
+            )
+            if event.index_node_id:
+                # maybe a redelivery after the commit whose publish was lost: the
+                # removal is harmless to repeat (the indexes reconcile by id)
+                result.emit(
+                    Topic.SEGMENTS,
+                    _removed(event, [event.index_node_id]),
+                )
+            return
+        doc.segment_deleted(resolved_version(event), gone.tokens, gone.word_count)
+        uow.documents.save(doc)
+        result.emit(
+            Topic.SEGMENTS,
+            _removed(event, [gone.index_node_id]),
+        )
+
+    def _import(
+        self,
+        uow: UnitOfWork,
+        event: SegmentsBatchImported,
+        token_counts: list[int],
+        result: StageResult,
+    ) -> None:
+        key = event.doc_key
+        doc = uow.documents.get(key, for_update=True)
+        if doc is None or doc.deleted:
+            uow.jobs.fail(
+                event.tenant_id, event.job_id, f"document {event.document_id} does not exist"
+            )
+            return
+        limit = self.tokens.max_input_tokens
+        for item, n in zip(event.segments, token_counts, strict=True):
+            if n > limit:
+                uow.jobs.fail(
+                    event.tenant_id,
+                    event.job_id,
+                    f"segment {item.content[:40]!r}... has {n} tokens, above the model limit of "
+                    f"{limit}; split it before importing",
+                )
+                return
+        if resolved_version(event) < doc.version:
+            uow.jobs.fail(
+                event.tenant_id,
+                event.job_id,
+                "the document changed or was deleted before the import ran",
+            )
+            return
+        start, hashes = uow.segments.hashes(key, exclude_job=event.job_id)
+        chunks = [
+            ChunkText(content=s.content, answer=s.answer, tokens=n)
+            for s, n in zip(event.segments, token_counts, strict=True)
+        ]
+        segments = _offset_occurrences(
+            build_segments(event.dataset_id, event.document_id, chunks, start, event.tenant_id),
+            hashes,
+            event,
+        )
+        fresh = uow.segments.append_imported(doc, event.job_id, segments)
+        doc.segments_imported(
+            resolved_version(event),
+            len(fresh),
+            sum(s.tokens for s in fresh),
+            sum(s.word_count for s in fresh),
+        )
+        uow.documents.save(doc)
+        # every segment of the job not yet in both indexes, not just the fresh
+        # ones: a replay after a lost publish sends them again
+        stored = uow.segments.by_ids([s.index_node_id for s in segments])
+        todo = [
+            row
+            for s in segments
+            if (row := stored.get(s.index_node_id)) is not None
+            and not (row.vector_indexed and row.keywords_indexed)
+        ]
+        uow.jobs.processing(event.tenant_id, event.job_id, len(todo))
+        self._emit_segments(result, event, todo)
+
+    def _emit_segments(
+        self, result: StageResult, event: Event, todo: Sequence[Segment] | Sequence[StoredSegment]
+    ) -> None:
+        for batch in split_batches(
+            event.tenant_id,
+            event.dataset_id,
+            event.document_id,
+            resolved_version(event),
+            todo,
+            self.segments_per_event,
+        ):
+            result.emit(Topic.SEGMENTS, batch)
+
+
+def _removed(event: Event, ids: list[str], whole_document: bool = False) -> SegmentsRemoved:
+    return SegmentsRemoved(
+        tenant_id=event.tenant_id,
+        dataset_id=event.dataset_id,
+        document_id=event.document_id,
+        version=resolved_version(event),
+        index_node_ids=ids,
+        whole_document=whole_document,
+    )
+
+
+def _drop(uow: UnitOfWork, doc: Document | None, event: Event) -> None:
+    if doc is None:
+        log.info("split: %s v%s of unknown %s dropped", event.type, event.version, event.doc_key)
+        return
+    doc.drop(event.type, resolved_version(event))
+    uow.documents.save(doc)
+    log.info("split: %s", doc.last_dropped)
+
+
+def _owed_removals(uow: UnitOfWork, key: DocKey, removed: Sequence[str]) -> list[str]:
+    """Removals of this split plus those earlier splits still owe the indexes
+    (their publish may have been lost), minus any id that is alive again.
+    Kept durably until the document completes."""
+    data = uow.payloads.get(_removals_key(key))
+    earlier: list[str] = json.loads(data) if data else []
+    owed = sorted(set(earlier).union(removed) - uow.segments.ids_for_document(key))
+    if owed:
+        uow.payloads.put(_removals_key(key), json.dumps(owed).encode())
+    elif data is not None:
+        uow.payloads.delete_prefix(removals_prefix(key))
+    return owed
 
 
 def _offset_occurrences(
@@ -210,10 +352,6 @@ def _offset_occurrences(
 ) -> list[Segment]:
     """Imported text may repeat text the document already has: shift the
     occurrence number so the index_node_id is new, yet the same on a replay."""
-    from collections import Counter
-
-    from domain.model import make_index_node_id
-
     seen = Counter(existing_hashes)
     out = []
     for s in segments:

@@ -1,50 +1,72 @@
 """track_status: joins the two branches. A document is completed when every
-segment of its current version is flagged by both branches, and Milvus and
-the keyword postings hold exactly its segments (removals included). The check
-reads state, not event counts, so duplicates and reordering cannot fool it."""
+segment of its current version is flagged by both branches, and the vector
+index and the keyword postings hold exactly its segments (removals included).
+The check reads state, not event counts, so duplicates and reordering cannot
+fool it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from domain.documents import IndexingStatus
+from consumers.contract import StageResult
+from consumers.split import removals_prefix
+from domain.documents import DocKey, IndexingStatus
 from domain.events import Event
-from infra.db.repository import Database, DocKey
-from infra.kafka.runner import Emit
-from infra.kafka.topics import Topics
-from infra.vectors import MilvusVectorStore
+from domain.ports import UnitOfWork, UnitOfWorkFactory, VectorIndex
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    key: DocKey
+    version: int
+    segments: frozenset[str]
+    postings_ok: bool
 
 
 @dataclass
 class TrackStatusStage:
-    db: Database
-    topics: Topics
-    vectors: MilvusVectorStore
+    uow: UnitOfWorkFactory
+    vectors: VectorIndex
     name: str = "track_status"
     max_batch: int = 64
 
-    @property
-    def input_topics(self) -> list[str]:
-        return [self.topics.progress]
+    def handle(self, events: Sequence[Event]) -> StageResult:
+        keys = {e.doc_key for e in events}
+        if not keys:
+            return StageResult()
+        candidates: list[_Candidate] = []
+        with self.uow(readonly=True) as uow:
+            for key, doc in uow.documents.get_many(keys).items():
+                # the cheap flag count first; the stores only when it could complete
+                if doc.status is not IndexingStatus.INDEXING or uow.segments.pending_count(key):
+                    continue
+                segments = uow.segments.ids_for_document(key)
+                postings = uow.postings.nodes_for_document(key)
+                candidates.append(
+                    _Candidate(key, doc.version, frozenset(segments), postings <= segments)
+                )
+        # the vector index, outside any transaction, in one round trip per dataset
+        ok = [c for c in candidates if c.postings_ok]
+        stored = self.vectors.ids_for_documents(c.key for c in ok) if ok else {}
+        agreed = [c for c in ok if stored.get(c.key, set()) == c.segments]
+        if agreed:
+            with self.uow() as uow:
+                for c in sorted(agreed, key=lambda c: str(c.key)):
+                    self._complete(uow, c)
+                uow.commit()
+        return StageResult()
 
-    def handle(self, events: Sequence[Event]) -> list[Emit]:
-        keys = {DocKey(e.tenant_id, e.dataset_id, e.document_id) for e in events}
-        for key, state in self.db.documents.versions(keys).items():
-            if state.status is not IndexingStatus.INDEXING:
-                continue
-            # cheap flag count first; the store comparison only when it could complete
-            if self.db.segments.pending_count(key) == 0 and self._stores_agree(key):
-                self.db.documents.try_complete(key, state.version)
-        return []
-
-    def _stores_agree(self, key: DocKey) -> bool:
-        segments = self.db.segments.ids_for_document(key)
-        postings = self.db.postings.nodes_for_document(key)
-        if not postings <= segments:
-            return False
-        vectors = set(self.vectors.ids_for_document(key.tenant_id, key.dataset_id, key.document_id))
-        return vectors == segments
-
-    def on_dead_letter(self, event: Event, reason: str) -> None:
-        return None
+    @staticmethod
+    def _complete(uow: UnitOfWork, c: _Candidate) -> None:
+        doc = uow.documents.get(c.key, for_update=True)
+        if doc is None:
+            return
+        # the segment set may have changed since the stores were compared
+        unchanged = uow.segments.ids_for_document(c.key) == c.segments
+        if not doc.complete(c.version, uow.segments.pending_count(c.key), unchanged):
+            return
+        uow.documents.save(doc)
+        uow.jobs.complete_for_document(c.key)
+        # the indexes hold exactly the segments: no removal is owed any more
+        uow.payloads.delete_prefix(removals_prefix(c.key))

@@ -8,7 +8,6 @@ in order in every partition of every topic.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -32,12 +31,6 @@ def _now() -> datetime:
 
 def _new_event_id() -> str:
     return str(uuid.uuid4())
-
-
-def _now_version() -> int:
-    # Microseconds since the epoch: monotonic enough for one publisher, and an
-    # upstream system with its own revision numbers passes those instead.
-    return time.time_ns() // 1_000
 
 
 class Topic(StrEnum):
@@ -85,7 +78,7 @@ class ProcessRule(BaseModel):
         return self
 
 
-class _Event(BaseModel):
+class _Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: str = Field(default_factory=_new_event_id, min_length=1, max_length=64)
@@ -94,9 +87,6 @@ class _Event(BaseModel):
     tenant_id: Id = "default"
     dataset_id: Id
     document_id: Id
-    # The document revision this event belongs to; stages drop anything older
-    # than the document's current version.
-    version: int = Field(default_factory=_now_version, ge=0)
 
     @property
     def key(self) -> str:
@@ -108,15 +98,42 @@ class _Event(BaseModel):
         return DocKey(self.tenant_id, self.dataset_id, self.document_id)
 
 
+class _Event(_Envelope):
+    """A stage event: it always carries the version parse resolved, and stages
+    drop anything older than the document's current version."""
+
+    version: int = Field(ge=0)
+
+
 # --- upstream lifecycle ------------------------------------------------------
 
 
-class _DocumentSource(_Event):
+class _Lifecycle(_Envelope):
+    """What upstream systems publish. Without a version, parse resolves one
+    from the document's state when it claims the event: a created or updated
+    document gets the version after the latest known one; a delete, a segment
+    delete or a batch import applies to the current version."""
+
+    version: int | None = Field(
+        default=None,
+        ge=0,
+        description="the document's revision (a small integer); omit it to mean "
+        "'after the latest known version' (created/updated) or 'the current "
+        "version' (deleted, segment.deleted, segments.batch_imported)",
+    )
+
+
+class _DocumentSource(_Lifecycle):
     source: str = Field(
         min_length=1, max_length=1024, description="file name or path shown to people"
     )
     content: str | None = Field(default=None, description="inline text, for small documents")
-    uri: str | None = Field(default=None, max_length=4096, description="file:// reference")
+    uri: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="file:// reference under the allowed roots, or kbstream-upload:<key> "
+        "for bytes uploaded to the database",
+    )
     mime_type: str | None = Field(default=None, max_length=128)
     content_hash: str | None = Field(
         default=None, max_length=128, description="sha256 of the raw bytes"
@@ -142,11 +159,11 @@ class DocumentUpdated(_DocumentSource):
     cleanup: Literal["incremental", "none"] = "incremental"
 
 
-class DocumentDeleted(_Event):
+class DocumentDeleted(_Lifecycle):
     type: Literal["document.deleted"] = "document.deleted"
 
 
-class SegmentDeleted(_Event):
+class SegmentDeleted(_Lifecycle):
     type: Literal["segment.deleted"] = "segment.deleted"
     index_node_id: str | None = Field(default=None, max_length=64)
     segment_id: int | None = None
@@ -164,7 +181,7 @@ class ImportedSegment(BaseModel):
     answer: str | None = None
 
 
-class SegmentsBatchImported(_Event):
+class SegmentsBatchImported(_Lifecycle):
     type: Literal["segments.batch_imported"] = "segments.batch_imported"
     job_id: Id
     segments: list[ImportedSegment] = Field(min_length=1)
@@ -209,12 +226,19 @@ class SegmentsSplit(_Event):
 
 
 class _SegmentLike(Protocol):
-    index_node_id: str
-    doc_hash: str
-    position: int
-    content: str
-    answer: str | None
-    tokens: int
+    # read-only: frozen Segment and StoredSegment both qualify
+    @property
+    def index_node_id(self) -> str: ...
+    @property
+    def doc_hash(self) -> str: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def answer(self) -> str | None: ...
+    @property
+    def tokens(self) -> int: ...
 
 
 def split_batches(
@@ -306,6 +330,15 @@ Event = (
 )
 
 AnyEvent = Annotated[Event, Field(discriminator="type")]
+
+
+def resolved_version(event: Event) -> int:
+    """The version of an event past parse: parse gives every lifecycle event
+    without one the version it resolved before sending it on."""
+    if event.version is None:
+        raise InvalidEvent(f"{event.type} has no version; only parse may resolve it")
+    return event.version
+
 
 _ANY = TypeAdapter(AnyEvent)
 _LIFECYCLE = TypeAdapter(LifecycleEvent)

@@ -14,8 +14,10 @@ then writes once.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Protocol, Self
 
 from domain.documents import DocKey, Document
@@ -61,13 +63,20 @@ class VectorRow:
 class VectorIndex(Protocol):
     """Vectors keyed by index_node_id; every write is an idempotent upsert."""
 
-    def upsert(self, rows: Sequence[VectorRow]) -> None: ...
+    def upsert(self, rows: Sequence[VectorRow]) -> int:
+        """Returns how many rows were written."""
+        ...
 
     def delete(self, index_node_ids: Sequence[str]) -> None: ...
 
     def delete_document(self, key: DocKey) -> None: ...
 
     def ids_for_document(self, key: DocKey) -> list[str]: ...
+
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        """The same for many documents, in as few round trips as possible;
+        read with strong consistency (completion decisions depend on it)."""
+        ...
 
 
 class KeywordExtractor(Protocol):
@@ -83,6 +92,12 @@ class DocumentReader(Protocol):
     def read(
         self, content: str | None, uri: str | None, mime_type: str | None
     ) -> tuple[str, str | None]: ...
+
+    def extract(self, data: bytes, filename: str, mime_type: str | None) -> tuple[str, str | None]:
+        """Raw bytes (an uploaded file's) to (text, mime type), within the
+        same limits as ``read``; ``filename``'s extension names the format
+        when ``mime_type`` does not."""
+        ...
 
 
 # -- repositories (inside a unit of work) ----------------------------------------
@@ -105,9 +120,9 @@ class DocumentRepository(Protocol):
 
     def list(
         self, tenant_id: str, dataset_id: str, document_ids: Sequence[str] | None = None
-    ) -> list[Document]: ...
+    ) -> builtins.list[Document]: ...
 
-    def find(self, tenant_id: str, document_id: str) -> list[Document]: ...
+    def find(self, tenant_id: str, document_id: str) -> builtins.list[Document]: ...
 
     def status_counts(self, tenant_id: str, dataset_id: str) -> dict[str, int]: ...
 
@@ -244,16 +259,28 @@ class ImportJobs(Protocol):
 
 
 class UnitOfWork(Protocol):
-    documents: DocumentRepository
-    segments: SegmentRepository
-    embeddings: EmbeddingCache
-    postings: KeywordPostings
-    payloads: PayloadStore
-    jobs: ImportJobs
+    # read-only properties: an adapter's own repository classes qualify
+    @property
+    def documents(self) -> DocumentRepository: ...
+    @property
+    def segments(self) -> SegmentRepository: ...
+    @property
+    def embeddings(self) -> EmbeddingCache: ...
+    @property
+    def postings(self) -> KeywordPostings: ...
+    @property
+    def payloads(self) -> PayloadStore: ...
+    @property
+    def jobs(self) -> ImportJobs: ...
 
     def __enter__(self) -> Self: ...
 
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
     def commit(self) -> None: ...
 

@@ -81,15 +81,27 @@ _MILVUS_TRANSIENT_HINTS = (
 
 def classify_milvus(what: str, exc: BaseException) -> KbstreamError:
     """Milvus down or busy is worth retrying; a request it rejects (wrong
-    dimension, bad parameter) fails the same way every time."""
-    try:
-        from pymilvus.exceptions import MilvusUnavailableException
-    except ImportError:  # pragma: no cover
-        MilvusUnavailableException = ()  # type: ignore[assignment,misc]  # noqa: N806
-    message = str(exc).lower()
-    if isinstance(exc, MilvusUnavailableException) or any(
-        h in message for h in _MILVUS_TRANSIENT_HINTS
-    ):
+    dimension, bad parameter) fails the same way every time. The server's
+    own verdict (is_input_error, retriable) wins over the message's words."""
+    from pymilvus.exceptions import (
+        ConnectionNotExistException,
+        ErrorCode,
+        MilvusException,
+        MilvusUnavailableException,
+    )
+
+    if isinstance(exc, MilvusException):
+        if getattr(exc, "is_input_error", False):
+            return PermanentError(f"Milvus rejected {what}: {exc}")
+        if (
+            getattr(exc, "retriable", False)
+            or isinstance(exc, MilvusUnavailableException | ConnectionNotExistException)
+            or exc.code == getattr(ErrorCode, "RATE_LIMIT", None)
+        ):
+            return TransientError(f"Milvus {what} failed: {exc}")
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return TransientError(f"Milvus {what} failed: {exc}")
+    if any(h in str(exc).lower() for h in _MILVUS_TRANSIENT_HINTS):
         return TransientError(f"Milvus {what} failed: {exc}")
     return PermanentError(f"Milvus rejected {what}: {exc}")
 
@@ -97,31 +109,53 @@ def classify_milvus(what: str, exc: BaseException) -> KbstreamError:
 # -- Kafka -----------------------------------------------------------------------
 
 
+def _kafka_permanent_codes() -> frozenset[int]:
+    from confluent_kafka import KafkaError as K
+
+    return frozenset(
+        {
+            # the message itself: it will be refused the same way every time
+            K.MSG_SIZE_TOO_LARGE,
+            K.RECORD_LIST_TOO_LARGE,
+            K.INVALID_RECORD,
+            K.INVALID_MSG_SIZE,
+            K.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+            K.UNSUPPORTED_COMPRESSION_TYPE,
+            K.POLICY_VIOLATION,
+            # who we are or where we send it: a configuration to fix
+            K.TOPIC_AUTHORIZATION_FAILED,
+            K.GROUP_AUTHORIZATION_FAILED,
+            K.CLUSTER_AUTHORIZATION_FAILED,
+            K.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+            K.SASL_AUTHENTICATION_FAILED,
+            K.UNSUPPORTED_SASL_MECHANISM,
+            K.UNKNOWN_TOPIC_OR_PART,
+            K.TOPIC_EXCEPTION,
+            K._UNKNOWN_TOPIC,
+            K._UNKNOWN_PARTITION,
+            K.INVALID_CONFIG,
+            K.INVALID_REQUIRED_ACKS,
+            K._INVALID_ARG,
+            K._NOT_IMPLEMENTED,
+        }
+    )
+
+
 def classify_kafka(what: str, err: object) -> KbstreamError:
-    """A confluent_kafka KafkaError (or KafkaException) -> domain error.
-    librdkafka says itself whether an error is retriable or fatal; a message
-    too large, an authorization failure or an unknown topic is neither."""
+    """A confluent_kafka KafkaError (or KafkaException) -> domain error. A
+    fatal error, a message too large, an authorization failure or an unknown
+    topic is permanent; anything else (brokers down, timeouts, leader
+    elections) is transient, as librdkafka retries those itself too."""
     from confluent_kafka import KafkaError, KafkaException
 
-    if isinstance(err, KafkaException):
-        err = err.args[0] if err.args else err
+    if isinstance(err, KafkaException) and err.args:
+        err = err.args[0]
     if not isinstance(err, KafkaError):
         return TransientError(f"{what}: {err}")
-    permanent_codes = {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.GROUP_AUTHORIZATION_FAILED,
-        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._UNKNOWN_TOPIC,
-        KafkaError.INVALID_CONFIG,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.SASL_AUTHENTICATION_FAILED,
-    }
-    if err.fatal() or err.code() in permanent_codes:
-        return PermanentError(f"{what}: {err.str()} ({err.name()})")
-    return TransientError(f"{what}: {err.str()} ({err.name()})")
+    described = f"{what}: {err.str()} ({err.name()})"
+    if err.fatal() or err.code() in _kafka_permanent_codes():
+        return PermanentError(described)
+    return TransientError(described)
 
 
 def _first_line(exc: object) -> str:

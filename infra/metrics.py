@@ -13,6 +13,24 @@ CACHE_HITS = Counter(
     "kbstream_embedding_cache_hits_total", "Segments served from the embedding cache"
 )
 
+GIVE_UP_FAILURES = Counter(
+    "kbstream_give_up_failures_total",
+    "Failed attempts to record a given-up event on its document",
+    ["stage"],
+)
+STAGE_WORK = Counter(
+    "kbstream_stage_work_total", "What stages did, from StageResult.counts", ["stage", "what"]
+)
+# counts that predate STAGE_WORK keep their own unlabelled series
+_NAMED = {"embedded_texts": EMBEDDED_TEXTS, "cache_hits": CACHE_HITS}
+
+
+def record_counts(stage: str, counts: dict[str, int]) -> None:
+    for what, n in counts.items():
+        STAGE_WORK.labels(stage, what).inc(n)
+        if what in _NAMED:
+            _NAMED[what].inc(n)
+
 
 def serve(port: int | None) -> None:
     if port:

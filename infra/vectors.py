@@ -9,26 +9,22 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException, MilvusUnavailableException
+from pymilvus.exceptions import MilvusException
 
+from domain.documents import DocKey
 from domain.errors import PermanentError, TransientError
+from domain.ports import VectorRow
+from infra.children import milvus_dir_locked
+from infra.errors import classify_milvus
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VectorRow:
-    index_node_id: str
-    vector: Sequence[float] | np.ndarray
-    tenant_id: str
-    dataset_id: str
-    document_id: str
 
 
 @dataclass(frozen=True)
@@ -48,26 +44,6 @@ def collection_name(provider: str, model: str, dim: int) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", base).strip("_").lower()[:120] or "model"
     digest = hashlib.sha256(f"{provider}\x1f{model}".encode()).hexdigest()[:8]
     return f"kb_{slug}_{dim}_{digest}"
-
-
-_TRANSIENT_HINTS = (
-    "unavailable",
-    "connect",
-    "timeout",
-    "deadline",
-    "channel",
-    "released",
-    "not loaded",
-)
-
-
-def _classify(what: str, exc: MilvusException) -> Exception:
-    """Milvus being down or busy is worth retrying; a request it rejects
-    (wrong dimension, bad parameter) fails the same way every time."""
-    message = str(exc).lower()
-    if isinstance(exc, MilvusUnavailableException) or any(h in message for h in _TRANSIENT_HINTS):
-        return TransientError(f"Milvus {what} failed: {exc}")
-    return PermanentError(f"Milvus rejected {what}: {exc}")
 
 
 # milvus-lite serves a local file from a gRPC server thread of this process
@@ -107,6 +83,13 @@ def _q(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _of_document(key: DocKey) -> str:
+    return (
+        f"tenant_id == {_q(key.tenant_id)} and dataset_id == {_q(key.dataset_id)} "
+        f"and document_id == {_q(key.document_id)}"
+    )
+
+
 class MilvusVectorStore:
     def __init__(self, uri: str, collection: str, dim: int, token: str | None = None) -> None:
         self.uri = uri
@@ -129,6 +112,11 @@ class MilvusVectorStore:
                         self._client = MilvusClient(**kwargs)
                         _retain_local(self.uri)
                     except MilvusException as exc:
+                        # a local file locked by another process will not free
+                        # itself: say who holds it instead of retrying forever
+                        held = milvus_dir_locked(Path(self.uri)) if _is_local(self.uri) else None
+                        if held:
+                            raise PermanentError(held) from exc
                         raise TransientError(f"Milvus unavailable at {self.uri}: {exc}") from exc
                     self._ensure_collection()
         return self._client
@@ -169,8 +157,8 @@ class MilvusVectorStore:
                         self._client.load_collection(self.collection)
                         return fn(*args, **kwargs)
                     except MilvusException as again:
-                        raise _classify(what, again) from again
-                raise _classify(what, exc) from exc
+                        raise classify_milvus(what, again) from again
+                raise classify_milvus(what, exc) from exc
 
     def upsert(self, rows: Sequence[VectorRow]) -> int:
         if not rows:
@@ -179,9 +167,9 @@ class MilvusVectorStore:
             {
                 "index_node_id": r.index_node_id,
                 "vector": np.asarray(r.vector, dtype=np.float32).tolist(),
-                "tenant_id": r.tenant_id,
-                "dataset_id": r.dataset_id,
-                "document_id": r.document_id,
+                "tenant_id": r.key.tenant_id,
+                "dataset_id": r.key.dataset_id,
+                "document_id": r.key.document_id,
             }
             for r in rows
         ]
@@ -193,11 +181,8 @@ class MilvusVectorStore:
             return
         self._call("delete", self.client.delete, self.collection, ids=list(index_node_ids))
 
-    def delete_document(self, tenant_id: str, dataset_id: str, document_id: str) -> None:
-        expr = (
-            f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)} "
-            f"and document_id == {_q(document_id)}"
-        )
+    def delete_document(self, key: DocKey) -> None:
+        expr = _of_document(key)
         self._call("delete", self.client.delete, self.collection, filter=expr)
 
     def search(
@@ -251,11 +236,8 @@ class MilvusVectorStore:
                 out[node] = (row["document_id"], seen[1] + 1 if seen else 1)
         return out
 
-    def ids_for_document(self, tenant_id: str, dataset_id: str, document_id: str) -> list[str]:
-        expr = (
-            f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)} "
-            f"and document_id == {_q(document_id)}"
-        )
+    def ids_for_document(self, key: DocKey) -> list[str]:
+        expr = _of_document(key)
         res = self._call(
             "query",
             self.client.query,
@@ -265,6 +247,35 @@ class MilvusVectorStore:
             consistency_level="Strong",  # completion decisions read this
         )
         return [r["index_node_id"] for r in res]
+
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        """One query per (tenant, dataset) and chunk of documents instead of
+        one per document: track_status checks a whole batch at once."""
+        out: dict[DocKey, set[str]] = {}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for k in set(keys):
+            out[k] = set()
+            groups.setdefault((k.tenant_id, k.dataset_id), []).append(k.document_id)
+        for (tenant, dataset), docs in groups.items():
+            docs.sort()
+            # small chunks: a query returns at most 16,384 rows
+            for i in range(0, len(docs), 16):
+                chunk = docs[i : i + 16]
+                expr = (
+                    f"tenant_id == {_q(tenant)} and dataset_id == {_q(dataset)} and "
+                    f"document_id in [{', '.join(_q(d) for d in chunk)}]"
+                )
+                res = self._call(
+                    "query",
+                    self.client.query,
+                    self.collection,
+                    filter=expr,
+                    output_fields=["index_node_id", "document_id"],
+                    consistency_level="Strong",
+                )
+                for r in res:
+                    out[DocKey(tenant, dataset, r["document_id"])].add(r["index_node_id"])
+        return out
 
     def count(self, tenant_id: str, dataset_id: str) -> int:
         expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"

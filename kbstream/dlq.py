@@ -2,7 +2,10 @@
 
 Listing reads the whole DLQ topic without committing anything. Replay uses
 its own consumer group (``<prefix>dlq-replay``) and commits after it has
-republished, so each dead letter is replayed once."""
+republished, so each dead letter is replayed once. A dead letter whose body
+was cut to fit the broker (kb-truncated) is not replayed: the cut bytes
+would only be dead-lettered again; the full event is at its original
+topic/partition/offset while that topic retains it."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from infra.kafka import headers as h
 from infra.kafka.producer import EventPublisher
 from infra.kafka.topics import Topics
 
@@ -28,6 +32,10 @@ class DeadLetter:
     headers: dict[str, str]
     value: bytes | None
 
+    @property
+    def truncated(self) -> bool:
+        return self.headers.get(h.TRUNCATED) == "true"
+
     def to_dict(self) -> dict[str, Any]:
         preview = None
         if self.value is not None:
@@ -36,14 +44,17 @@ class DeadLetter:
             "partition": self.partition,
             "offset": self.offset,
             "key": self.key,
-            "stage": self.headers.get("kb-stage"),
-            "error": self.headers.get("kb-error"),
-            "error_class": self.headers.get("kb-error-class"),
-            "original_topic": self.headers.get("kb-original-topic"),
-            "original_partition": _int(self.headers.get("kb-original-partition")),
-            "original_offset": _int(self.headers.get("kb-original-offset")),
-            "attempts": _int(self.headers.get("kb-attempts")),
-            "failed_at": self.headers.get("kb-failed-at"),
+            "stage": self.headers.get(h.STAGE),
+            "error": self.headers.get(h.ERROR),
+            "error_class": self.headers.get(h.ERROR_CLASS),
+            "original_topic": self.headers.get(h.ORIGINAL_TOPIC),
+            "original_partition": _int(self.headers.get(h.ORIGINAL_PARTITION)),
+            "original_offset": _int(self.headers.get(h.ORIGINAL_OFFSET)),
+            "attempts": _int(self.headers.get(h.ATTEMPTS)),
+            "failed_at": self.headers.get(h.FAILED_AT),
+            "truncated": self.truncated,
+            "original_size": _int(self.headers.get(h.ORIGINAL_SIZE)),
+            "original_sha256": self.headers.get(h.ORIGINAL_SHA256),
             "value_preview": preview,
         }
 
@@ -56,7 +67,7 @@ def _int(v: str | None) -> int | None:
 
 
 def _letter(m: Message) -> DeadLetter:
-    headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (m.headers() or [])}
+    headers = h.as_dict(m.headers())
     key = m.key().decode("utf-8", "replace") if m.key() else None
     return DeadLetter(m.partition(), m.offset(), key, headers, m.value())
 
@@ -110,10 +121,10 @@ def _read_to_end(
 
 
 def _replay_headers(m: Message, letter: DeadLetter) -> list[tuple[str, bytes]]:
-    headers = [("kb-replayed-from", f"{m.partition()}:{m.offset()}".encode())]
-    stage = letter.headers.get("kb-stage")
+    headers = [(h.REPLAYED_FROM, f"{m.partition()}:{m.offset()}".encode())]
+    stage = letter.headers.get(h.STAGE)
     if stage:  # only the stage that gave up on it takes it back
-        headers.append(("kb-replay-for", stage.encode()))
+        headers.append((h.REPLAY_FOR, stage.encode()))
     return headers
 
 
@@ -136,12 +147,23 @@ def replay_dead_letters(
         msgs = _read_to_end(consumer, topics.dlq, start_committed=True)
         for m in msgs:
             letter = _letter(m)
-            target = letter.headers.get("kb-original-topic")
-            if stage and letter.headers.get("kb-stage") != stage:
+            target = letter.headers.get(h.ORIGINAL_TOPIC)
+            if stage and letter.headers.get(h.STAGE) != stage:
                 continue
             if not target:
                 log.warning(
                     "dead letter at %s:%s has no original topic; skipped", m.partition(), m.offset()
+                )
+                continue
+            if letter.truncated:
+                log.warning(
+                    "dead letter at %s:%s was cut to fit the broker; not replayed (the full "
+                    "event is at %s[%s]@%s)",
+                    m.partition(),
+                    m.offset(),
+                    target,
+                    letter.headers.get(h.ORIGINAL_PARTITION),
+                    letter.headers.get(h.ORIGINAL_OFFSET),
                 )
                 continue
             if not dry_run:

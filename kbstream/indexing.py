@@ -4,26 +4,42 @@ changed or vanished file, then wait until every document is done.
 Cleanup modes (after LangChain's indexing API): ``none`` never deletes
 anything (an update keeps segments that vanished from the file);
 ``incremental`` (what `index` does) replaces a changed document's segments;
-``full`` also deletes the dataset's documents whose files are gone."""
+``full`` also deletes the dataset's documents whose files are gone.
+
+By default each new or changed file's bytes are uploaded into the shared
+database before its event is published (uri ``kbstream-upload:<key>``), so
+workers on any machine can parse it; ``by_reference`` publishes ``file://``
+uris instead, which every parse worker's KBSTREAM_ALLOWED_ROOTS must cover.
+
+Versions are explicit and small: the document's current version plus one. An
+event without a version would get the same from parse, but the waiting below
+needs to know which version means "done", and a redelivered explicit event
+claims the same version again instead of making another."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from domain.documents import IndexingStatus
-from domain.events import DocForm, DocumentCreated, DocumentDeleted, DocumentUpdated, ProcessRule
+from consumers.contract import Emit
+from domain.documents import Document, IndexingStatus
+from domain.events import (
+    DocForm,
+    DocumentCreated,
+    DocumentDeleted,
+    DocumentUpdated,
+    ProcessRule,
+    Topic,
+)
 from domain.splitting import resolve_rule
-from infra.db.repository import DocumentState
 from kbstream.bootstrap import Container
-from kbstream.stack import WorkerPool, broker_for
-from producers.client import LifecyclePublisher
+from kbstream.publishing import publish_and_wait
 from producers.files import FileDocument, discover
+from producers.uploads import upload_files
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +81,20 @@ def plan(
     cleanup: Cleanup = "incremental",
     rule: ProcessRule | None = None,
     doc_form: DocForm = DocForm.TEXT,
-) -> tuple[list[Lifecycle], list[DocumentState]]:
+) -> tuple[list[Lifecycle], list[Document]]:
     """Events to publish, and the documents that are already up to date."""
     tenant = container.settings.tenant
-    everything = {d.document_id: d for d in container.db.documents.list(tenant, dataset)}
+    with container.uow(readonly=True) as uow:
+        everything = {d.document_id: d for d in uow.documents.list(tenant, dataset)}
     events: list[Lifecycle] = []
-    unchanged: list[DocumentState] = []
+    unchanged: list[Document] = []
     for f in files:
         state = everything.get(f.document_id)
         common: dict[str, Any] = {
             "tenant_id": tenant,
             "dataset_id": dataset,
             "document_id": f.document_id,
+            "version": _next_version(state),
             "source": str(f.path),
             "uri": f.uri,
             "content_hash": f.content_hash,
@@ -94,16 +112,46 @@ def plan(
             events.append(DocumentCreated(**common))
         else:
             # changed, failed before, or interrupted: the incremental path resumes it
-            mode = "none" if cleanup == "none" else "incremental"
+            mode: Literal["none", "incremental"] = "none" if cleanup == "none" else "incremental"
             events.append(DocumentUpdated(cleanup=mode, **common))
     if cleanup == "full":
         present = {f.document_id for f in files}
         for doc_id, state in sorted(everything.items()):
             if doc_id not in present and state.status is not IndexingStatus.DELETED:
                 events.append(
-                    DocumentDeleted(tenant_id=tenant, dataset_id=dataset, document_id=doc_id)
+                    DocumentDeleted(
+                        tenant_id=tenant,
+                        dataset_id=dataset,
+                        document_id=doc_id,
+                        version=_next_version(state),
+                    )
                 )
     return events, unchanged
+
+
+def _next_version(state: Document | None) -> int:
+    return (state.version if state is not None else 0) + 1
+
+
+def upload_sources(
+    container: Container, events: Sequence[Lifecycle], files: Sequence[FileDocument]
+) -> list[Lifecycle]:
+    """Upload the file behind every created/updated event (committed before
+    anything is published) and point the events at the uploads."""
+    paths = {f.document_id: f.path for f in files}
+    items = [
+        (e.doc_key, paths[e.document_id])
+        for e in events
+        if isinstance(e, DocumentCreated | DocumentUpdated)
+    ]
+    uploaded = upload_files(container.uow, items, container.settings.max_document_bytes)
+    out: list[Lifecycle] = []
+    for e in events:
+        done = uploaded.get(e.doc_key)
+        if done is not None and not isinstance(e, DocumentDeleted):
+            e = e.model_copy(update={"uri": done.uri, "content_hash": done.content_hash})
+        out.append(e)
+    return out
 
 
 def index_paths(
@@ -116,99 +164,37 @@ def index_paths(
     cleanup: Cleanup = "incremental",
     rule: ProcessRule | None = None,
     doc_form: DocForm = DocForm.TEXT,
+    by_reference: bool = False,
 ) -> IndexSummary:
     started = time.perf_counter()
     files = discover(paths, container.settings.tenant, dataset)
     summary = IndexSummary(documents=len(files))
-    # the embedded workers may read exactly the files given here
-    roots = {str(f.path.parent) for f in files}
-    extra = os.pathsep.join(sorted(roots))
-    s = container.settings
-    container.settings = s.model_copy(
-        update={"allowed_roots": os.pathsep.join(filter(None, [s.allowed_roots, extra]))}
-    )
     if rule is not None:
         # fail before publishing anything, not once per document
         resolve_rule(rule, container.token_counter.max_input_tokens)
     events, unchanged = plan(container, dataset, files, force, cleanup, rule, doc_form)
     summary.skipped = len(unchanged)
+    if not by_reference:
+        events = upload_sources(container, events, files)
     if events:
-        with broker_for(container.settings) as runtime:
-            pool = None
-            if runtime.embedded:
-                # the broker is ours alone: no group join needed
-                pool = WorkerPool(container, runtime.bootstrap, exclusive=True).start()
-            try:
-                publisher = LifecyclePublisher(
-                    runtime.bootstrap, container.topics, container.settings.max_event_bytes
-                )
-                for e in events:
-                    publisher.publish(e)
-                publisher.flush()
-                publisher.close()
-                summary.published = len(events)
-                _wait(
-                    container,
-                    dataset,
-                    events,
-                    pool,
-                    timeout,
-                    progress,
-                    len(unchanged),
-                    len(unchanged) + len(events),
-                )
-            finally:
-                if pool is not None:
-                    pool.stop()
+        total = len(unchanged) + len(events)
+
+        def waited(finished: int, segments: int) -> None:
+            if progress:
+                progress(len(unchanged) + finished, total, segments)
+
+        publish_and_wait(
+            container,
+            [Emit(Topic.LIFECYCLE, e) for e in events],
+            timeout=timeout,
+            progress=waited,
+            # workers this process starts itself may read the files it names
+            read_roots={f.path.parent for f in files} if by_reference else (),
+        )
+        summary.published = len(events)
     _summarise(container, dataset, files, events, summary)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
-
-
-def _wait(
-    container: Container,
-    dataset: str,
-    events: Sequence[Lifecycle],
-    pool: WorkerPool | None,
-    timeout: float | None,
-    progress: ProgressFn | None,
-    already_done: int,
-    total: int,
-) -> None:
-    want = {e.document_id: e.version for e in events}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        states = container.db.documents.list(container.settings.tenant, dataset, list(want))
-        finished = [
-            d
-            for d in states
-            if d.version >= want[d.document_id]
-            and d.status.finished
-            and (d.status is not IndexingStatus.DELETED or _delete_settled(container, d))
-        ]
-        segments = sum(d.segment_count for d in states)
-        if progress:
-            progress(already_done + len(finished), total, segments)
-        if len(finished) == len(want):
-            return
-        if pool is not None and not pool.alive():
-            raise RuntimeError("a stage worker died; see the log in the home directory")
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{len(want) - len(finished)} document(s) not finished after {timeout}s; "
-                "`kbstream status` shows where they are"
-            )
-        time.sleep(0.25)
-
-
-def _delete_settled(container: Container, d: DocumentState) -> bool:
-    """A delete is done once split removed the rows and both indexes followed:
-    the embedded broker forgets in-flight events when this process stops."""
-    if d.segment_count:
-        return False
-    if container.db.postings.count_document(d.key):
-        return False
-    return not container.vectors.ids_for_document(d.tenant_id, d.dataset_id, d.document_id)
 
 
 def _summarise(
@@ -222,7 +208,8 @@ def _summarise(
     ids = [f.document_id for f in files] + [
         e.document_id for e in events if isinstance(e, DocumentDeleted)
     ]
-    states = container.db.documents.list(container.settings.tenant, dataset, ids)
+    with container.uow(readonly=True) as uow:
+        states = uow.documents.list(container.settings.tenant, dataset, ids)
     for d in states:
         event = published.get(d.document_id)
         if isinstance(event, DocumentDeleted):

@@ -36,7 +36,8 @@ def vector_ranking(c: Container, dataset: str, query: str, k: int) -> list[tuple
 
 def keyword_ranking(c: Container, dataset: str, query: str, k: int) -> list[tuple[str, float]]:
     terms = c.keywords.query_terms(query)
-    return c.db.postings.search(c.settings.tenant, dataset, terms, k)
+    with c.uow(readonly=True) as uow:
+        return uow.postings.search(c.settings.tenant, dataset, terms, k)
 
 
 def rrf(rankings: list[list[tuple[str, float]]], k: int) -> list[tuple[str, float]]:
@@ -60,12 +61,16 @@ def search(
             [vector_ranking(c, dataset, query, depth), keyword_ranking(c, dataset, query, depth)],
             top_k,
         )
-    rows = c.db.segments.by_ids([n for n, _ in ranked])
+    with c.uow(readonly=True) as uow:
+        rows = uow.segments.by_ids([n for n, _ in ranked])
     hits = []
     for node, score in ranked:
+        # both rankings are filtered by tenant and dataset, and index_node_ids
+        # embed the dataset: a missing row is a vector whose segment is gone
+        # (verify --repair cleans these)
         row = rows.get(node)
-        if row is None or row.tenant_id != c.settings.tenant or row.dataset_id != dataset:
-            continue  # a vector whose segment is gone: verify --repair cleans these
+        if row is None:
+            continue
         hits.append(
             Hit(
                 document=row.source,

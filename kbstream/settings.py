@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         default="", description="os.pathsep-separated roots for file:// refs"
     )
     max_document_bytes: int = Field(default=50 * MiB, ge=1)
+    # a parser child exceeding these ends its document in `error` (keep the
+    # wall limit well below max_poll_interval_ms)
+    extract_cpu_seconds: int = Field(default=60, ge=1)
+    extract_memory_bytes: int = Field(default=2048 * MiB, ge=64 * MiB)
+    extract_wall_seconds: float = Field(default=120.0, gt=0)
     max_event_bytes: int = Field(default=900_000, ge=10_000)
     inline_text_bytes: int = Field(default=256 * 1024, ge=1024)
     segments_per_event: int = Field(default=32, ge=1)
@@ -55,6 +60,9 @@ class Settings(BaseSettings):
 
     retry_attempts: int = Field(default=6, ge=1)
     retry_max_seconds: float = Field(default=30.0, gt=0)
+    max_deliveries: int = Field(
+        default=5, ge=1, description="deaths of a worker on one message before it is dead-lettered"
+    )
 
     log_level: str = "INFO"
     metrics_port: int | None = None
@@ -63,10 +71,6 @@ class Settings(BaseSettings):
     @classmethod
     def _abs_home(cls, v: Path) -> Path:
         return v.expanduser().absolute()
-
-    @property
-    def embedded_broker(self) -> bool:
-        return not self.brokers
 
     @property
     def db_url(self) -> str:
@@ -79,9 +83,6 @@ class Settings(BaseSettings):
     @property
     def roots(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.allowed_roots.split(os.pathsep) if p]
-
-    def topic(self, name: str) -> str:
-        return f"{self.topic_prefix}{name}"
 
     def group(self, stage: str) -> str:
         return f"{self.topic_prefix}{stage}"

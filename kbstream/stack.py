@@ -3,30 +3,46 @@ embedded default and `kbstream up`), and finding the broker a verb should use.
 
 Order of preference for a broker: KBSTREAM_BROKERS; else a running
 `kbstream up` for the same home (home/stack.json); else an embedded tansu
-broker started for the duration of the command."""
+broker started for the duration of the command.
+
+What `kbstream up` starts and records (StackInfo, MilvusLiteServer,
+EmbeddedStack) lives in kbstream.processes; the names are re-exported here."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from consumers import STAGES
-from infra.kafka.broker import EmbeddedBroker, free_port
+from consumers.pipeline import STAGES
+from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.runner import StageRunner, run_until_stopped
 from infra.kafka.topics import ensure_topics
 from kbstream.bootstrap import Container
+from kbstream.processes import (
+    EmbeddedStack,
+    MilvusLiteServer,
+    StackError,
+    StackInfo,
+    apply_running_stack,
+)
 from kbstream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "EmbeddedStack",
+    "MilvusLiteServer",
+    "Runtime",
+    "StackError",
+    "StackInfo",
+    "WorkerPool",
+    "apply_running_stack",
+    "broker_for",
+]
 
 
 class WorkerPool:
@@ -85,33 +101,6 @@ class WorkerPool:
 
 
 @dataclass
-class StackInfo:
-    pid: int
-    brokers: str
-    milvus_uri: str
-
-    @staticmethod
-    def path(home: Path) -> Path:
-        return home / "stack.json"
-
-    def write(self, home: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        self.path(home).write_text(json.dumps(self.__dict__))
-
-    @classmethod
-    def read_live(cls, home: Path) -> StackInfo | None:
-        p = cls.path(home)
-        if not p.exists():
-            return None
-        try:
-            info = cls(**json.loads(p.read_text()))
-            os.kill(info.pid, 0)
-        except (OSError, ValueError, TypeError):
-            return None
-        return info
-
-
-@dataclass
 class Runtime:
     bootstrap: str
     embedded: bool  # True: this process must run the workers itself
@@ -133,67 +122,3 @@ def broker_for(settings: Settings) -> Iterator[Runtime]:
         yield Runtime(broker.bootstrap, embedded=True)
     finally:
         broker.stop()
-
-
-def apply_running_stack(settings: Settings) -> Settings:
-    """A verb run beside `kbstream up` must use up's Milvus server: the
-    milvus-lite file can be open in one process only."""
-    if settings.brokers or settings.milvus_uri:
-        return settings
-    info = StackInfo.read_live(settings.home)
-    if info is None:
-        return settings
-    return settings.model_copy(update={"milvus_uri": info.milvus_uri, "brokers": info.brokers})
-
-
-class MilvusLiteServer:
-    """milvus-lite as a gRPC server over the same data directory as the
-    embedded file, so several processes can share it."""
-
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> MilvusLiteServer:
-        exe = Path(sys.executable).with_name("milvus-lite")
-        cmd = [
-            str(exe) if exe.exists() else "milvus-lite",
-            "server",
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        log_file = open(self.data_dir.parent / "milvus-server.log", "ab")  # noqa: SIM115
-        self._proc = subprocess.Popen(cmd, stdout=log_file, stderr=log_file, start_new_session=True)
-        from pymilvus import MilvusClient
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"milvus-lite server exited with {self._proc.returncode}; see milvus-server.log"
-                )
-            try:
-                MilvusClient(uri=self.uri, timeout=2).list_collections()
-                return self
-            except Exception:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"milvus-lite server did not start on {self.uri}")
-
-    def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        self._proc = None

@@ -2,24 +2,25 @@
 keyword postings agree, document by document? With repair, converge them:
 orphans are deleted directly; missing vectors or postings are re-indexed by
 republishing their segments (the embedding cache makes that cheap); documents
-stuck mid-pipeline are republished from their source file."""
+stuck mid-pipeline are republished from their source file (uploaded again)
+or, failing that, from their last upload in the database."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from domain.documents import IndexingStatus
-from domain.events import DocumentUpdated, SegmentsSplit, split_batches
-from infra.db.repository import DocKey, DocumentState
+from consumers.contract import Emit
+from domain.documents import DocKey, Document, IndexingStatus
+from domain.events import DocForm, DocumentUpdated, Topic, split_batches
+from domain.ports import UnitOfWork
 from kbstream.bootstrap import Container
-from kbstream.stack import WorkerPool, broker_for
-from producers.files import sha256_file
+from kbstream.publishing import publish_and_wait
+from producers.uploads import UploadError, existing_upload, upload_files
 
 log = logging.getLogger(__name__)
 
@@ -73,61 +74,72 @@ class VerifyReport:
 def verify(c: Container, dataset: str, stuck_after: float = 600.0) -> VerifyReport:
     tenant = c.settings.tenant
     report = VerifyReport(dataset)
-    docs = {d.document_id: d for d in c.db.documents.list(tenant, dataset)}
-    report.documents = sum(1 for d in docs.values() if d.status is not IndexingStatus.DELETED)
-    rows = c.db.segments.rows_for_dataset(tenant, dataset)
-    report.segments = len(rows)
+    with c.uow(readonly=True) as uow:
+        docs = {d.document_id: d for d in uow.documents.list(tenant, dataset)}
+        segments = uow.segments.for_dataset(tenant, dataset)
+        postings = uow.postings.nodes(tenant, dataset)
+        # only segments without postings need their text: did they have keywords?
+        unposted = _texts(uow, [n for n in sorted(segments) if n not in postings])
     vectors = c.vectors.ids_with_duplicates(tenant, dataset)
+    report.documents = sum(1 for d in docs.values() if not d.deleted)
+    report.segments = len(segments)
     report.vectors = len(vectors)
-    postings = c.db.postings.nodes(tenant, dataset)
     report.postings_segments = len(postings)
 
-    def source(doc_id: str) -> str:
+    def drift(problem: str, doc_id: str, node: str | None = None) -> None:
         d = docs.get(doc_id)
-        return d.source if d else ""
+        report.drift.append(Drift(problem, doc_id, d.source if d else "", node))
 
-    for node, (doc_id, vkeys, pflag) in sorted(rows.items()):
+    for node, seg in sorted(segments.items()):
+        doc_id = seg.document_id
         if node not in vectors:
-            report.drift.append(Drift("missing_vector", doc_id, source(doc_id), node))
+            drift("missing_vector", doc_id, node)
         else:
             vec_doc, count = vectors[node]
             if vec_doc != doc_id:
-                report.drift.append(Drift("vector_wrong_document", doc_id, source(doc_id), node))
+                drift("vector_wrong_document", doc_id, node)
             if count > 1:
-                report.drift.append(Drift("duplicate_vector", doc_id, source(doc_id), node))
-        if node not in postings and c.keywords.extract(rows_content(c, node)):
-            report.drift.append(Drift("missing_postings", doc_id, source(doc_id), node))
+                drift("duplicate_vector", doc_id, node)
+        if node in unposted and c.keywords.extract(unposted[node]):
+            drift("missing_postings", doc_id, node)
         state = docs.get(doc_id)
-        if state and state.status is IndexingStatus.COMPLETED and not (vkeys and pflag):
-            report.drift.append(Drift("not_indexed", doc_id, source(doc_id), node))
+        completed = state is not None and state.status is IndexingStatus.COMPLETED
+        if completed and not (seg.vector_indexed and seg.keywords_indexed):
+            drift("not_indexed", doc_id, node)
     for node, (vec_doc, _) in sorted(vectors.items()):
-        if node not in rows:
-            report.drift.append(Drift("orphan_vector", vec_doc, source(vec_doc), node))
-    for node in sorted(postings):
-        if node not in rows:
-            doc_id = c.db.postings.document_of(node) or ""
-            report.drift.append(Drift("orphan_postings", doc_id, source(doc_id), node))
+        if node not in segments:
+            drift("orphan_vector", vec_doc, node)
+    for node, doc_id in sorted(postings.items()):
+        if node not in segments:
+            drift("orphan_postings", doc_id, node)
     cutoff = datetime.now(UTC) - timedelta(seconds=stuck_after)
     for d in docs.values():
-        if d.status in (
-            IndexingStatus.WAITING,
-            IndexingStatus.PARSING,
-            IndexingStatus.SPLITTING,
-            IndexingStatus.INDEXING,
-        ):
+        if d.status.in_flight:
             updated = d.updated_at
             if updated is not None and updated.tzinfo is None:
                 updated = updated.replace(tzinfo=UTC)
             if updated is None or updated < cutoff:
-                report.drift.append(Drift("stuck", d.document_id, d.source))
+                drift("stuck", d.document_id)
     return report
 
 
-def rows_content(c: Container, node: str) -> str:
-    row = c.db.segments.by_ids([node]).get(node)
-    if row is None:
-        return ""
-    return row.content if not row.answer else f"{row.content}\n{row.answer}"
+def _texts(uow: UnitOfWork, nodes: list[str], chunk: int = 500) -> dict[str, str]:
+    """index_node_id -> the text the keyword index sees."""
+    texts: dict[str, str] = {}
+    for i in range(0, len(nodes), chunk):
+        rows = uow.segments.by_ids(nodes[i : i + chunk])
+        texts.update({node: row.searchable_text for node, row in rows.items()})
+    return texts
+
+
+REDO = (
+    "missing_vector",
+    "missing_postings",
+    "not_indexed",
+    "vector_wrong_document",
+    "duplicate_vector",
+)
+ORPHAN_VECTOR = ("orphan_vector", "vector_wrong_document", "duplicate_vector")
 
 
 def repair(
@@ -136,123 +148,95 @@ def repair(
     before = verify(c, dataset, stuck_after)
     tenant = c.settings.tenant
     orphan_vectors = [
-        d.index_node_id
-        for d in before.drift
-        if d.problem in ("orphan_vector", "vector_wrong_document", "duplicate_vector")
-        and d.index_node_id
+        d.index_node_id for d in before.drift if d.problem in ORPHAN_VECTOR and d.index_node_id
     ]
     orphan_postings = [
         d.index_node_id for d in before.drift if d.problem == "orphan_postings" and d.index_node_id
     ]
     c.vectors.delete(orphan_vectors)
-    c.db.postings.delete_nodes(orphan_postings)
+    if orphan_postings:
+        with c.uow() as uow:
+            uow.postings.delete_nodes(orphan_postings)
+            uow.commit()
 
     # segments that must go through embed/load/keywords again
     redo: dict[str, set[str]] = {}
     for d in before.drift:
-        if (
-            d.problem
-            in (
-                "missing_vector",
-                "missing_postings",
-                "not_indexed",
-                "vector_wrong_document",
-                "duplicate_vector",
-            )
-            and d.index_node_id
-        ):
+        if d.problem in REDO and d.index_node_id:
             redo.setdefault(d.document_id, set()).add(d.index_node_id)
-    stuck = [d.document_id for d in before.drift if d.problem == "stuck"]
-
-    events: list[Any] = []
+    emits: list[Emit] = []
     for doc_id, nodes in sorted(redo.items()):
-        key = DocKey(tenant, dataset, doc_id)
-        state = c.db.documents.get(key)
-        if state is None or state.status is IndexingStatus.DELETED:
-            continue
-        c.db.segments.mark("vector_indexed", sorted(nodes), value=False)
-        c.db.segments.mark("keywords_indexed", sorted(nodes), value=False)
-        c.db.documents.set_status(key, state.version, IndexingStatus.INDEXING)
-        events.extend(_resend(c, state, sorted(nodes)))
-    for doc_id in stuck:
-        key = DocKey(tenant, dataset, doc_id)
-        state = c.db.documents.get(key)
-        if state is None:
-            continue
-        ev = _republish_source(c, state)
-        if ev is not None:
-            events.append(ev)
-    if events:
-        _publish_and_wait(c, dataset, events, timeout)
+        emits.extend(_reindex(c, DocKey(tenant, dataset, doc_id), sorted(nodes)))
+    stuck = [d.document_id for d in before.drift if d.problem == "stuck"]
+    if stuck:
+        with c.uow(readonly=True) as uow:
+            found = uow.documents.get_many(DocKey(tenant, dataset, i) for i in stuck)
+        for doc in found.values():
+            ev = _republish_source(c, doc)
+            if ev is not None:
+                emits.append(Emit(Topic.LIFECYCLE, ev))
+    if emits:
+        publish_and_wait(c, emits, timeout=timeout, client_id="kbstream-verify")
     after = verify(c, dataset, stuck_after)
     after.repaired = [d for d in before.drift if d not in after.drift]
     return after
 
 
-def _resend(c: Container, state: DocumentState, nodes: list[str]) -> list[SegmentsSplit]:
-    rows = sorted(c.db.segments.by_ids(nodes).values(), key=lambda r: r.position)
-    return split_batches(
-        state.tenant_id,
-        state.dataset_id,
-        state.document_id,
-        state.version,
+def _reindex(c: Container, key: DocKey, nodes: list[str]) -> list[Emit]:
+    """Reset the segments' flags, move the document back to indexing and
+    return its segments as events for embed and index_keywords."""
+    with c.uow() as uow:
+        doc = uow.documents.get(key, for_update=True)
+        if doc is None or doc.deleted:
+            return []
+        if not doc.move_to(IndexingStatus.INDEXING, doc.version):
+            # mid-parse or mid-split: the running version re-indexes its own segments
+            log.info("repair skips %s: it is %s", key, doc.status.value)
+            return []
+        uow.segments.mark("vector_indexed", nodes, value=False)
+        uow.segments.mark("keywords_indexed", nodes, value=False)
+        uow.documents.save(doc)
+        rows = sorted(uow.segments.by_ids(nodes).values(), key=lambda r: r.position)
+        uow.commit()
+    batches = split_batches(
+        key.tenant_id,
+        key.dataset_id,
+        key.document_id,
+        doc.version,
         rows,
         c.settings.segments_per_event,
     )
+    return [Emit(Topic.SEGMENTS, e) for e in batches]
 
 
-def _republish_source(c: Container, state: DocumentState) -> DocumentUpdated | None:
-    path = Path(state.source)
-    if not path.is_file():
+def _republish_source(c: Container, doc: Document) -> DocumentUpdated | None:
+    """The document's next version, from its source file uploaded again or,
+    without one here (another machine indexed it), from its last upload."""
+    path = Path(doc.source)
+    uri, content_hash = None, doc.content_hash
+    if path.is_file():
+        try:
+            done = upload_files(c.uow, [(doc.key, path)], c.settings.max_document_bytes)
+        except UploadError as exc:
+            log.warning("stuck document %s cannot be uploaded again: %s", doc.document_id, exc)
+            return None
+        uri, content_hash = done[doc.key].uri, done[doc.key].content_hash
+    else:
+        uri = existing_upload(c.uow, doc.key, doc.content_hash)
+    if uri is None:
         log.warning(
-            "stuck document %s has no readable source file; publish it again upstream",
-            state.document_id,
+            "stuck document %s has neither a readable source file nor an upload; "
+            "publish it again upstream",
+            doc.document_id,
         )
         return None
     return DocumentUpdated(
-        tenant_id=state.tenant_id,
-        dataset_id=state.dataset_id,
-        document_id=state.document_id,
-        source=state.source,
-        uri=path.resolve().as_uri(),
-        content_hash=sha256_file(path),
+        tenant_id=doc.tenant_id,
+        dataset_id=doc.dataset_id,
+        document_id=doc.document_id,
+        version=doc.version + 1,  # explicit: publish_and_wait waits for it
+        source=doc.source,
+        uri=uri,
+        content_hash=content_hash,
+        doc_form=DocForm(doc.doc_form),
     )
-
-
-def _publish_and_wait(c: Container, dataset: str, events: list[Any], timeout: float) -> None:
-    from infra.kafka.producer import EventPublisher
-
-    roots = {str(Path(e.source).resolve().parent) for e in events if isinstance(e, DocumentUpdated)}
-    if roots:
-        import os
-
-        s = c.settings
-        c.settings = s.model_copy(
-            update={
-                "allowed_roots": os.pathsep.join(filter(None, [s.allowed_roots, *sorted(roots)]))
-            }
-        )
-    with broker_for(c.settings) as runtime:
-        pool = (
-            WorkerPool(c, runtime.bootstrap, exclusive=True).start() if runtime.embedded else None
-        )
-        try:
-            pub = EventPublisher(
-                runtime.bootstrap, c.settings.max_event_bytes, client_id="kbstream-verify"
-            )
-            for e in events:
-                topic = c.topics.lifecycle if isinstance(e, DocumentUpdated) else c.topics.segments
-                pub.publish(topic, e)
-            pub.flush()
-            pub.close()
-            keys = {DocKey(e.tenant_id, e.dataset_id, e.document_id) for e in events}
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                states = c.db.documents.versions(keys)
-                if all(s.status.finished for s in states.values()):
-                    return
-                time.sleep(0.25)
-            raise TimeoutError(f"repair did not finish within {timeout}s")
-        finally:
-            if pool is not None:
-                pool.stop()

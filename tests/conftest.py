@@ -5,51 +5,29 @@ bundled embedding model. Only unit tests use test doubles."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
+
+from tests.fakes import HashingEmbeddingDouble
+
+if TYPE_CHECKING:
+    from domain.ports import UnitOfWorkFactory
+    from infra.db.database import Database
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+__all__ = ["HashingEmbeddingDouble"]  # re-exported: tests import it from here
+
 PG_ADMIN_URL = os.environ.get(
     "KBSTREAM_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
-
-
-class HashingEmbeddingDouble:
-    """Test double for the embedding model: deterministic unit vectors from a
-    hash of the text, and whitespace token counting. Records every text it is
-    asked to embed, so tests can assert what reached 'the model'."""
-
-    provider = "test-double"
-    model = "hashing-embedding-double"
-    dim = 16
-    max_input_tokens = 64
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        self.calls.append(list(texts))
-        out = []
-        for t in texts:
-            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype("float32")
-            out.append((v / np.linalg.norm(v)).tolist())
-        return out
-
-    @property
-    def embedded_texts(self) -> list[str]:
-        return [t for call in self.calls for t in call]
 
 
 @pytest.fixture
@@ -115,28 +93,56 @@ def _reset_pg(url: str) -> None:
     eng.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each contract test runs against SQLite and PostgreSQL alike."""
-    if request.param == "sqlite":
+def _database_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'kb.db'}"
     url: str = request.getfixturevalue("pg_server_url")
     _reset_pg(url)
     return url
 
 
-@pytest.fixture
-def database(db_url: str) -> Iterator[object]:
-    from infra.db.engine import create_db_engine, migrate
-    from infra.db.repository import Database
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each contract test runs against SQLite and PostgreSQL alike."""
+    return _database_url(request.param, request, tmp_path)
 
-    engine = create_db_engine(db_url)
+
+@contextlib.contextmanager
+def _migrated(url: str) -> Iterator[Database]:
+    from infra.db.database import Database
+    from infra.db.engine import create_db_engine, migrate
+
+    engine = create_db_engine(url)
     migrate(engine)
     db = Database(engine)
     try:
         yield db
     finally:
         db.dispose()
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    """A migrated database (infra.db.database.Database) on SQLite or PostgreSQL."""
+    with _migrated(db_url) as db:
+        yield db
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def uow_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UnitOfWorkFactory]:
+    """The same repository contract over the in-memory unit of work (the one
+    stage unit tests use) and the SQL one on SQLite and PostgreSQL."""
+    if request.param == "memory":
+        try:
+            from tests.fakes import InMemoryUnitOfWorkFactory
+        except ImportError as exc:
+            pytest.skip(f"tests.fakes.InMemoryUnitOfWorkFactory is not available: {exc}")
+        yield InMemoryUnitOfWorkFactory()
+        return
+    from infra.db.unit_of_work import SqlUnitOfWorkFactory
+
+    with _migrated(_database_url(request.param, request, tmp_path)) as db:
+        yield SqlUnitOfWorkFactory(db)
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domain.documents import IndexingStatus
+from domain.documents import DocKey, Document, IndexingStatus
 from domain.events import Event
-from infra.db.repository import DocKey, DocumentState
 from infra.kafka.producer import EventPublisher
 from kbstream.bootstrap import Container
 from kbstream.settings import Settings
@@ -27,7 +26,7 @@ class DocSnapshot:
     segments: set[str]
     vectors: set[str]
     postings: set[str]
-    state: DocumentState | None
+    state: Document | None
 
     @property
     def consistent(self) -> bool:
@@ -60,7 +59,7 @@ class Pipeline:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self, stages: Sequence[str] | None = None) -> Pipeline:
-        from consumers import STAGES
+        from consumers.pipeline import STAGES
 
         assert self.settings.brokers
         self.pool = WorkerPool(self.container, self.settings.brokers, stages or STAGES).start()
@@ -109,18 +108,19 @@ class Pipeline:
     def tenant(self) -> str:
         return self.settings.tenant
 
-    def state(self, dataset: str, document_id: str) -> DocumentState | None:
-        return self.container.db.documents.get(DocKey(self.tenant, dataset, document_id))
+    def state(self, dataset: str, document_id: str) -> Document | None:
+        with self.container.uow(readonly=True) as uow:
+            return uow.documents.get(DocKey(self.tenant, dataset, document_id))
 
     def snapshot(self, dataset: str, document_id: str) -> DocSnapshot:
         c = self.container
         key = DocKey(self.tenant, dataset, document_id)
-        segments = c.db.segments.ids_for_document(key)
-        vectors = set(c.vectors.ids_for_document(self.tenant, dataset, document_id))
-        postings = {
-            n for n, doc in _postings_by_node(c, self.tenant, dataset).items() if doc == document_id
-        }
-        return DocSnapshot(segments, vectors, postings, c.db.documents.get(key))
+        with c.uow(readonly=True) as uow:
+            segments = uow.segments.ids_for_document(key)
+            postings = uow.postings.nodes_for_document(key)
+            state = uow.documents.get(key)
+        vectors = set(c.vectors.ids_for_document(key))
+        return DocSnapshot(segments, vectors, postings, state)
 
     def wait_for(
         self,
@@ -130,7 +130,7 @@ class Pipeline:
         min_version: int | None = None,
         timeout: float = 120.0,
         settled: bool = True,
-    ) -> dict[str, DocumentState]:
+    ) -> dict[str, Document]:
         """Wait until every document reaches one of ``statuses`` and (with
         ``settled``) Milvus and the postings agree with its segment rows."""
         wanted = set(statuses)
@@ -178,9 +178,7 @@ class Pipeline:
             )
             meta = consumer.list_topics(timeout=10).topics
             parts = [
-                TopicPartition(t, p)
-                for t in runner.stage.input_topics
-                for p in sorted(meta[t].partitions)
+                TopicPartition(t, p) for t in runner.inputs for p in sorted(meta[t].partitions)
             ]
             probes.append((consumer, parts))
 
@@ -216,18 +214,3 @@ def _quiet_logger() -> Any:
     import logging
 
     return logging.getLogger("rdkafka")
-
-
-def _postings_by_node(c: Container, tenant: str, dataset: str) -> dict[str, str]:
-    from sqlalchemy import select
-
-    from infra.db.models import KeywordPostingRow
-
-    k = KeywordPostingRow.__table__
-    with c.db.connect() as conn:
-        rows = conn.execute(
-            select(k.c.index_node_id, k.c.document_id)
-            .where(k.c.tenant_id == tenant, k.c.dataset_id == dataset)
-            .distinct()
-        )
-        return {r[0]: r[1] for r in rows}

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    PrimaryKeyConstraint,
     String,
     Text,
     UniqueConstraint,
@@ -77,6 +78,8 @@ class DocumentRow(Base):
     # the version whose split set the three counters above: a redelivered split
     # of the same version must not overwrite them with a diff against itself
     split_version: Mapped[int | None] = mapped_column(BigInteger)
+    # why the last event for this document was dropped (stale version, ...)
+    last_dropped: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -165,10 +168,14 @@ class PayloadRow(Base):
 
 class BatchJobRow(Base):
     __tablename__ = "batch_jobs"
-    __table_args__ = (Index("ix_batch_jobs_document", "tenant_id", "dataset_id", "document_id"),)
+    __table_args__ = (
+        # job ids are chosen by clients: two tenants may both say "import-1"
+        PrimaryKeyConstraint("tenant_id", "job_id", name="pk_batch_jobs"),
+        Index("ix_batch_jobs_document", "tenant_id", "dataset_id", "document_id"),
+    )
 
-    job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(128))
+    job_id: Mapped[str] = mapped_column(String(128))
     dataset_id: Mapped[str] = mapped_column(String(128))
     document_id: Mapped[str] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(16), default="waiting")
@@ -176,6 +183,26 @@ class BatchJobRow(Base):
     completed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class DeliveryRow(Base):
+    """Per consumer group and partition: how many times delivery has begun at
+    ``start_offset`` (infra/db/deliveries.py). A worker that keeps dying on a
+    message shows up here as a growing ``attempts``."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        PrimaryKeyConstraint("group_id", "topic", "partition_id", name="pk_deliveries"),
+    )
+
+    group_id: Mapped[str] = mapped_column(String(255))
+    topic: Mapped[str] = mapped_column(String(255))
+    partition_id: Mapped[int] = mapped_column(Integer)
+    start_offset: Mapped[int] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )

@@ -2,7 +2,9 @@
 structure out, or ``UnparseableDocument`` with a reason a person can act on.
 
 Formats: plain text family (charset detected), Markdown, HTML, PDF (text layer), DOCX.
-Every limit is checked before the expensive step it protects.
+Every limit is checked before the expensive step it protects. What no check can bound
+(CPU time, memory, a parser crash) is contained by ``isolated.extract_text_isolated``,
+which runs ``extract_text`` in a child process.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ class ExtractLimits:
     max_bytes: int = 50 * MiB  # raw input size limit
     max_uncompressed_bytes: int = 200 * MiB  # zip-based formats (DOCX): sum of member sizes
     max_chars: int = 20_000_000  # extracted text size limit
+    # Enforced only by extract_text_isolated, on the child process that parses: a small
+    # file can still cost hours (a shared content stream inflating to 70 MB on every page).
+    cpu_seconds: int = 60  # RLIMIT_CPU of the child
+    memory_bytes: int = 2 * GiB  # RLIMIT_AS (address space) of the child
+    wall_seconds: float = 120.0  # the child is killed after this long, whatever it is doing
 
 
 @dataclass(frozen=True)

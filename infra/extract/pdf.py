@@ -48,6 +48,8 @@ def _open(data: bytes) -> PdfReader:
         encrypted = reader.is_encrypted
     except LimitReachedError as exc:
         raise _bomb(exc) from exc
+    except MemoryError:  # the memory limit, not a broken file
+        raise
     except Exception as exc:
         raise _corrupted(exc) from exc
     if encrypted:
@@ -59,6 +61,8 @@ def _open(data: bytes) -> PdfReader:
                 "PDF is encrypted with AES and this installation lacks the 'cryptography' "
                 "package to decrypt it; remove the encryption, or ask the operator to install it"
             ) from exc
+        except MemoryError:  # the memory limit, not a broken file
+            raise
         except Exception as exc:
             raise _corrupted(f"unreadable encryption dictionary: {brief(exc)}") from exc
         if opened == PasswordType.NOT_DECRYPTED:
@@ -75,6 +79,8 @@ def extract_pdf(data: bytes, limits: ExtractLimits) -> tuple[str, int]:
         pages = list(reader.pages)
     except LimitReachedError as exc:
         raise _bomb(exc) from exc
+    except MemoryError:  # the memory limit, not a broken file
+        raise
     except Exception as exc:
         raise _corrupted(f"unreadable page tree: {brief(exc)}") from exc
     if not pages:
@@ -88,6 +94,8 @@ def extract_pdf(data: bytes, limits: ExtractLimits) -> tuple[str, int]:
             text = page.extract_text()
         except LimitReachedError as exc:
             raise _bomb(exc) from exc
+        except MemoryError:  # the memory limit, not a broken file
+            raise
         except Exception:
             # One damaged page should not cost the rest of a long document.
             failed += 1

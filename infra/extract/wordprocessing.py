@@ -41,6 +41,8 @@ def _check_zip(data: bytes, limits: ExtractLimits) -> None:
         raise UnparseableDocument(
             f"DOCX is corrupted: not a valid zip archive ({brief(exc)}); {_RESAVE}"
         ) from exc
+    except MemoryError:  # the memory limit, not a broken file
+        raise
     except Exception as exc:  # zipfile reports some truncations as ValueError or OSError
         raise UnparseableDocument(
             f"DOCX is corrupted: damaged or truncated zip archive ({brief(exc)}); {_RESAVE}"
@@ -156,6 +158,8 @@ def extract_docx(data: bytes, limits: ExtractLimits) -> str:
                 blocks.append(block)
                 if total > limits.max_chars:
                     break  # extract_text reports the limit; no need to read further
+    except MemoryError:  # the memory limit, not a broken file
+        raise
     except Exception as exc:
         raise UnparseableDocument(f"DOCX is corrupted: {brief(exc)}; {_RESAVE}") from exc
     return "\n\n".join(blocks)

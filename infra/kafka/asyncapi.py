@@ -1,57 +1,21 @@
-"""The topic contract as an AsyncAPI 3 document, generated from the event
-models so it cannot drift (a test compares it with docs/asyncapi.json)."""
+"""The topic contract as an AsyncAPI 3 document, generated from the pipeline
+table (consumers/pipeline.py) and the event models, so it cannot drift (a
+test compares it with docs/asyncapi.json)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from domain.events import json_schemas
+from consumers.pipeline import TOPICS, consumers_of, producers_of
+from domain.events import Topic, json_schemas
+from infra.kafka import headers
 from infra.kafka.topics import Topics
 
-# (topic attribute, description, message types, producing stage, consuming stages)
-FLOW: list[tuple[str, str, list[str], str, list[str]]] = [
-    (
-        "lifecycle",
-        "What happened to a document, published by upstream systems.",
-        [
-            "document.created",
-            "document.updated",
-            "document.deleted",
-            "segment.deleted",
-            "segments.batch_imported",
-        ],
-        "upstream",
-        ["parse"],
-    ),
-    (
-        "parsed",
-        "Extracted text (inline or by claim-check reference).",
-        ["document.parsed"],
-        "parse",
-        ["split"],
-    ),
-    (
-        "segments",
-        "Segments to index and segments removed.",
-        ["segments.split", "segments.removed"],
-        "split",
-        ["embed", "index_keywords"],
-    ),
-    (
-        "embedded",
-        "Segments whose vectors are in the embedding cache; removals in order.",
-        ["segments.embedded", "segments.removed"],
-        "embed",
-        ["load_vectors"],
-    ),
-    (
-        "progress",
-        "Branch completions the status tracker joins.",
-        ["segments.loaded", "keywords.indexed"],
-        "load_vectors, index_keywords",
-        ["track_status"],
-    ),
-]
+UPSTREAM = "upstream"  # who publishes a topic no stage produces (lifecycle)
+
+
+def _message_id(event_type: str) -> str:
+    return event_type.replace(".", "_")
 
 
 def asyncapi(topics: Topics | None = None) -> dict[str, Any]:
@@ -60,34 +24,45 @@ def asyncapi(topics: Topics | None = None) -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
-    for attr, description, types, producer, consumers in FLOW:
-        address = getattr(topics, attr)
-        channels[attr] = {
-            "address": address,
-            "description": f"{description} Produced by {producer}; consumed by {', '.join(consumers)}. "
+    for spec in TOPICS:
+        if spec.topic is Topic.DLQ:
+            continue
+        channel = spec.topic.value
+        producers = producers_of(spec.topic) or [UPSTREAM]
+        consumers = consumers_of(spec.topic)
+        channels[channel] = {
+            "address": topics.name(spec.topic),
+            "description": f"{spec.description} Produced by {', '.join(producers)}; "
+            f"consumed by {', '.join(consumers)}. "
             "Key: document_id (one document's events stay in order).",
             "messages": {
-                t.replace(".", "_"): {"$ref": f"#/components/messages/{t.replace('.', '_')}"}
-                for t in types
+                _message_id(t): {"$ref": f"#/components/messages/{_message_id(t)}"}
+                for t in spec.events
             },
         }
+        ref = {"$ref": f"#/channels/{channel}"}
+        for p in producers:
+            if p != UPSTREAM:
+                operations[f"{p}_sends_{channel}"] = {"action": "send", "channel": ref}
         for c in consumers:
-            operations[f"{c}_receives_{attr}"] = {
+            operations[f"{c}_receives_{channel}"] = {
                 "action": "receive",
-                "channel": {"$ref": f"#/channels/{attr}"},
+                "channel": ref,
                 "description": f"consumer group {topics.prefix}{c}",
             }
-        for t in types:
-            messages[t.replace(".", "_")] = {
+        for t in spec.events:
+            messages[_message_id(t)] = {
                 "name": t,
                 "contentType": "application/json",
                 "payload": schemas[t],
             }
-    channels["dlq"] = {
-        "address": topics.dlq,
-        "description": "Dead letters: the original bytes, with headers kb-stage, kb-error, "
-        "kb-error-class, kb-original-topic, kb-original-partition, kb-original-offset, "
-        "kb-attempts, kb-failed-at.",
+    dlq = next(t for t in TOPICS if t.topic is Topic.DLQ)
+    channels[Topic.DLQ.value] = {
+        "address": topics.name(Topic.DLQ),
+        "description": f"{dlq.description} Each keeps the original key and bytes; headers: "
+        f"{', '.join(headers.DEAD_LETTER_HEADERS)}. A body that would not fit the broker's "
+        f"size limit is cut, and {', '.join(headers.TRUNCATION_HEADERS)} say so. "
+        "Produced by the runtime of every stage.",
     }
     return {
         "asyncapi": "3.0.0",

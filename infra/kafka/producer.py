@@ -1,5 +1,7 @@
 """Publishing events: JSON values keyed by document_id, idempotent producer,
-and a flush that reports any message the broker did not take."""
+and a flush that reports any message the broker did not take. Every broker
+error leaves here as TransientError or PermanentError (infra/errors.py), so a
+message too large or a missing topic is never retried as if it might pass."""
 
 from __future__ import annotations
 
@@ -7,12 +9,16 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from domain.errors import PermanentError, TransientError
 from domain.events import Event, encode_event
+from infra.errors import classify_kafka
 
 log = logging.getLogger(__name__)
+
+# room above max_event_bytes for key, headers and record framing
+_FRAMING_BYTES = 65_536
 
 
 class EventTooLarge(PermanentError):
@@ -23,7 +29,9 @@ class EventPublisher:
     def __init__(
         self, bootstrap: str, max_event_bytes: int = 900_000, client_id: str = "kbstream"
     ) -> None:
+        # events are refused above max_event_bytes; dead letters are cut to fit it
         self.max_event_bytes = max_event_bytes
+        self.max_message_bytes = max(max_event_bytes + _FRAMING_BYTES, 1_000_000)
         self._producer = Producer(
             {
                 "bootstrap.servers": bootstrap,
@@ -31,24 +39,34 @@ class EventPublisher:
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,
-                "message.max.bytes": max(max_event_bytes + 65_536, 1_000_000),
+                "message.max.bytes": self.max_message_bytes,
             },
             logger=logging.getLogger("rdkafka"),
         )
-        self._errors: list[str] = []
+        self._errors: list[tuple[str, KafkaError]] = []
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
-            self._errors.append(str(err))
+            self._errors.append((msg.topic() or "?", err))
 
-    def publish(self, topic: str, event: Event) -> None:
+    def encode(self, event: Event) -> bytes:
         value = encode_event(event)
         if len(value) > self.max_event_bytes:
             raise EventTooLarge(
                 f"{event.type} for document {event.document_id} is {len(value)} bytes, above "
                 f"KBSTREAM_MAX_EVENT_BYTES={self.max_event_bytes}; send large content by uri"
             )
-        self.produce_raw(topic, value, key=event.key.encode())
+        return value
+
+    def publish(self, topic: str, event: Event) -> None:
+        self.produce_raw(topic, self.encode(event), key=event.key.encode())
+
+    def publish_batch(self, items: Iterable[tuple[str, Event]]) -> None:
+        """All of them or, if one is too large, none: whoever retries the batch
+        then does not publish the others twice."""
+        encoded = [(topic, event.key.encode(), self.encode(event)) for topic, event in items]
+        for topic, key, value in encoded:
+            self.produce_raw(topic, value, key=key)
 
     def produce_raw(
         self,
@@ -57,6 +75,8 @@ class EventPublisher:
         key: bytes | None = None,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
+        """Queue one message. Raises PermanentError for a message the producer
+        refuses outright (too large, unknown topic), TransientError otherwise."""
         while True:
             try:
                 self._producer.produce(
@@ -66,18 +86,27 @@ class EventPublisher:
             except BufferError:
                 # local queue full: let librdkafka send, then try again
                 self._producer.poll(0.5)
+            except KafkaException as exc:
+                raise classify_kafka(f"producing to {topic}", exc) from exc
 
     def publish_all(self, items: Iterable[tuple[str, Event]]) -> None:
         for topic, event in items:
             self.publish(topic, event)
 
     def flush(self, timeout: float = 60.0) -> None:
+        """Wait for every queued message. A message the broker rejected for
+        good (too large, not authorized, no such topic) raises PermanentError;
+        anything else not delivered raises TransientError."""
         remaining = self._producer.flush(timeout)
         errors, self._errors = self._errors, []
         if remaining:
             raise TransientError(f"{remaining} message(s) not delivered within {timeout}s")
-        if errors:
-            raise TransientError(f"broker rejected {len(errors)} message(s): {errors[0]}")
+        if not errors:
+            return
+        classified = [classify_kafka(f"delivering to {topic}", err) for topic, err in errors]
+        worst = next((c for c in classified if isinstance(c, PermanentError)), classified[0])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise type(worst)(f"broker rejected a message: {worst}{more}")
 
     def close(self) -> None:
         try:

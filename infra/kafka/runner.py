@@ -1,79 +1,59 @@
-"""The loop every stage runs in: consume a batch, decode, handle, publish what
-the stage emits, and only then commit offsets (at-least-once; the stages are
-idempotent). One error policy for all stages:
+"""The loop every stage runs in:
 
-* a message that does not decode (bad JSON, unknown schema_version, invalid
-  payload) is dead-lettered at once; the rest of the batch goes on;
-* TransientError (database, Milvus, broker or model provider unavailable)
-  retries the batch with capped exponential backoff and jitter, for as long as
-  it takes, with the partitions paused so the consumer stays in its group;
-* any other error isolates the failing event (the batch is retried one event
-  at a time), retries it a bounded number of times, then dead-letters it and
-  marks its document as failed. No exception escapes the loop.
+    consume a batch -> decode (poison -> dead letter) -> handle under the retry
+    policy -> publish the emits -> dead-letter the rejections -> commit
+
+Offsets are committed only after the batch's output is on the broker
+(at-least-once; stages are idempotent). What happens after a failure is
+decided in infra/kafka/retry.py; waiting without leaving the consumer group
+is infra/kafka/pausing.py; what a dead letter looks like is
+infra/kafka/dead_letters.py. Every event given up on, rejected by the stage
+or dead-lettered after retries, is reported to ``on_give_up`` (the lead wires
+consumers.failures.FailureRecorder there), so its document ends in ``error``.
+
+Each delivery is counted durably first (infra/kafka/redelivery.py), so a
+message that keeps killing the worker ends as a dead letter. Fail points
+(consumers/failpoints.py) let tests SIGKILL the worker at each boundary.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
-import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Protocol
 
-from confluent_kafka import (
-    OFFSET_STORED,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import TopicPartition as TP
 
+from consumers.contract import Emit, Stage
+from consumers.failpoints import failpoint
 from domain.errors import InvalidEvent, PermanentError, TransientError
 from domain.events import Event, decode_event
 from infra import metrics
+from infra.kafka import headers
+from infra.kafka.dead_letters import DeadLetterFailed, dead_letter, reason, send
+from infra.kafka.pausing import wait_paused
 from infra.kafka.producer import EventPublisher
+from infra.kafka.redelivery import (
+    DeliveryCounter,
+    DeliveryLog,
+    RepeatedCrash,
+    TopicPartition,
+    first_offsets,
+    topic_partition,
+)
+from infra.kafka.retry import Action, RetryPolicy
+from infra.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
 
+OnGiveUp = Callable[[str, Event, BaseException], object]
+_Item = tuple[Message, Event]
 
-@dataclass(frozen=True)
-class Emit:
-    topic: str
-    event: Event
-
-
-class Stage(Protocol):
-    name: str
-    input_topics: list[str]
-    max_batch: int
-
-    def handle(self, events: Sequence[Event]) -> list[Emit]:
-        """Do the stage's durable side effects for these events and return the
-        events to publish next. Must be idempotent: it may see them again."""
-        ...
-
-    def on_dead_letter(self, event: Event, reason: str) -> None:
-        """The event is given up on: record it on the document's status."""
-        ...
-
-
-class RejectsEvents:
-    """Mixin for stages: ``reject(event, error)`` marks one event of a batch as
-    permanently failed (the stage has already recorded it on the document) while
-    the rest of the batch succeeds. The runner dead-letters each rejected event
-    after publishing the batch's output."""
-
-    def reject(self, event: Event, error: Exception) -> None:
-        self.__dict__.setdefault("_rejected", []).append((event, error))
-
-    def drain_rejected(self) -> list[tuple[Event, Exception]]:
-        rejected: list[tuple[Event, Exception]] = self.__dict__.pop("_rejected", [])
-        return rejected
+# on_give_up failing for a reason that is not transient: tries before moving on
+GIVE_UP_ATTEMPTS = 3
 
 
 @dataclass
@@ -87,31 +67,120 @@ class RunnerConfig:
     retry_max_seconds: float = 30.0
     poll_timeout: float = 0.5
     max_event_bytes: int = 1_000_000
+    # with a delivery log: a message the worker died on this many times is dead-lettered
+    max_deliveries: int = 5
     # Only for a broker this process owns (nobody else can join the group):
     # take every partition at once instead of waiting ~3 s for a group join.
     # Offsets are still committed to the group, so a later run resumes.
     exclusive: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.retry_attempts, cap=self.retry_max_seconds)
+
+
+class _Stopping(Exception):
+    """Stop was asked for while waiting to retry: leave without committing."""
+
 
 class StageRunner:
-    def __init__(self, stage: Stage, config: RunnerConfig, publisher: EventPublisher) -> None:
+    def __init__(
+        self,
+        stage: Stage,
+        inputs: Sequence[str],
+        topics: Topics,
+        config: RunnerConfig,
+        publisher: EventPublisher,
+        on_give_up: OnGiveUp,
+        deliveries: DeliveryLog | None = None,
+    ) -> None:
         self.stage = stage
+        self.inputs = list(inputs)  # physical topic names
+        self.topics = topics
         self.config = config
+        self.policy = config.retry
         self.publisher = publisher
+        self.on_give_up = on_give_up
+        self.counter = DeliveryCounter(deliveries, config.group_id, self._wait_before_retry)
+        self._fp = {
+            p: f"{stage.name}.{p}" for p in ("before_handle", "after_handle", "after_publish")
+        }
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.processed = 0
         self.dead_lettered = 0
-        self._by_event: dict[int, Message] = {}
         self._consumer: Consumer | None = None
-
-    # -- lifecycle ---------------------------------------------------------
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def run(self) -> None:
+        consumer = self._connect()
+        try:
+            while not self.stop_event.is_set():
+                msgs = consumer.consume(self.stage.max_batch, timeout=self.config.poll_timeout)
+                if msgs:
+                    self._process(msgs)
+        finally:
+            try:
+                consumer.close()
+            except Exception:  # closing a consumer whose broker is gone
+                log.debug("consumer close failed", exc_info=True)
+            self.publisher.close()
+            log.info("stage %s stopped", self.stage.name)
+
+    def _process(self, msgs: list[Message]) -> None:
+        started = time.perf_counter()
+        counts = self.counter.count(first_offsets(msgs))
+        try:
+            if all(n <= 1 for n in counts.values()):
+                self._process_batch(msgs)
+            else:
+                self._one_by_one(msgs, counts)
+        except (_Stopping, DeadLetterFailed):
+            self.counter.settle()  # leaving on purpose is not dying: do not count it
+            raise
+        self.processed += len(msgs)
+        metrics.EVENTS.labels(self.stage.name).inc(len(msgs))
+        metrics.BATCH_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+
+    def _process_batch(self, msgs: list[Message]) -> None:
+        batch = self._decode(msgs)
+        if batch:
+            self._handle(batch)
+            failpoint(self._fp["after_publish"])
+        self._commit(msgs)
+
+    def _one_by_one(self, msgs: list[Message], counts: dict[TopicPartition, int]) -> None:
+        """A redelivery after a worker died mid-batch: one message at a time,
+        each counted, so the message that kills the worker is the one counted,
+        and is dead-lettered once it has done so max_deliveries times."""
+        for msg in msgs:
+            if msg.error() is not None:
+                continue
+            tp = topic_partition(msg)
+            n = counts.pop(tp) if tp in counts else self.counter.count({tp: msg.offset() or 0})[tp]
+            if n <= self.config.max_deliveries:
+                self._process_batch([msg])
+            else:
+                self._dead_letter_crasher(msg, n - 1)
+                self._commit([msg])
+
+    def _dead_letter_crasher(self, msg: Message, deaths: int) -> None:
+        if not self._meant_for_me(msg):
+            return
+        error = RepeatedCrash(deaths)
+        self._dead_letter(msg, error, attempts=deaths)
+        try:
+            event = self._decode_one(msg)
+        except InvalidEvent:
+            return  # no document to record it on
+        self._give_up(event, error)
+
+    # -- consuming ---------------------------------------------------------------
+
+    def _connect(self) -> Consumer:
         c = self.config
         consumer = Consumer(
             {
@@ -132,44 +201,26 @@ class StageRunner:
         if c.exclusive:
             md = consumer.list_topics(timeout=15)
             parts = [
-                TopicPartition(t, p, OFFSET_STORED)
-                for t in self.stage.input_topics
+                TP(t, p, OFFSET_STORED)
+                for t in self.inputs
                 for p in sorted(md.topics[t].partitions)
             ]
             consumer.assign(parts)
             self._on_assign(consumer, parts)
         else:
-            consumer.subscribe(self.stage.input_topics, on_assign=self._on_assign)
-        log.info(
-            "stage %s consuming %s as group %s",
-            self.stage.name,
-            self.stage.input_topics,
-            c.group_id,
-        )
-        try:
-            while not self.stop_event.is_set():
-                msgs = consumer.consume(self.stage.max_batch, timeout=c.poll_timeout)
-                if msgs:
-                    self._process(consumer, msgs)
-        finally:
-            try:
-                consumer.close()
-            except Exception:  # closing a consumer whose broker is gone
-                log.debug("consumer close failed", exc_info=True)
-            self.publisher.close()
-            log.info("stage %s stopped", self.stage.name)
+            consumer.subscribe(self.inputs, on_assign=self._on_assign)
+        log.info("stage %s consuming %s as group %s", self.stage.name, self.inputs, c.group_id)
+        return consumer
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, _consumer: Consumer, partitions: list[TP]) -> None:
         log.info(
             "stage %s assigned %s", self.stage.name, [(p.topic, p.partition) for p in partitions]
         )
         self.ready.set()
 
-    # -- one batch ---------------------------------------------------------
-
-    def _process(self, consumer: Consumer, msgs: list[Message]) -> None:
-        started = time.perf_counter()
-        good: list[tuple[Message, Event]] = []
+    def _decode(self, msgs: list[Message]) -> list[_Item]:
+        """The batch's events; what does not decode is dead-lettered at once."""
+        out: list[_Item] = []
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -178,190 +229,189 @@ class StageRunner:
                 continue
             if not self._meant_for_me(msg):
                 continue
-            size = len(msg.value() or b"")
-            if size > self.config.max_event_bytes:
-                too_big = InvalidEvent(
-                    f"event of {size} bytes exceeds the limit of {self.config.max_event_bytes}"
-                )
-                self._dead_letter(msg, too_big, attempts=1, event=None)
-                continue
             try:
-                good.append((msg, decode_event(msg.value())))
+                out.append((msg, self._decode_one(msg)))
             except InvalidEvent as exc:
-                self._dead_letter(msg, exc, attempts=1, event=None)
-            except Exception as exc:  # a decoder bug must not crash-loop the stage
-                log.exception("stage %s: decoder failed unexpectedly", self.stage.name)
-                self._dead_letter(msg, InvalidEvent(f"undecodable: {exc!r}"[:500]), 1, None)
+                self._dead_letter(msg, exc, attempts=1)
+        return out
 
-        if good:
-            self._by_event = {id(e): m for m, e in good}
-            self._handle_with_policy(consumer, good)
-            self._by_event = {}
-        self._commit(consumer, msgs)
-        self.processed += len(msgs)
-        metrics.EVENTS.labels(self.stage.name).inc(len(msgs))
-        metrics.BATCH_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+    def _decode_one(self, msg: Message) -> Event:
+        size = len(msg.value() or b"")
+        if size > self.config.max_event_bytes:
+            raise InvalidEvent(
+                f"event of {size} bytes exceeds the limit of {self.config.max_event_bytes}"
+            )
+        try:
+            return decode_event(msg.value())
+        except InvalidEvent:
+            raise
+        except Exception as exc:  # a decoder bug must not crash-loop the stage
+            log.exception("stage %s: decoder failed unexpectedly", self.stage.name)
+            raise InvalidEvent(f"undecodable: {exc!r}"[:500]) from exc
 
     def _meant_for_me(self, msg: Message) -> bool:
         """A replayed dead letter goes back to its topic, which other groups
         read too; only the stage that dead-lettered it takes it."""
-        for key, value in msg.headers() or []:
-            if key == "kb-replay-for":
-                return (value or b"").decode() == self.stage.name
-        return True
+        target = headers.get(msg.headers(), headers.REPLAY_FOR)
+        return target is None or target == self.stage.name
 
-    def _handle_with_policy(self, consumer: Consumer, items: list[tuple[Message, Event]]) -> None:
-        try:
-            self._handle_retrying_transient(consumer, [e for _, e in items])
-            return
-        except _Failed as failed:
-            if len(items) == 1:
-                msg, event = items[0]
-                self._give_up(consumer, msg, event, failed)
-                return
-        # isolate the culprit: the rest of the batch must not suffer for it
-        for msg, event in items:
-            try:
-                self._handle_retrying_transient(consumer, [event])
-            except _Failed as failed:
-                self._give_up(consumer, msg, event, failed)
+    # -- handling under the retry policy -----------------------------------------
 
-    def _give_up(self, consumer: Consumer, msg: Message, event: Event, first: _Failed) -> None:
-        """The event failed alone: retry a bounded number of times unless the
-        error is permanent, then dead-letter it."""
-        failure = first
-        attempts = 1
-        while (
-            not isinstance(failure.cause, PermanentError) and attempts < self.config.retry_attempts
-        ):
-            self._backoff(consumer, attempts)
-            attempts += 1
-            try:
-                self._handle_retrying_transient(consumer, [event])
-                return
-            except _Failed as again:
-                failure = again
-        self._dead_letter(msg, failure.cause, attempts=attempts, event=event)
-
-    def _handle_retrying_transient(self, consumer: Consumer, events: list[Event]) -> None:
-        attempt = 0
-        while True:
-            try:
-                drain = getattr(self.stage, "drain_rejected", None)
-                if drain:
-                    drain()  # leftovers of an attempt that failed as a whole
-                emits = self.stage.handle(events)
-                for e in emits:
-                    self.publisher.publish(e.topic, e.event)
-                self.publisher.flush()
-                for event, error in drain() if drain else []:
-                    msg = self._by_event.get(id(event))
-                    if msg is not None:
-                        self._dead_letter(msg, error, attempts=1, event=None)
-                return
-            except TransientError as exc:
-                attempt += 1
+    def _handle(self, batch: list[_Item]) -> None:
+        failures = transient = 0  # only failures that are not transient count towards the bound
+        while (error := self._try(batch)) is not None:
+            if isinstance(error, TransientError):
+                transient += 1
                 metrics.RETRIES.labels(self.stage.name).inc()
-                log.warning(
-                    "stage %s: transient failure (attempt %d), retrying: %s",
-                    self.stage.name,
-                    attempt,
-                    exc,
-                )
-                if self.stop_event.is_set():
-                    raise _Stopping() from exc
-                self._backoff(consumer, attempt)
-            except Exception as exc:
-                if isinstance(exc, PermanentError):
-                    log.info("stage %s: permanent failure: %s", self.stage.name, exc)
-                else:
-                    log.error(
-                        "stage %s: unexpected failure: %s", self.stage.name, exc, exc_info=True
-                    )
-                raise _Failed(exc) from exc
+            else:
+                failures += 1
+            action = self.policy.decide(error, len(batch), failures)
+            attempt = transient if isinstance(error, TransientError) else failures
+            self._log_failure(error, action, attempt)
+            if action is Action.ISOLATE:
+                for item in batch:  # the rest of the batch must not suffer for one event
+                    self._handle([item])
+                return
+            if action is Action.DEAD_LETTER:
+                msg, event = batch[0]
+                self._dead_letter(msg, error, attempts=failures)
+                self._give_up(event, error)
+                return
+            self._wait(self.policy.delay(attempt))
 
-    def _backoff(self, consumer: Consumer, attempt: int) -> None:
-        """Sleep with jitter while staying in the consumer group: pause the
-        assignment and keep polling (paused partitions return nothing)."""
-        delay = min(self.config.retry_max_seconds, 0.2 * 2 ** min(attempt, 10))
-        delay = random.uniform(delay / 2, delay)
-        assignment = consumer.assignment()
-        if assignment:
-            consumer.pause(assignment)
-        slipped: dict[tuple[str, int], int] = {}
+    def _try(self, batch: list[_Item]) -> Exception | None:
         try:
-            deadline = time.monotonic() + delay
-            while time.monotonic() < deadline and not self.stop_event.is_set():
-                for m in consumer.consume(
-                    1, timeout=min(0.5, max(0.0, deadline - time.monotonic()))
-                ):
-                    if m.error() is None:
-                        tp = (m.topic(), m.partition())
-                        slipped[tp] = min(slipped.get(tp, m.offset()), m.offset())
+            self._attempt(batch)
+        except (_Stopping, DeadLetterFailed):  # past the policy, uncommitted
+            raise
+        except Exception as exc:
+            return exc
+        return None
+
+    def _attempt(self, batch: list[_Item]) -> None:
+        """One try: the stage handles the events, its emits are published,
+        the events it rejects are dead-lettered and given up on."""
+        failpoint(self._fp["before_handle"])
+        result = self.stage.handle([e for _, e in batch])
+        failpoint(self._fp["after_handle"])
+        self._publish(result.emits)
+        for rejection in result.rejected:
+            msg = _message_of(rejection.event, batch)
+            if msg is None:
+                log.error(
+                    "stage %s rejected an event it was not handed: %s",
+                    self.stage.name,
+                    rejection.event.event_id,
+                )
+            else:
+                self._dead_letter(msg, rejection.error, attempts=1)
+            self._give_up(rejection.event, rejection.error)
+        metrics.record_counts(self.stage.name, result.counts)
+
+    def _publish(self, emits: Sequence[Emit]) -> None:
+        try:
+            self.publisher.publish_batch((self.topics.name(e.topic), e.event) for e in emits)
         finally:
-            if assignment:
-                consumer.resume(assignment)
-            for (topic, partition), offset in slipped.items():
-                # a prefetched message slipped through the pause: rewind so it is not skipped
-                consumer.seek(TopicPartition(topic, partition, offset))
-        if self.stop_event.is_set():
+            # also after a failed publish: what was queued must not surface in
+            # the next flush (a dead letter's) as that one's error
+            self.publisher.flush()
+
+    def _log_failure(self, exc: BaseException, action: Action, attempt: int) -> None:
+        name = self.stage.name
+        if isinstance(exc, TransientError):
+            log.warning(
+                "stage %s: transient failure (attempt %d), retrying: %s", name, attempt, exc
+            )
+        elif isinstance(exc, PermanentError):
+            log.info("stage %s: permanent failure (%s): %s", name, action.value, exc)
+        else:
+            log.error(
+                "stage %s: unexpected failure (attempt %d, %s): %s",
+                name,
+                attempt,
+                action.value,
+                exc,
+                exc_info=exc,
+            )
+
+    def _wait_before_retry(self, attempt: int) -> None:
+        self._wait(self.policy.delay(attempt))
+
+    def _wait(self, seconds: float) -> None:
+        """Back off while staying in the group; leave the loop on stop."""
+        if self._consumer is not None:
+            running = wait_paused(self._consumer, seconds, self.stop_event)
+        else:
+            running = not self.stop_event.wait(seconds)
+        if not running:
             raise _Stopping()
 
-    def _dead_letter(
-        self, msg: Message, exc: BaseException, attempts: int, event: Event | None
-    ) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
+    # -- giving up ---------------------------------------------------------------
+
+    def _dead_letter(self, msg: Message, error: BaseException, attempts: int) -> None:
         log.warning(
             "stage %s: dead-lettering %s[%s]@%s: %s",
             self.stage.name,
             msg.topic(),
             msg.partition(),
             msg.offset(),
-            reason,
+            reason(error),
         )
-        headers = [
-            ("kb-stage", self.stage.name.encode()),
-            ("kb-error", reason[:2000].encode()),
-            ("kb-error-class", type(exc).__name__.encode()),
-            ("kb-original-topic", (msg.topic() or "").encode()),
-            ("kb-original-partition", str(msg.partition()).encode()),
-            ("kb-original-offset", str(msg.offset()).encode()),
-            ("kb-attempts", str(attempts).encode()),
-            ("kb-failed-at", datetime.now(UTC).isoformat().encode()),
-            ("kb-trace", "".join(traceback.format_exception_only(exc)).strip()[:2000].encode()),
-        ]
-        while True:
-            try:
-                self.publisher.produce_raw(
-                    self.config.dlq_topic, msg.value(), key=msg.key(), headers=headers
-                )
-                self.publisher.flush()
-                break
-            except TransientError as err:
-                log.warning("dead-letter publish failed, retrying: %s", err)
-                time.sleep(1)
-                if self.stop_event.is_set():
-                    raise _Stopping() from err
+        letter = dead_letter(
+            self.stage.name,
+            topic=msg.topic() or "",
+            partition=msg.partition() or 0,
+            offset=msg.offset() or 0,
+            key=msg.key(),
+            value=msg.value(),
+            error=error,
+            attempts=attempts,
+        )
+        send(self.publisher, self.config.dlq_topic, letter, self._wait_before_retry)
         self.dead_lettered += 1
         metrics.DEAD_LETTERS.labels(self.stage.name).inc()
-        if event is not None:
-            try:
-                self.stage.on_dead_letter(event, str(exc))
-            except Exception:  # status is best effort; the dead letter is the record
-                log.exception("could not record failure on the document")
 
-    def _commit(self, consumer: Consumer, msgs: list[Message]) -> None:
+    def _give_up(self, event: Event, error: BaseException) -> None:
+        """Report the event to on_give_up (its document's status). A failure
+        here must not vanish: transient ones retry until it works (the stage
+        could not work meanwhile anyway), others a few times, loudly."""
+        failures = 0
+        while True:
+            try:
+                self.on_give_up(self.stage.name, event, error)
+                return
+            except Exception as exc:
+                metrics.GIVE_UP_FAILURES.labels(self.stage.name).inc()
+                failures += 1
+                final = not isinstance(exc, TransientError) and failures >= GIVE_UP_ATTEMPTS
+                log.error(
+                    "stage %s: could not record the failure of %s v%s on its document "
+                    "(try %d%s): %s",
+                    self.stage.name,
+                    event.doc_key,
+                    event.version,
+                    failures,
+                    "; giving up, the dead letter is the only record" if final else ", retrying",
+                    exc,
+                    exc_info=exc,
+                )
+                if final:
+                    return
+                self._wait(self.policy.delay(failures))
+
+    # -- committing --------------------------------------------------------------
+
+    def _commit(self, msgs: list[Message]) -> None:
         offsets: dict[tuple[str, int], int] = {}
         for m in msgs:
             if m.error() is None:
-                tp = (m.topic(), m.partition())
-                offsets[tp] = max(offsets.get(tp, -1), m.offset() + 1)
-        if not offsets:
+                tp = topic_partition(m)
+                offsets[tp] = max(offsets.get(tp, -1), (m.offset() or 0) + 1)
+        if not offsets or self._consumer is None:
             return
         try:
-            consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
+            self._consumer.commit(
+                offsets=[TP(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
             )
         except KafkaException as exc:
             # typically a rebalance took the partition: the new owner re-reads
@@ -369,16 +419,16 @@ class StageRunner:
             log.warning(
                 "stage %s: commit failed (%s); events will be redelivered", self.stage.name, exc
             )
+            self.counter.settle()  # their redelivery is not a death
 
 
-class _Failed(Exception):
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-class _Stopping(Exception):
-    pass
+def _message_of(event: Event, batch: list[_Item]) -> Message | None:
+    """The message an event came from: by identity, as the stage hands back
+    the objects it was given; by event_id if it handed back a copy."""
+    for msg, e in batch:
+        if e is event:
+            return msg
+    return next((msg for msg, e in batch if e.event_id == event.event_id), None)
 
 
 def run_until_stopped(runner: StageRunner) -> None:
@@ -389,3 +439,6 @@ def run_until_stopped(runner: StageRunner) -> None:
             "stage %s interrupted during retry; uncommitted events will be redelivered",
             runner.stage.name,
         )
+    except DeadLetterFailed as exc:
+        log.critical("stage %s stopped: %s", runner.stage.name, exc)
+        raise

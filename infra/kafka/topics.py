@@ -1,10 +1,6 @@
-"""Topic names. One place, so a newcomer sees the whole flow:
-
-lifecycle -> [parse] -> parsed -> [split] -> segments -> [embed] -> embedded -> [load_vectors] -> progress
-                                             segments -> [index_keywords] -> progress
-                                                                 progress -> [track_status]
-anything a stage cannot handle -> dlq
-"""
+"""Physical topic names: the deployment's prefix plus a logical ``Topic``
+(domain/events.py). Which stage reads and writes which is declared in
+consumers/pipeline.py."""
 
 from __future__ import annotations
 
@@ -13,6 +9,8 @@ from dataclasses import dataclass
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from domain.events import Topic
+
 log = logging.getLogger(__name__)
 
 
@@ -20,32 +18,36 @@ log = logging.getLogger(__name__)
 class Topics:
     prefix: str = "kbstream."
 
+    def name(self, topic: Topic) -> str:
+        return f"{self.prefix}{topic.value}"
+
+    def all(self) -> list[str]:
+        return [self.name(t) for t in Topic]
+
+    # shorthands for entry points, tests and tools that name one topic
     @property
     def lifecycle(self) -> str:
-        return f"{self.prefix}lifecycle"
+        return self.name(Topic.LIFECYCLE)
 
     @property
     def parsed(self) -> str:
-        return f"{self.prefix}parsed"
+        return self.name(Topic.PARSED)
 
     @property
     def segments(self) -> str:
-        return f"{self.prefix}segments"
+        return self.name(Topic.SEGMENTS)
 
     @property
     def embedded(self) -> str:
-        return f"{self.prefix}embedded"
+        return self.name(Topic.EMBEDDED)
 
     @property
     def progress(self) -> str:
-        return f"{self.prefix}progress"
+        return self.name(Topic.PROGRESS)
 
     @property
     def dlq(self) -> str:
-        return f"{self.prefix}dlq"
-
-    def all(self) -> list[str]:
-        return [self.lifecycle, self.parsed, self.segments, self.embedded, self.progress, self.dlq]
+        return self.name(Topic.DLQ)
 
 
 def ensure_topics(bootstrap: str, topics: Topics, partitions: int, replication: int = 1) -> None:

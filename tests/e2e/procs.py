@@ -129,6 +129,16 @@ class Worker:
         """The runner logs its partition assignment; non-empty means consuming."""
         return f"stage {self.stage} assigned [(" in self.log_text()
 
+    def subscribed(self) -> bool:
+        """It asked to join its group: from now on the group rebalances."""
+        return f"stage {self.stage} consuming" in self.log_text()
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting: it commits, leaves its group and exits."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
     def kill(self) -> None:
         if self.alive:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -142,6 +152,34 @@ class Worker:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def wait_exit(worker: Worker, timeout: float) -> int | None:
+    """The worker's exit status once it has exited (-9: SIGKILLed); None if
+    it is still running after ``timeout`` s."""
+    try:
+        return worker.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def wait_quiet(cluster: Cluster, quiet: float = 1.5, timeout: float = 30.0) -> bool:
+    """Until no live worker has logged anything for ``quiet`` s: the stages
+    have worked through what was in flight (late duplicates included)."""
+
+    def size() -> int:
+        return sum(w.log.stat().st_size for ws in cluster.workers.values() for w in ws if w.alive)
+
+    deadline = time.monotonic() + timeout
+    last, since = size(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = size()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return True
+    return False
 
 
 class Cluster:
@@ -261,6 +299,13 @@ class Cluster:
         worker.kill()
         self.kills += 1
 
+    def wait_subscribed(self, worker: Worker, timeout: float = 120.0) -> None:
+        """Until ``worker`` has sent its join (its group is rebalancing)."""
+        if not wait_until(lambda: worker.subscribed() or not worker.alive, timeout, 0.1):
+            raise AssertionError(f"{worker.stage} never subscribed:\n{worker.log_text()[-2000:]}")
+        if not worker.alive:
+            raise AssertionError(f"{worker.stage} died starting:\n{worker.log_text()[-2000:]}")
+
     def restart(self, stage: str) -> Worker:
         self.restarts += 1
         return self.start(stage)
@@ -364,7 +409,7 @@ class Cluster:
 class DatasetSnapshot:
     """What each store holds for one dataset, keyed by document."""
 
-    docs: dict[str, Any]  # document_id -> DocumentState
+    docs: dict[str, Any]  # document_id -> domain.documents.Document
     segments: dict[str, str]  # index_node_id -> document_id
     seg_hash: dict[str, str]  # index_node_id -> doc_hash
     flags: dict[str, tuple[bool, bool]]  # index_node_id -> (vector_indexed, keywords_indexed)
@@ -376,7 +421,8 @@ class DatasetSnapshot:
     def take(cls, c: Container, tenant: str, dataset: str) -> DatasetSnapshot:
         from infra.db.models import KeywordPostingRow, SegmentRow
 
-        docs = {d.document_id: d for d in c.db.documents.list(tenant, dataset)}
+        with c.uow(readonly=True) as uow:
+            docs = {d.document_id: d for d in uow.documents.list(tenant, dataset)}
         s = SegmentRow.__table__
         k = KeywordPostingRow.__table__
         segments: dict[str, str] = {}
@@ -384,7 +430,7 @@ class DatasetSnapshot:
         flags: dict[str, tuple[bool, bool]] = {}
         postings: dict[str, str] = {}
         keywords: dict[str, set[tuple[str, float]]] = {}
-        with c.db.connect() as conn:
+        with c.database.connect() as conn:
             for r in conn.execute(
                 select(
                     s.c.index_node_id,
@@ -528,5 +574,5 @@ def count_rows(c: Container, what: str, tenant: str, dataset: str) -> int:
         )
     else:
         raise ValueError(what)
-    with c.db.connect() as conn:
+    with c.database.connect() as conn:
         return int(conn.execute(q).scalar_one())

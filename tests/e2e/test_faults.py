@@ -23,7 +23,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from sqlalchemy import create_engine, text
 
-from domain.documents import IndexingStatus
+from domain.documents import DocKey, IndexingStatus
 from domain.events import (
     DocForm,
     DocumentCreated,
@@ -284,9 +284,10 @@ def test_sigkilled_workers_lose_and_duplicate_nothing(cluster_factory, capsys) -
 
     # the embedding cache: every final text is cached, each once
     provider, model, _ = c.container.model_identity
-    cached = c.container.db.embeddings.count(provider, model)
     final_hashes = set(snap.seg_hash.values())
-    assert final_hashes <= set(c.container.db.embeddings.get_many(provider, model, final_hashes))
+    with c.container.uow(readonly=True) as uow:
+        cached = uow.embeddings.count(provider, model)
+        assert final_hashes <= set(uow.embeddings.get_many(provider, model, final_hashes))
     assert cached >= len(texts)
 
     rc, report = c.verify(dataset)
@@ -497,7 +498,8 @@ def duplicate_runs(tmp_path_factory: pytest.TempPathFactory, tansu: str) -> Iter
                 "dup", ids, 60, lambda s: all(s.doc_segments(d) == set(exp_dup[d]) for d in exp_dup)
             )
             provider, model, _ = c.container.model_identity
-            out["cache_rows"] = c.container.db.embeddings.count(provider, model)
+            with c.container.uow(readonly=True) as uow:
+                out["cache_rows"] = uow.embeddings.count(provider, model)
             out["texts1"], out["texts2"] = texts1, texts2
             out["expected"] = {"dup": exp_dup, "clean": exp_clean}
             out["verify"] = {ds: c.verify(ds) for ds in ("dup", "clean")}
@@ -877,13 +879,17 @@ def test_verify_finds_and_repairs_drift(poisoned) -> None:
     nodes = sorted(snap.segments)
     lost_vectors, lost_postings = nodes[:3], nodes[3:6]
     retrying(lambda: con.vectors.delete(lost_vectors))
-    con.db.postings.delete_nodes(lost_postings)
+    with con.uow() as uow:
+        uow.postings.delete_nodes(lost_postings)
+        uow.commit()
     orphan = str(uuid.uuid4())
     vec = np.random.default_rng(1).standard_normal(con.vectors.dim).astype("float32")
-    row = VectorRow(orphan, vec / np.linalg.norm(vec), c.tenant, ds, "p01")
+    row = VectorRow(orphan, vec / np.linalg.norm(vec), DocKey(c.tenant, ds, "p01"))
     retrying(lambda: con.vectors.upsert([row]))
     stray = str(uuid.uuid4())
-    con.db.postings.replace(c.tenant, ds, {(stray, "p02"): [("lighthouse", 1.0)]})
+    with con.uow() as uow:
+        uow.postings.replace({(DocKey(c.tenant, ds, "p02"), stray): [("lighthouse", 1.0)]})
+        uow.commit()
     assert wait_until(lambda: orphan in retrying(lambda: con.vectors.ids(c.tenant, ds)), 30, 0.5)
 
     rc, report = c.verify(ds)

@@ -17,9 +17,8 @@ import docx
 import pytest
 from pypdf import PdfWriter
 
-from domain.documents import IndexingStatus
+from domain.documents import DocKey, IndexingStatus
 from domain.events import DocumentCreated
-from infra.db.repository import DocKey
 from kbstream.dlq import list_dead_letters
 from tests.e2e.procs import fresh_database, wait_until
 from tests.harness import Pipeline, make_settings
@@ -255,18 +254,14 @@ def test_another_tenant_cannot_overwrite_a_tenants_segments(pipeline: Pipeline) 
             )
         )
         key = DocKey(tenant, "kb", "handbook")
-        wait_until(
-            lambda key=key: (
-                (st := p.container.db.documents.get(key)) is not None and st.status.finished
-            ),
-            timeout,
-        )
+        wait_until(lambda key=key: _finished(p, key), timeout)
     for tenant in ("acme", "globex"):
         key = DocKey(tenant, "kb", "handbook")
-        st = p.container.db.documents.get(key)
+        with p.container.uow(readonly=True) as uow:
+            st = uow.documents.get(key)
+            segments = uow.segments.ids_for_document(key)
         assert st is not None and st.status is IndexingStatus.COMPLETED, st
-        segments = p.container.db.segments.ids_for_document(key)
-        vectors = set(p.container.vectors.ids_for_document(tenant, "kb", "handbook"))
+        vectors = set(p.container.vectors.ids_for_document(key))
         assert segments and segments == vectors, (tenant, segments, vectors)
 
 
@@ -337,3 +332,9 @@ def test_a_fixed_document_replayed_from_the_dlq_completes(pipeline: Pipeline) ->
     snap = p.snapshot("fixme", draft)
     assert snap.segments and snap.consistent and snap.postings == snap.segments
     assert len(list_dead_letters(brokers, p.container.topics)) == 1
+
+
+def _finished(p: Pipeline, key: DocKey) -> bool:
+    with p.container.uow(readonly=True) as uow:
+        st = uow.documents.get(key)
+    return st is not None and st.status.finished

@@ -10,6 +10,7 @@ model, the embedding cache, the documents' added/kept/removed counters)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from domain.documents import IndexingStatus
+from domain.documents import Document, IndexingStatus
 from domain.events import (
     DocForm,
     DocumentCreated,
@@ -39,7 +40,6 @@ from domain.events import (
 from domain.model import build_segments, compute_doc_hash, make_index_node_id
 from domain.splitting import split_document
 from infra.db.models import KeywordPostingRow, SegmentRow
-from infra.db.repository import DocumentState
 from kbstream.indexing import index_paths
 from kbstream.search import search
 from tests.harness import Pipeline, make_settings
@@ -101,8 +101,8 @@ class Spy:
         self.texts: list[str] = []
         self.upserts: list[str] = []
         self.keywords: list[str] = []
-        provider, vectors, postings = container.provider, container.vectors, container.db.postings
-        embed, upsert, rewrite = provider.embed, vectors.upsert, postings.replace
+        provider, vectors, uow = container.provider, container.vectors, container.uow
+        embed, upsert = provider.embed, vectors.upsert
 
         def spy_embed(texts: Sequence[str]) -> list[list[float]]:
             self.texts.extend(texts)
@@ -112,11 +112,10 @@ class Spy:
             self.upserts.extend(r.index_node_id for r in rows)
             return upsert(rows)  # type: ignore[no-any-return]
 
-        def spy_replace(tenant: str, dataset: str, postings: dict[Any, Any]) -> None:
-            self.keywords.extend(node for node, _ in postings)
-            rewrite(tenant, dataset, postings)
+        def spy_uow(readonly: bool = False) -> _SpiedUnitOfWork:
+            return _SpiedUnitOfWork(uow(readonly), self.keywords)
 
-        provider.embed, vectors.upsert, postings.replace = spy_embed, spy_upsert, spy_replace
+        provider.embed, vectors.upsert, container.uow = spy_embed, spy_upsert, spy_uow
 
     def mark(self) -> tuple[int, int, int]:
         return len(self.texts), len(self.upserts), len(self.keywords)
@@ -128,6 +127,27 @@ class Spy:
     def writes_since(self, mark: tuple[int, int, int]) -> tuple[set[str], set[str]]:
         """(ids upserted into Milvus, ids whose postings were written) since ``mark``."""
         return set(self.upserts[mark[1] :]), set(self.keywords[mark[2] :])
+
+
+class _SpiedUnitOfWork:
+    """A unit of work whose keyword postings report the nodes they rewrite."""
+
+    def __init__(self, uow: Any, seen: list[str]) -> None:
+        self._uow, self._seen = uow, seen
+
+    def __enter__(self) -> Any:
+        inner = self._uow.__enter__()
+        rewrite = inner.postings.replace
+
+        def spy_replace(key_postings: dict[Any, Any]) -> None:
+            self._seen.extend(node for _, node in key_postings)
+            rewrite(key_postings)
+
+        inner.postings.replace = spy_replace
+        return inner
+
+    def __exit__(self, *exc: Any) -> None:
+        self._uow.__exit__(*exc)
 
 
 @dataclass
@@ -221,7 +241,7 @@ class Row:
 
 def seg_rows(p: Pipeline, ds: str, doc: str) -> dict[str, Row]:
     s = SegmentRow.__table__
-    with p.container.db.connect() as conn:
+    with p.container.database.connect() as conn:
         rows = conn.execute(
             select(
                 s.c.id,
@@ -245,7 +265,7 @@ def ordered(rows: dict[str, Row]) -> list[Row]:
 def posting_ids(p: Pipeline, ds: str, doc: str) -> dict[str, frozenset[int]]:
     k = KeywordPostingRow.__table__
     out: dict[str, set[int]] = {}
-    with p.container.db.connect() as conn:
+    with p.container.database.connect() as conn:
         for pid, node in conn.execute(
             select(k.c.id, k.c.index_node_id).where(
                 k.c.tenant_id == p.tenant, k.c.dataset_id == ds, k.c.document_id == doc
@@ -257,7 +277,8 @@ def posting_ids(p: Pipeline, ds: str, doc: str) -> dict[str, frozenset[int]]:
 
 def cache_count(p: Pipeline) -> int:
     provider, model, _ = p.container.model_identity
-    return p.container.db.embeddings.count(provider, model)
+    with p.container.uow(readonly=True) as uow:
+        return uow.embeddings.count(provider, model)
 
 
 def milvus_duplicates(p: Pipeline, ds: str) -> dict[str, int]:
@@ -271,7 +292,7 @@ def assert_exact(
     doc: str,
     contents: Sequence[str],
     status: IndexingStatus = IndexingStatus.COMPLETED,
-) -> DocumentState:
+) -> Document:
     """The document holds exactly ``contents``, in this order, in every store."""
     snap = p.snapshot(ds, doc)
     rows = seg_rows(p, ds, doc)
@@ -305,7 +326,8 @@ def wait_until(cond: Any, timeout: float = 60.0, what: str = "condition") -> Any
 
 
 def job(p: Pipeline, job_id: str) -> dict[str, Any] | None:
-    return p.container.db.jobs.get(job_id)
+    with p.container.uow(readonly=True) as uow:
+        return uow.jobs.get(p.tenant, job_id)
 
 
 def wait_job(p: Pipeline, job_id: str) -> dict[str, Any]:
@@ -498,7 +520,8 @@ def test_delete_right_after_create_leaves_nothing(
     p.drain()  # nothing still in flight may bring a row, vector or posting back
     assert_gone(p, ds, "doc")
     assert p.container.vectors.count(p.tenant, ds) == 0
-    assert p.container.db.postings.count(p.tenant, ds) == 0
+    with p.container.uow(readonly=True) as uow:
+        assert uow.postings.count(p.tenant, ds) == 0
     print(f"\ndelete published when the create had reached: {seen or 'nothing'}")
 
 
@@ -600,6 +623,64 @@ def test_out_of_order_versions_drop_the_older(env: Env, ds: str, nonce: str) -> 
     assert st.version == 3
     assert (st.segments_added, st.segments_kept, st.segments_removed) == (4, 0, 4)
     assert sorted(env.spy.since(mark)) == sorted(v3), "the stale v2 must never be embedded"
+
+
+def test_events_without_version_follow_the_small_upstream_versions(
+    env: Env, ds: str, nonce: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upstream numbers its revisions 3, 4, ...; a delete or an update
+    without a version falls in line instead of leaping to wall-clock time."""
+    p = env.pipeline
+    v3 = [paragraph(i, nonce) for i in range(2)]
+    v4 = [paragraph(i, nonce, " four") for i in range(3)]
+    p.publish(created(ds, "doc", text_of(v3), 3))
+    p.wait_for(ds, ["doc"], min_version=3)
+    p.publish(DocumentDeleted(dataset_id=ds, document_id="doc"))
+    st = p.wait_for(ds, ["doc"], statuses=[IndexingStatus.DELETED])["doc"]
+    assert st.version == 3
+    p.publish(created(ds, "doc", text_of(v4), 4))
+    p.wait_for(ds, ["doc"], min_version=4)
+    assert assert_exact(p, ds, "doc", v4).version == 4
+
+    # an update without a version is the next one
+    p.publish(
+        DocumentUpdated(
+            dataset_id=ds,
+            document_id="doc",
+            source="doc.txt",
+            content=text_of(v3),
+            process_rule=PARAGRAPHS,
+        )
+    )
+    p.wait_for(ds, ["doc"], min_version=5)
+    assert assert_exact(p, ds, "doc", v3).version == 5
+
+    # a stale event is dropped, and says so
+    with caplog.at_level(logging.WARNING, logger="consumers.parse"):
+        p.publish(updated(ds, "doc", text_of(v4), 2))
+        p.drain()
+    st = assert_exact(p, ds, "doc", v3)
+    reason = "document.updated v2 dropped: document is at v5 (completed)"
+    assert (st.version, st.last_dropped) == (5, reason)
+    assert any(r.levelno == logging.WARNING and reason in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+def test_versions_stay_small_through_the_cli(env: Env, ds: str, nonce: str) -> None:
+    p = env.pipeline
+    folder = env.home / f"versions-{nonce}"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text_of([paragraph(0, nonce)]))
+    versions = []
+    for variant in ("", " changed"):
+        if variant:
+            (folder / "a.txt").write_text(text_of([paragraph(0, nonce, variant)]))
+        summary = index_paths(p.container, [folder], ds, timeout=120)
+        assert (summary.completed, summary.failed) == (1, 0), summary
+        rows = json.loads(kb_cli(env, "status", "--dataset", ds, "--json").stdout)
+        versions += [(r["version"], r["status"]) for r in rows]
+    assert versions == [(1, "completed"), (2, "completed")]
 
 
 # --- document forms and batch imports ---------------------------------------------
@@ -705,7 +786,8 @@ def test_batch_import_into_a_missing_document_fails_the_job(env: Env, ds: str) -
     j = wait_job(p, job_id)
     assert j["status"] == "error" and "does not exist" in j["error"]
     assert p.state(ds, "ghost") is None
-    assert p.container.db.segments.count(p.tenant, ds) == 0
+    with p.container.uow(readonly=True) as uow:
+        assert uow.segments.count(p.tenant, ds) == 0
 
 
 def test_parent_child_search_returns_the_parent(env: Env, ds: str, nonce: str) -> None:
@@ -761,7 +843,8 @@ def full_state(p: Pipeline, ds: str, docs: Sequence[str]) -> dict[str, Any]:
         }
     out["milvus_duplicates"] = milvus_duplicates(p, ds)
     out["vector_count"] = p.container.vectors.count(p.tenant, ds)
-    out["posting_count"] = p.container.db.postings.count(p.tenant, ds)
+    with p.container.uow(readonly=True) as uow:
+        out["posting_count"] = uow.postings.count(p.tenant, ds)
     return out
 
 

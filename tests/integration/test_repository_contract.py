@@ -1,359 +1,512 @@
-"""The repository contract, run against SQLite and a real PostgreSQL alike (the
-``database`` fixture is parametrized over both): versions, segment sets, the
-embedding cache, keyword postings, the claim-check store, migrations, and
-connection loss surfacing as TransientError."""
+"""The storage contract (domain.ports.UnitOfWork and its repositories), one
+suite run against every implementation: the in-memory unit of work the stage
+unit tests use, and the SQL one on SQLite and a real PostgreSQL (the
+``uow_factory`` fixture). Repositories load and save; the rules themselves are
+tested without storage in tests/unit/test_documents.py.
+
+The last part covers what only the SQL adapter has: the schema and its
+migrations, float32 bytes on disk, row locks between concurrent writers, and
+database failures surfacing as TransientError."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import threading
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 
-from domain.documents import IndexingStatus
-from domain.errors import TransientError
-from domain.model import ChunkText, Segment, build_segments, diff_segments
+from domain.documents import DocKey, Document, IndexingStatus, SplitCounts
+from domain.errors import PermanentError, TransientError
+from domain.model import ChunkText, Segment, SegmentDiff, build_segments, diff_segments
+from domain.ports import UnitOfWorkFactory
+from infra.db.database import Database
 from infra.db.engine import create_db_engine, migrate
-from infra.db.models import DatasetRow, DocumentRow, EmbeddingRow, KeywordPostingRow
-from infra.db.repository import Database, DocKey
+from infra.db.models import DatasetRow, DocumentRow, EmbeddingRow, KeywordPostingRow, SegmentRow
+from infra.db.unit_of_work import SqlUnitOfWorkFactory
 
 pytestmark = pytest.mark.integration
 
+S = IndexingStatus
 KEY = DocKey("tenant-a", "ds_1", "doc-1")
+OTHER = DocKey("tenant-a", "ds_1", "doc-2")
 CLOSED_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:1/x"
 
 
-def begin(db: Database, version: int, key: DocKey = KEY, source: str = "a.txt") -> Any:
-    return db.documents.begin_parsing(key, version, source, "text", "hash", "text/plain")
+def create(
+    uow: UnitOfWorkFactory, version: int = 1, key: DocKey = KEY, source: str = "a.txt"
+) -> Document:
+    """What the parse stage does for a new document."""
+    with uow() as w:
+        doc = w.documents.get(key, for_update=True)
+        if doc is None:
+            doc = Document.new(key)
+            w.documents.add(doc)
+        assert doc.start_parsing(version, source, content_hash="hash", mime_type="text/plain")
+        w.documents.save(doc)
+        w.commit()
+    return doc
 
 
-def segs(*texts: str, key: DocKey = KEY) -> list[Segment]:
-    return build_segments(
-        key.dataset_id, key.document_id, [ChunkText(t, tokens=len(t.split())) for t in texts]
-    )
+def load(uow: UnitOfWorkFactory, key: DocKey = KEY) -> Document:
+    with uow(readonly=True) as r:
+        doc = r.documents.get(key)
+    assert doc is not None
+    return doc
 
 
-def split(db: Database, version: int, texts: Sequence[str], key: DocKey = KEY) -> Any:
+def segs(*texts: str, key: DocKey = KEY, start: int = 0) -> list[Segment]:
+    chunks = [ChunkText(t, tokens=len(t.split())) for t in texts]
+    return build_segments(key.dataset_id, key.document_id, chunks, start, key.tenant_id)
+
+
+def split(
+    uow: UnitOfWorkFactory,
+    texts: Sequence[str],
+    key: DocKey = KEY,
+    keep_removed: bool = False,
+) -> tuple[tuple[int, int, int], SegmentDiff]:
+    """What the split stage does: diff, replace the segment set, record it."""
     new = segs(*texts, key=key)
-    diff = diff_segments(db.segments.existing(key), new)
-    return db.documents.apply_split(key, version, new, diff, chars=sum(map(len, texts)))
+    with uow() as w:
+        doc = w.documents.get(key, for_update=True)
+        assert doc is not None
+        diff = diff_segments(w.segments.existing(key), new)
+        totals = w.segments.replace_split(doc, new, diff, keep_removed)
+        counts = SplitCounts(diff.added_count, diff.kept_count, len(diff.removed))
+        pending = bool(diff.to_index or (diff.removed and not keep_removed))
+        assert doc.split(doc.version, counts, totals, pending)
+        w.documents.save(doc)
+        w.commit()
+    return totals, diff
 
 
-def mark_indexed(db: Database, ids: Sequence[str]) -> None:
-    db.segments.mark("vector_indexed", ids)
-    db.segments.mark("keywords_indexed", ids)
+def mark_indexed(uow: UnitOfWorkFactory, ids: Sequence[str]) -> None:
+    with uow() as w:
+        w.segments.mark("vector_indexed", ids)
+        w.segments.mark("keywords_indexed", ids)
+        w.commit()
 
 
-def scalar(db: Database, query: Any) -> Any:
-    with db.engine.connect() as conn:
-        return conn.execute(query).scalar_one()
+def ids(*texts: str, key: DocKey = KEY) -> list[str]:
+    return [s.index_node_id for s in segs(*texts, key=key)]
 
 
-# --- documents and versions -------------------------------------------------------
+def unkeyed(doc: Document) -> Document:
+    return dataclasses.replace(doc, pk=None)
 
 
-class TestBeginParsing:
-    def test_creates_document_and_dataset(self, database: Database) -> None:
-        state = begin(database, 5)
-        assert state is not None
-        assert (state.tenant_id, state.dataset_id, state.document_id) == (
-            "tenant-a",
-            "ds_1",
-            "doc-1",
+# --- the unit of work -------------------------------------------------------------
+
+
+class TestUnitOfWork:
+    def test_commit_makes_work_visible(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory)
+        with uow_factory(readonly=True) as r:
+            assert r.documents.get(KEY) is not None
+
+    def test_no_commit_rolls_back(self, uow_factory: UnitOfWorkFactory) -> None:
+        with uow_factory() as w:
+            w.documents.add(Document.new(KEY, version=1))
+            w.payloads.put("k", b"v")
+        with uow_factory(readonly=True) as r:
+            assert r.documents.get(KEY) is None
+            assert r.payloads.get("k") is None
+
+    def test_an_exception_rolls_back_and_passes_through(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        create(uow_factory, 1)
+        with pytest.raises(ValueError, match="boom"), uow_factory() as w:
+            doc = w.documents.get(KEY, for_update=True)
+            assert doc is not None and doc.start_parsing(2, "b.txt")
+            w.documents.save(doc)
+            raise ValueError("boom")
+        assert load(uow_factory).version == 1
+
+    def test_a_read_only_unit_of_work_refuses_writes(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory, 1)
+        # a programming error, never worth a retry
+        with pytest.raises((RuntimeError, PermanentError)), uow_factory(readonly=True) as r:
+            r.payloads.put("k", b"v")
+            r.commit()
+        with pytest.raises((RuntimeError, PermanentError)), uow_factory(readonly=True) as r:
+            doc = r.documents.get(KEY)
+            assert doc is not None and doc.start_parsing(2, "b.txt")
+            r.documents.save(doc)
+            r.commit()
+        assert get(uow_factory, "k") is None
+        assert load(uow_factory).version == 1
+        put(uow_factory, "k", b"written")  # a writer after them is unaffected
+        assert get(uow_factory, "k") == b"written"
+
+    def test_work_after_a_commit_needs_its_own(self, uow_factory: UnitOfWorkFactory) -> None:
+        with uow_factory() as w:
+            w.payloads.put("first", b"1")
+            w.commit()
+            w.payloads.put("second", b"2")
+        with uow_factory(readonly=True) as r:
+            assert (r.payloads.get("first"), r.payloads.get("second")) == (b"1", None)
+
+
+# --- documents --------------------------------------------------------------------
+
+
+class TestDocuments:
+    def test_round_trip_of_every_field(self, uow_factory: UnitOfWorkFactory) -> None:
+        t = datetime(2026, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)
+        doc = Document(
+            key=KEY,
+            version=7,
+            status=S.ERROR,
+            source="dir/a.md",
+            doc_form="qa_model",
+            error="bad table on page 3",
+            content_hash="c" * 64,
+            mime_type="text/markdown",
+            chars=10**10,
+            segment_count=12,
+            tokens=3 * 10**9,
+            word_count=99,
+            embedded_texts=5,
+            cache_hits=4,
+            segments_added=3,
+            segments_kept=2,
+            segments_removed=1,
+            split_version=7,
+            last_dropped="split v6 dropped: document is at v7 (error)",
+            updated_at=t,
+            completed_at=None,
+            error_at=t,
+            parsing_started_at=t,
+            splitting_started_at=t,
+            indexing_started_at=t,
         )
-        assert state.version == 5
-        assert state.status is IndexingStatus.PARSING
-        assert state.source == "a.txt"
-        assert state.content_hash == "hash"
-        assert state.error is None
-        assert database.documents.get(KEY) == state
+        with uow_factory() as w:
+            w.documents.add(doc.copy())
+            w.commit()
+        assert unkeyed(load(uow_factory)) == doc
 
-        begin(database, 1, DocKey("tenant-a", "ds_1", "doc-2"))
-        begin(database, 1, DocKey("tenant-b", "ds_1", "doc-1"))
-        datasets = select(func.count()).select_from(DatasetRow)
-        assert scalar(database, datasets) == 2  # (a, ds_1) once, (b, ds_1)
-        assert scalar(database, select(func.count()).select_from(DocumentRow)) == 3
+    def test_save_writes_every_field(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory, 3)
+        with uow_factory() as w:
+            doc = w.documents.get(KEY, for_update=True)
+            assert doc is not None
+            assert doc.parsed(3, chars=42)
+            assert doc.split(3, SplitCounts(2, 1, 0), (3, 30, 20), pending=True)
+            assert doc.count_embeddings(3, embedded=2, hits=1)
+            assert doc.fail(3, "x" * 5000)
+            doc.drop("split", 2)
+            w.documents.save(doc)
+            w.commit()
+        stored = load(uow_factory)
+        assert stored == doc
+        assert (stored.status, len(stored.error or ""), stored.chars) == (S.ERROR, 4000, 42)
+        assert (stored.segment_count, stored.tokens, stored.word_count) == (3, 30, 20)
+        assert (stored.embedded_texts, stored.cache_hits, stored.split_version) == (2, 1, 3)
+        assert stored.last_dropped == "split v2 dropped: document is at v3 (error)"
 
-    def test_newer_version_wins(self, database: Database) -> None:
-        begin(database, 1)
-        database.documents.set_status(KEY, 1, IndexingStatus.ERROR, "old failure")
-        state = begin(database, 2, source="renamed.txt")
-        assert state is not None
-        assert state.version == 2
-        assert state.status is IndexingStatus.PARSING
-        assert state.source == "renamed.txt"
-        assert state.error is None  # a new version starts clean
-        assert scalar(database, select(func.count()).select_from(DocumentRow)) == 1
+    def test_same_document_id_in_two_tenants_is_two_documents(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        create(uow_factory, 1, KEY)
+        create(uow_factory, 9, DocKey("tenant-b", "ds_1", "doc-1"), source="b.txt")
+        assert load(uow_factory, KEY).version == 1
+        assert load(uow_factory, DocKey("tenant-b", "ds_1", "doc-1")).source == "b.txt"
+        with uow_factory(readonly=True) as r:
+            assert [d.dataset_id for d in r.documents.find("tenant-a", "doc-1")] == ["ds_1"]
 
-    def test_older_version_is_stale(self, database: Database) -> None:
-        begin(database, 10)
-        assert begin(database, 9, source="stale.txt") is None
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.version == 10
-        assert state.source == "a.txt"
+    def test_get_many(self, uow_factory: UnitOfWorkFactory) -> None:
+        elsewhere = DocKey("tenant-b", "ds_9", "doc-1")
+        create(uow_factory, 1)
+        create(uow_factory, 7, OTHER)
+        create(uow_factory, 2, elsewhere)
+        with uow_factory(readonly=True) as r:
+            found = r.documents.get_many([KEY, OTHER, elsewhere, DocKey("x", "y", "z"), KEY])
+            assert {k: d.version for k, d in found.items()} == {KEY: 1, OTHER: 7, elsewhere: 2}
+            assert all(d.key == k for k, d in found.items())
+            assert r.documents.get_many([]) == {}
 
-    def test_redelivered_same_version_is_claimed_again(self, database: Database) -> None:
-        begin(database, 3)
-        database.documents.set_status(KEY, 3, IndexingStatus.SPLITTING)
-        again = begin(database, 3)
-        assert again is not None
-        assert again.version == 3
-        assert again.status is IndexingStatus.PARSING
+    def test_list_find_and_status_counts(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory, 1, KEY, source="b.txt")
+        create(uow_factory, 1, OTHER, source="a.txt")
+        create(uow_factory, 1, DocKey("tenant-a", "ds_2", "doc-1"))
+        with uow_factory() as w:
+            doc = w.documents.get(OTHER, for_update=True)
+            assert doc is not None and doc.fail(1, "unreadable")
+            w.documents.save(doc)
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert [d.document_id for d in r.documents.list("tenant-a", "ds_1")] == [
+                "doc-2",
+                "doc-1",
+            ]  # by source
+            only = r.documents.list("tenant-a", "ds_1", ["doc-1", "missing"])
+            assert [d.key for d in only] == [KEY]
+            assert r.documents.list("tenant-a", "ds_1", []) == []
+            assert sorted(d.dataset_id for d in r.documents.find("tenant-a", "doc-1")) == [
+                "ds_1",
+                "ds_2",
+            ]
+            assert r.documents.find("tenant-z", "doc-1") == []
+            assert r.documents.status_counts("tenant-a", "ds_1") == {"parsing": 1, "error": 1}
+            assert r.documents.status_counts("tenant-a", "nothing") == {}
 
-    def test_deleted_blocks_equal_and_older_versions(self, database: Database) -> None:
-        begin(database, 5)
-        assert database.documents.set_status(KEY, 5, IndexingStatus.DELETED)
-        assert begin(database, 5) is None
-        assert begin(database, 4) is None
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.status is IndexingStatus.DELETED
-        # a newer create after the delete brings the document back
-        revived = begin(database, 6)
-        assert revived is not None
-        assert revived.status is IndexingStatus.PARSING
-
-    def test_versions_lookup(self, database: Database) -> None:
-        other = DocKey("tenant-a", "ds_1", "doc-2")
-        begin(database, 1)
-        begin(database, 7, other)
-        found = database.documents.versions([KEY, other, DocKey("x", "y", "z"), KEY])
-        assert {k: s.version for k, s in found.items()} == {KEY: 1, other: 7}
-        assert database.documents.versions([]) == {}
-
-
-class TestSetStatus:
-    def test_only_the_current_version_moves(self, database: Database) -> None:
-        begin(database, 1)
-        begin(database, 2)
-        assert not database.documents.set_status(KEY, 1, IndexingStatus.ERROR, "late failure")
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.status is IndexingStatus.PARSING
-        assert state.error is None
-
-        assert database.documents.set_status(KEY, 2, IndexingStatus.SPLITTING, chars=42)
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.status is IndexingStatus.SPLITTING
-        assert scalar(database, select(DocumentRow.chars)) == 42
-
-    def test_error_records_reason(self, database: Database) -> None:
-        begin(database, 1)
-        assert database.documents.set_status(KEY, 1, IndexingStatus.ERROR, "x" * 5000)
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.status is IndexingStatus.ERROR
-        assert state.error == "x" * 4000
-
-    def test_unknown_document_and_deleted_document(self, database: Database) -> None:
-        assert not database.documents.set_status(KEY, 1, IndexingStatus.SPLITTING)
-        begin(database, 1)
-        database.documents.set_status(KEY, 1, IndexingStatus.DELETED)
-        assert not database.documents.set_status(KEY, 1, IndexingStatus.COMPLETED)
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.status is IndexingStatus.DELETED
+    def test_many_documents_past_the_chunk_size(self, uow_factory: UnitOfWorkFactory) -> None:
+        keys = [DocKey("t", "d", f"doc-{i:04d}") for i in range(1100)]
+        with uow_factory() as w:
+            for i, k in enumerate(keys):
+                w.documents.add(Document.new(k, version=i, source=f"{i:04d}.txt"))
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert len(r.documents.list("t", "d")) == 1100
+            wanted = [k.document_id for k in keys[::2]]
+            assert {d.document_id for d in r.documents.list("t", "d", wanted)} == set(wanted)
+            found = r.documents.get_many(keys)
+            assert len(found) == 1100
+            assert found[keys[1099]].version == 1099
 
 
-# --- segments --------------------------------------------------------------------
+# --- segments ---------------------------------------------------------------------
 
 
-class TestApplySplit:
-    def test_first_split_inserts_segments_and_counts(self, database: Database) -> None:
-        begin(database, 1)
-        state = split(database, 1, ["alpha one", "beta two three", "知识库"])
-        assert state is not None
-        assert state.status is IndexingStatus.INDEXING
-        assert state.segment_count == 3
-        assert (state.segments_added, state.segments_kept, state.segments_removed) == (3, 0, 0)
-        assert scalar(database, select(DocumentRow.tokens)) == 2 + 3 + 1
-        assert scalar(database, select(DocumentRow.word_count)) == 2 + 3 + 3
-        ex = database.segments.existing(KEY)
-        assert sorted(e.position for e in ex) == [0, 1, 2]
-        assert not any(e.indexed for e in ex)
-        assert database.segments.count("tenant-a", "ds_1") == 3
+class TestSegments:
+    def test_first_split_inserts_segments_and_totals(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory)
+        totals, _ = split(uow_factory, ["alpha one", "beta two three", "知识库"])
+        assert totals == (3, 2 + 3 + 1, 2 + 3 + 3)
+        doc = load(uow_factory)
+        assert (doc.status, doc.segment_count, doc.tokens) == (S.INDEXING, 3, 6)
+        with uow_factory(readonly=True) as r:
+            existing = r.segments.existing(KEY)
+            assert sorted(e.position for e in existing) == [0, 1, 2]
+            assert not any(e.indexed for e in existing)
+            assert r.segments.count("tenant-a", "ds_1") == 3
+            assert r.segments.pending_count(KEY) == 3
+            assert r.segments.ids_for_document(KEY) == set(
+                ids("alpha one", "beta two three", "知识库")
+            )
 
-    def test_update_inserts_keeps_repositions_and_removes(self, database: Database) -> None:
-        begin(database, 1)
-        split(database, 1, ["a", "b", "c"])
-        v1 = {s.content: s.index_node_id for s in segs("a", "b", "c")}
-        mark_indexed(database, [v1["a"], v1["b"]])  # c never finished
+    def test_update_inserts_keeps_repositions_resets_and_removes(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        create(uow_factory, 1)
+        split(uow_factory, ["a", "b", "c"])
+        a, b, c = ids("a", "b", "c")
+        mark_indexed(uow_factory, [a, b])
+        with uow_factory() as w:
+            w.segments.mark("vector_indexed", [c])  # c's keywords never finished
+            w.commit()
 
-        begin(database, 2)
-        state = split(database, 2, ["b", "new", "c"])
-        assert state is not None
-        assert state.status is IndexingStatus.INDEXING
-        assert state.segment_count == 3
-        # new added; b and c kept (c re-indexed); a removed
-        assert (state.segments_added, state.segments_kept, state.segments_removed) == (1, 2, 1)
+        create(uow_factory, 2)
+        totals, diff = split(uow_factory, ["b", "new", "c"])
+        assert totals[0] == 3
+        (new,) = ids("new")
+        assert [s.index_node_id for s in diff.to_index] == [new, c]
+        assert diff.removed == [a]
+        with uow_factory(readonly=True) as r:
+            rows = r.segments.by_ids([a, b, c, new])
+            assert set(rows) == {b, c, new}
+            assert [rows[i].position for i in (b, new, c)] == [0, 1, 2]
+            assert rows[b].vector_indexed and rows[b].keywords_indexed  # kept as is
+            assert not rows[c].vector_indexed  # re-indexed: both flags reset
+            assert (rows[new].content, rows[new].source) == ("new", "a.txt")
+            assert r.segments.pending_count(KEY) == 2
+            assert r.segments.alive([a, b, "missing"]) == {b}
 
-        v2 = {s.content: s.index_node_id for s in segs("b", "new", "c")}
-        rows = database.segments.by_ids([*v1.values(), v2["new"]])
-        assert v1["a"] not in rows
-        assert rows[v2["b"]].position == 0
-        assert rows[v2["b"]].vector_indexed  # kept as is, not re-indexed
-        assert rows[v2["new"]].position == 1
-        assert rows[v2["new"]].version == 2
-        assert rows[v2["c"]].position == 2
-        assert rows[v2["c"]].version == 2
-        assert rows[v2["c"]].status == "indexing"
-        assert rows[v2["b"]].source == "a.txt"
-        assert database.segments.count("tenant-a", "ds_1") == 3
+    def test_keep_removed_and_imported_segments_stay_after_the_split(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        create(uow_factory, 1)
+        split(uow_factory, ["a", "b"])
+        with uow_factory() as w:
+            doc = w.documents.get(KEY, for_update=True)
+            assert doc is not None
+            imported = segs("imported one", start=2)
+            assert w.segments.append_imported(doc, "job-1", imported) == imported
+            w.commit()
+        create(uow_factory, 2)
+        totals, diff = split(uow_factory, ["c", "b"], keep_removed=True)
+        assert diff.removed == ids("a")
+        assert totals[0] == 4  # c, b, the kept a, the imported segment
+        with uow_factory(readonly=True) as r:
+            pos = {
+                i: s.position
+                for i, s in r.segments.by_ids(r.segments.ids_for_document(KEY)).items()
+            }
+            (a, b, c), (imp,) = ids("a", "b", "c"), ids("imported one")
+            assert pos == {c: 0, b: 1, a: 2, imp: 3}
+            # existing() is the split's view: imported segments left out
+            assert {e.index_node_id for e in r.segments.existing(KEY)} == {a, b, c}
 
-    def test_nothing_to_index_completes_at_once(self, database: Database) -> None:
-        begin(database, 1)
-        split(database, 1, ["a", "b"])
-        mark_indexed(database, [s.index_node_id for s in segs("a", "b")])
-        begin(database, 2)
-        state = split(database, 2, ["b", "a"])
-        assert state is not None
-        assert state.status is IndexingStatus.COMPLETED
-        assert state.completed_at is not None
-        assert (state.segments_added, state.segments_kept, state.segments_removed) == (0, 2, 0)
-        positions = {e.index_node_id: e.position for e in database.segments.existing(KEY)}
-        assert positions == {s.index_node_id: s.position for s in segs("b", "a")}
-
-    def test_stale_or_deleted_version_is_refused(self, database: Database) -> None:
-        begin(database, 1)
-        begin(database, 2)
-        assert split(database, 1, ["a"]) is None
-        assert database.segments.existing(KEY) == []
-        database.documents.set_status(KEY, 2, IndexingStatus.DELETED)
-        assert split(database, 2, ["a"]) is None
-        assert split(database, 2, ["a"], key=DocKey("t", "d", "unknown")) is None
-
-    def test_identical_content_in_two_documents_gets_two_rows(self, database: Database) -> None:
-        other = DocKey("tenant-a", "ds_1", "doc-2")
-        begin(database, 1)
-        begin(database, 1, other)
-        split(database, 1, ["shared paragraph"])
-        split(database, 1, ["shared paragraph"], key=other)
-        assert database.segments.count("tenant-a", "ds_1") == 2
-        assert set(database.segments.ids_for_dataset("tenant-a", "ds_1").values()) == {
-            "doc-1",
-            "doc-2",
-        }
-
-    def test_replayed_split_is_idempotent(self, database: Database) -> None:
-        begin(database, 1)
+    def test_replayed_split_is_idempotent(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory)
         new = segs("a", "b")
-        diff = diff_segments([], new)
-        database.documents.apply_split(KEY, 1, new, diff, chars=2)
-        state = database.documents.apply_split(KEY, 1, new, diff, chars=2)
-        assert state is not None
-        assert database.segments.count("tenant-a", "ds_1") == 2
+        for _ in range(2):
+            with uow_factory() as w:
+                doc = w.documents.get(KEY, for_update=True)
+                assert doc is not None
+                assert w.segments.replace_split(doc, new, diff_segments([], new), False) == (
+                    2,
+                    2,
+                    2,
+                )
+                w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.segments.count("tenant-a", "ds_1") == 2
 
+    def test_identical_content_in_two_documents_gets_two_rows(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        create(uow_factory, 1, KEY)
+        create(uow_factory, 1, OTHER, source="b.txt")
+        split(uow_factory, ["shared paragraph"], KEY)
+        split(uow_factory, ["shared paragraph"], OTHER)
+        with uow_factory(readonly=True) as r:
+            rows = r.segments.for_dataset("tenant-a", "ds_1")
+            assert sorted((s.document_id, s.source) for s in rows.values()) == [
+                ("doc-1", "a.txt"),
+                ("doc-2", "b.txt"),
+            ]
+            assert {s.content for s in rows.values()} == {""}  # without the text
+            assert r.segments.for_dataset("tenant-b", "ds_1") == {}
 
-class TestTryComplete:
-    def test_needs_both_flags_on_every_segment(self, database: Database) -> None:
-        begin(database, 1)
-        split(database, 1, ["a", "b"])
-        a, b = (s.index_node_id for s in segs("a", "b"))
-        assert database.documents.try_complete(KEY, 1) is IndexingStatus.INDEXING
+    def test_append_imported_and_hashes(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory)
+        split(uow_factory, ["a", "b"])
+        with uow_factory(readonly=True) as r:
+            start, hashes = r.segments.hashes(KEY)
+        assert start == 2
+        assert hashes == [s.doc_hash for s in segs("a", "b")]
+        imported = segs("x", "y", start=start)
+        for expected in (imported, []):  # a replayed import inserts nothing
+            with uow_factory() as w:
+                doc = w.documents.get(KEY, for_update=True)
+                assert doc is not None
+                assert w.segments.append_imported(doc, "job-1", imported) == expected
+                w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.segments.hashes(KEY)[0] == 4
+            assert r.segments.hashes(KEY, exclude_job="job-1") == (4, hashes)
+            rows = r.segments.by_ids(ids("x", "y"))
+            assert {s.job_id for s in rows.values()} == {"job-1"}
+            assert r.segments.hashes(DocKey("t", "d", "none")) == (0, [])
 
-        assert database.segments.mark("vector_indexed", [a, b, a]) == 2
-        assert database.documents.try_complete(KEY, 1) is IndexingStatus.INDEXING
-        database.segments.mark("keywords_indexed", [a])
-        assert database.documents.try_complete(KEY, 1) is IndexingStatus.INDEXING
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.status is IndexingStatus.INDEXING
+    def test_delete_document_and_delete_one(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory, 1, KEY)
+        create(uow_factory, 1, OTHER)
+        split(uow_factory, ["a", "b", "c"], KEY)
+        split(uow_factory, ["a"], OTHER)
+        a, b, c = ids("a", "b", "c")
+        with uow_factory() as w:
+            gone = w.segments.delete_one(KEY, b, None)
+            assert gone is not None
+            assert (gone.index_node_id, gone.content, gone.tokens) == (b, "b", 1)
+            assert w.segments.delete_one(KEY, b, None) is None
+            assert w.segments.delete_one(OTHER, a, None) is None  # not that document's
+            assert sorted(w.segments.delete_document(KEY)) == sorted([a, c])
+            assert w.segments.delete_document(KEY) == []
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.segments.ids_for_document(KEY) == set()
+            assert r.segments.ids_for_document(OTHER) == set(ids("a", key=OTHER))
 
-        database.segments.mark("keywords_indexed", [b])
-        assert database.documents.try_complete(KEY, 1) is IndexingStatus.COMPLETED
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.status is IndexingStatus.COMPLETED
-        assert state.completed_at is not None
-        assert {r.status for r in database.segments.by_ids([a, b]).values()} == {"completed"}
-        # repeated (a redelivered event) is harmless
-        assert database.documents.try_complete(KEY, 1) is IndexingStatus.COMPLETED
+    def test_mark_flags_and_pending(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory)
+        split(uow_factory, ["a", "b"])
+        a, b = ids("a", "b")
+        with uow_factory() as w:
+            assert w.segments.mark("vector_indexed", [a, b, a, "missing"]) == 2
+            assert w.segments.pending_count(KEY) == 2
+            assert w.segments.mark("keywords_indexed", [a]) == 1
+            assert w.segments.pending_count(KEY) == 1
+            w.segments.mark("keywords_indexed", [b])
+            assert w.segments.pending_count(KEY) == 0
+            w.segments.mark("vector_indexed", [b], value=False)
+            assert w.segments.pending_count(KEY) == 1
+            assert w.segments.mark("vector_indexed", []) == 0
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            rows = r.segments.by_ids([a, b])
+            assert (rows[a].vector_indexed, rows[a].keywords_indexed) == (True, True)
+            assert (rows[b].vector_indexed, rows[b].keywords_indexed) == (False, True)
 
-    def test_keywords_alone_are_not_enough(self, database: Database) -> None:
-        begin(database, 1)
-        split(database, 1, ["a"])
-        database.segments.mark("keywords_indexed", [segs("a")[0].index_node_id])
-        assert database.documents.try_complete(KEY, 1) is IndexingStatus.INDEXING
-
-    def test_other_version_is_ignored(self, database: Database) -> None:
-        begin(database, 1)
-        split(database, 1, ["a"])
-        mark_indexed(database, [segs("a")[0].index_node_id])
-        assert database.documents.try_complete(KEY, 2) is None
-        assert database.documents.try_complete(KEY, 0) is None
-        assert database.documents.try_complete(DocKey("t", "d", "none"), 1) is None
-        state = database.documents.get(KEY)
-        assert state is not None
-        assert state.status is IndexingStatus.INDEXING
-
-    def test_unmarking_keeps_document_indexing(self, database: Database) -> None:
-        begin(database, 1)
-        split(database, 1, ["a"])
-        node = segs("a")[0].index_node_id
-        mark_indexed(database, [node])
-        database.segments.mark("vector_indexed", [node], value=False)
-        assert database.documents.try_complete(KEY, 1) is IndexingStatus.INDEXING
+    def test_many_segments_past_the_chunk_size(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory)
+        texts = [f"paragraph {i}" for i in range(1200)]
+        totals, _ = split(uow_factory, texts)
+        assert totals[0] == 1200
+        every = ids(*texts)
+        mark_indexed(uow_factory, every)
+        with uow_factory(readonly=True) as r:
+            assert r.segments.alive([*every, "missing"]) == set(every)
+            assert len(r.segments.by_ids(every)) == 1200
+            assert r.segments.pending_count(KEY) == 0
+        create(uow_factory, 2)
+        totals, diff = split(uow_factory, list(reversed(texts[:1100])))
+        assert totals[0] == 1100 and len(diff.removed) == 100
+        with uow_factory(readonly=True) as r:
+            rows = r.segments.by_ids(every)
+            assert len(rows) == 1100
+            assert rows[every[0]].position == 1099
+            assert rows[every[1099]].position == 0
 
 
 # --- embedding cache --------------------------------------------------------------
 
 
 class TestEmbeddingCache:
-    def test_round_trip_is_exact_float32_bytes(self, database: Database) -> None:
+    def test_round_trip_is_exact_float32(self, uow_factory: UnitOfWorkFactory) -> None:
         rng = np.random.default_rng(0)
-        vectors = {
+        vectors: dict[str, Any] = {
             "h1": rng.standard_normal(384).tolist(),  # float64 in, float32 stored
             "h2": [0.1, -0.0, 1e-45, 3.4028235e38, -1.5],
             "h3": np.linspace(-1, 1, 16, dtype=np.float32),
         }
-        database.embeddings.put_many("prov", "model-x", vectors)
-        got = database.embeddings.get_many("prov", "model-x", ["h1", "h2", "h3", "missing"])
+        with uow_factory() as w:
+            w.embeddings.put_many("prov", "model-x", vectors)
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            got = r.embeddings.get_many("prov", "model-x", ["h1", "h2", "h3", "missing"])
         assert set(got) == {"h1", "h2", "h3"}
         for h, v in vectors.items():
             expected = np.asarray(v, dtype="<f4")
-            assert got[h].dtype == np.dtype("<f4")
-            assert got[h].shape == expected.shape
-            assert got[h].tobytes() == expected.tobytes()
+            assert np.asarray(got[h]).dtype == np.dtype("<f4")
+            assert np.asarray(got[h]).tobytes() == expected.tobytes()
 
-        with database.engine.connect() as conn:
-            dim, blob = conn.execute(
-                select(EmbeddingRow.dim, EmbeddingRow.vector).where(EmbeddingRow.doc_hash == "h1")
-            ).one()
-        blob = bytes(blob)
-        assert dim == 384
-        assert len(blob) == 384 * 4  # plain little-endian float32, no framing
-        assert blob == np.asarray(vectors["h1"], dtype="<f4").tobytes()
-        assert not blob.startswith(b"\x80")  # not a pickle
-        with pytest.raises(pickle.UnpicklingError):
-            pickle.loads(blob)
+    def test_keyed_by_provider_and_model(self, uow_factory: UnitOfWorkFactory) -> None:
+        with uow_factory() as w:
+            w.embeddings.put_many("prov", "m1", {"h": [1.0, 2.0]})
+            w.embeddings.put_many("prov", "m2", {"h": [3.0, 4.0]})
+            w.embeddings.put_many("other", "m1", {"h": [5.0, 6.0]})
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert list(r.embeddings.get_many("prov", "m1", ["h"])["h"]) == [1.0, 2.0]
+            assert list(r.embeddings.get_many("prov", "m2", ["h"])["h"]) == [3.0, 4.0]
+            assert list(r.embeddings.get_many("other", "m1", ["h"])["h"]) == [5.0, 6.0]
+            assert r.embeddings.get_many("nobody", "m1", ["h"]) == {}
+            assert r.embeddings.count() == 3
+            assert r.embeddings.count("prov") == 2
+            assert r.embeddings.count("prov", "m1") == 1
 
-    def test_keyed_by_provider_and_model(self, database: Database) -> None:
-        database.embeddings.put_many("prov", "m1", {"h": [1.0, 2.0]})
-        database.embeddings.put_many("prov", "m2", {"h": [3.0, 4.0]})
-        database.embeddings.put_many("other", "m1", {"h": [5.0, 6.0]})
-        assert database.embeddings.get_many("prov", "m1", ["h"])["h"].tolist() == [1.0, 2.0]
-        assert database.embeddings.get_many("prov", "m2", ["h"])["h"].tolist() == [3.0, 4.0]
-        assert database.embeddings.get_many("other", "m1", ["h"])["h"].tolist() == [5.0, 6.0]
-        assert database.embeddings.get_many("nobody", "m1", ["h"]) == {}
-        assert database.embeddings.count() == 3
-        assert database.embeddings.count("prov") == 2
-        assert database.embeddings.count("prov", "m1") == 1
+    def test_existing_key_is_ignored(self, uow_factory: UnitOfWorkFactory) -> None:
+        for vectors in ({"h": [1.0, 2.0], "g": [0.5, 0.5]}, {"h": [9.0, 9.0], "k": [7.0, 7.0]}):
+            with uow_factory() as w:
+                w.embeddings.put_many("p", "m", vectors)
+                w.commit()
+        with uow_factory(readonly=True) as r:
+            got = r.embeddings.get_many("p", "m", ["h", "g", "k"])
+            assert list(got["h"]) == [1.0, 2.0]  # first write wins, no error
+            assert list(got["k"]) == [7.0, 7.0]
+            assert r.embeddings.count("p", "m") == 3
 
-    def test_existing_key_is_ignored(self, database: Database) -> None:
-        database.embeddings.put_many("p", "m", {"h": [1.0, 2.0], "g": [0.5, 0.5]})
-        database.embeddings.put_many("p", "m", {"h": [9.0, 9.0], "k": [7.0, 7.0]})
-        got = database.embeddings.get_many("p", "m", ["h", "g", "k"])
-        assert got["h"].tolist() == [1.0, 2.0]  # first write wins, no error
-        assert got["k"].tolist() == [7.0, 7.0]
-        assert database.embeddings.count("p", "m") == 3
-
-    def test_concurrent_writers_with_overlapping_keys(self, database: Database) -> None:
+    def test_concurrent_writers_with_overlapping_keys(self, uow_factory: UnitOfWorkFactory) -> None:
         errors: list[BaseException] = []
         start = threading.Barrier(4)
 
@@ -362,9 +515,11 @@ class TestEmbeddingCache:
                 start.wait(timeout=10)
                 for round_ in range(3):
                     keys = [f"h{j:03d}" for j in range(i * 20, i * 20 + 60)]  # overlaps
-                    database.embeddings.put_many(
-                        "p", "m", {k: [float(i), float(round_)] for k in reversed(keys)}
-                    )
+                    with uow_factory() as w:
+                        w.embeddings.put_many(
+                            "p", "m", {k: [float(i), float(round_)] for k in reversed(keys)}
+                        )
+                        w.commit()
             except BaseException as exc:
                 errors.append(exc)
 
@@ -374,85 +529,333 @@ class TestEmbeddingCache:
         for t in threads:
             t.join(timeout=60)
         assert not errors, errors
-        assert database.embeddings.count("p", "m") == 120  # h000..h119, one row each
-        rows = scalar(
-            database,
-            select(func.count(func.distinct(EmbeddingRow.doc_hash))).where(
-                EmbeddingRow.provider == "p"
-            ),
-        )
-        assert rows == 120
-        assert len(database.embeddings.get_many("p", "m", [f"h{j:03d}" for j in range(120)])) == 120
+        with uow_factory(readonly=True) as r:
+            assert r.embeddings.count("p", "m") == 120  # h000..h119, one row each
+            assert len(r.embeddings.get_many("p", "m", [f"h{j:03d}" for j in range(120)])) == 120
 
-    def test_many_keys_past_the_chunk_size(self, database: Database) -> None:
+    def test_many_keys_past_the_chunk_size(self, uow_factory: UnitOfWorkFactory) -> None:
         vectors = {f"{i:064x}": [float(i)] * 4 for i in range(1200)}
-        database.embeddings.put_many("p", "m", vectors)
-        got = database.embeddings.get_many("p", "m", list(vectors))
+        with uow_factory() as w:
+            w.embeddings.put_many("p", "m", vectors)
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            got = r.embeddings.get_many("p", "m", list(vectors))
         assert len(got) == 1200
-        assert got[f"{1199:064x}"].tolist() == [1199.0] * 4
+        assert list(got[f"{1199:064x}"]) == [1199.0] * 4
 
 
 # --- keyword postings -------------------------------------------------------------
 
-POSTINGS: dict[tuple[str, str], list[tuple[str, float]]] = {
-    ("n1", "doc-1"): [("kafka", 0.5), ("stream", 0.2)],
-    ("n2", "doc-1"): [("kafka", 0.9)],
-    ("n3", "doc-2"): [("stream", 1.0), ("kafka", 0.1), ("知识库", 0.7)],
+D1, D2 = DocKey("t", "d", "doc-1"), DocKey("t", "d", "doc-2")
+POSTINGS: dict[tuple[DocKey, str], list[tuple[str, float]]] = {
+    (D1, "n1"): [("kafka", 0.5), ("stream", 0.2)],
+    (D1, "n2"): [("kafka", 0.9)],
+    (D2, "n3"): [("stream", 1.0), ("kafka", 0.1), ("知识库", 0.7)],
 }
 
 
+def post(uow: UnitOfWorkFactory, postings: Any) -> None:
+    with uow() as w:
+        w.postings.replace(postings)
+        w.commit()
+
+
 class TestKeywordPostings:
-    def test_replace_is_idempotent(self, database: Database) -> None:
-        database.postings.replace("t", "d", POSTINGS)
-        assert database.postings.count("t", "d") == 6
-        database.postings.replace("t", "d", POSTINGS)
-        assert database.postings.count("t", "d") == 6
-        assert database.postings.nodes("t", "d") == {"n1": 2, "n2": 1, "n3": 3}
+    def test_replace_is_idempotent(self, uow_factory: UnitOfWorkFactory) -> None:
+        post(uow_factory, POSTINGS)
+        post(uow_factory, POSTINGS)
+        with uow_factory(readonly=True) as r:
+            assert r.postings.count("t", "d") == 6
+            assert r.postings.nodes("t", "d") == {"n1": "doc-1", "n2": "doc-1", "n3": "doc-2"}
+            assert r.postings.nodes_for_document(D1) == {"n1", "n2"}
 
-    def test_replace_swaps_a_nodes_keywords(self, database: Database) -> None:
-        database.postings.replace("t", "d", POSTINGS)
-        database.postings.replace("t", "d", {("n1", "doc-1"): [("milvus", 0.4)]})
-        assert database.postings.nodes("t", "d") == {"n1": 1, "n2": 1, "n3": 3}
-        assert [n for n, _ in database.postings.search("t", "d", {"stream": 1.0}, 10)] == ["n3"]
-        assert database.postings.search("t", "d", {"milvus": 1.0}, 10) == [
-            ("n1", pytest.approx(0.4))
-        ]
+    def test_replace_swaps_a_nodes_keywords(self, uow_factory: UnitOfWorkFactory) -> None:
+        post(uow_factory, POSTINGS)
+        post(uow_factory, {(D1, "n1"): [("milvus", 0.4)], (D1, "n2"): []})
+        with uow_factory(readonly=True) as r:
+            assert r.postings.count("t", "d") == 4
+            assert r.postings.nodes("t", "d") == {"n1": "doc-1", "n3": "doc-2"}
+            assert [n for n, _ in r.postings.search("t", "d", {"stream": 1.0}, 10)] == ["n3"]
+            assert r.postings.search("t", "d", {"milvus": 1.0}, 10) == [("n1", pytest.approx(0.4))]
 
-    def test_search_ranks_by_summed_weights(self, database: Database) -> None:
-        database.postings.replace("t", "d", POSTINGS)
-        hits = database.postings.search("t", "d", {"kafka": 1.0, "stream": 1.0}, 10)
-        assert [n for n, _ in hits] == ["n3", "n2", "n1"]
-        assert [s for _, s in hits] == pytest.approx([1.1, 0.9, 0.7])
+    def test_search_ranks_by_summed_weights(self, uow_factory: UnitOfWorkFactory) -> None:
+        post(uow_factory, POSTINGS)
+        with uow_factory(readonly=True) as r:
+            hits = r.postings.search("t", "d", {"kafka": 1.0, "stream": 1.0}, 10)
+            assert [n for n, _ in hits] == ["n3", "n2", "n1"]
+            assert [s for _, s in hits] == pytest.approx([1.1, 0.9, 0.7])
+            hits = r.postings.search("t", "d", {"kafka": 2.0, "stream": 0.5}, 2)
+            assert hits == [("n2", pytest.approx(1.8)), ("n1", pytest.approx(1.1))]
+            assert r.postings.search("t", "d", {"知识库": 1.0}, 5) == [("n3", pytest.approx(0.7))]
+            assert r.postings.search("t", "d", {"absent": 1.0}, 5) == []
+            assert r.postings.search("t", "d", {}, 5) == []
+            assert r.postings.search("t", "d", {"kafka": 1.0}, 0) == []
 
-        hits = database.postings.search("t", "d", {"kafka": 2.0, "stream": 0.5}, 2)
-        assert hits == [("n2", pytest.approx(1.8)), ("n1", pytest.approx(1.1))]
-        assert database.postings.search("t", "d", {"知识库": 1.0}, 5) == [
-            ("n3", pytest.approx(0.7))
-        ]
-        assert database.postings.search("t", "d", {"absent": 1.0}, 5) == []
-        assert database.postings.search("t", "d", {}, 5) == []
+    def test_ties_rank_by_node_id(self, uow_factory: UnitOfWorkFactory) -> None:
+        post(uow_factory, {(D1, f"n{i}"): [("same", 0.5)] for i in (3, 1, 2)})
+        with uow_factory(readonly=True) as r:
+            assert [n for n, _ in r.postings.search("t", "d", {"same": 1.0}, 2)] == ["n1", "n2"]
 
-    def test_isolated_by_tenant_and_dataset(self, database: Database) -> None:
-        database.postings.replace("t", "d", POSTINGS)
-        database.postings.replace("t2", "d", {("x1", "doc-1"): [("kafka", 5.0)]})
-        database.postings.replace("t", "d2", {("x2", "doc-1"): [("kafka", 6.0)]})
-        hits = database.postings.search("t", "d", {"kafka": 1.0}, 10)
-        assert [n for n, _ in hits] == ["n2", "n1", "n3"]
-        assert [n for n, _ in database.postings.search("t2", "d", {"kafka": 1.0}, 10)] == ["x1"]
-        assert [n for n, _ in database.postings.search("t", "d2", {"kafka": 1.0}, 10)] == ["x2"]
-        assert database.postings.count("t", "d") == 6
-        assert database.postings.count("t2", "d") == 1
+    def test_isolated_by_tenant_and_dataset(self, uow_factory: UnitOfWorkFactory) -> None:
+        post(uow_factory, POSTINGS)
+        post(uow_factory, {(DocKey("t2", "d", "doc-1"), "x1"): [("kafka", 5.0)]})
+        post(uow_factory, {(DocKey("t", "d2", "doc-1"), "x2"): [("kafka", 6.0)]})
+        with uow_factory(readonly=True) as r:
+            hits = r.postings.search("t", "d", {"kafka": 1.0}, 10)
+            assert [n for n, _ in hits] == ["n2", "n1", "n3"]
+            assert [n for n, _ in r.postings.search("t2", "d", {"kafka": 1.0}, 10)] == ["x1"]
+            assert [n for n, _ in r.postings.search("t", "d2", {"kafka": 1.0}, 10)] == ["x2"]
+            assert (r.postings.count("t", "d"), r.postings.count("t2", "d")) == (6, 1)
 
-    def test_delete_nodes(self, database: Database) -> None:
-        database.postings.replace("t", "d", POSTINGS)
-        assert database.postings.delete_nodes(["n1", "n3", "n1", "missing"]) == 5
-        assert database.postings.nodes("t", "d") == {"n2": 1}
-        assert database.postings.delete_nodes([]) == 0
-        assert database.postings.delete_nodes(["n1"]) == 0
+    def test_delete_nodes(self, uow_factory: UnitOfWorkFactory) -> None:
+        post(uow_factory, POSTINGS)
+        with uow_factory() as w:
+            assert w.postings.delete_nodes(["n1", "n3", "n1", "missing"]) == 5
+            assert w.postings.delete_nodes([]) == 0
+            assert w.postings.delete_nodes(["n1"]) == 0
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.postings.nodes("t", "d") == {"n2": "doc-1"}
 
-    def test_rows_are_one_per_posting(self, database: Database) -> None:
-        database.postings.replace("t", "d", POSTINGS)
-        with database.engine.connect() as conn:
+    def test_delete_document_orphans(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory, 1, KEY)
+        split(uow_factory, ["a", "b"])
+        a, b = ids("a", "b")
+        post(
+            uow_factory,
+            {(KEY, a): [("x", 1.0)], (KEY, b): [("y", 1.0)], (KEY, "gone"): [("z", 1.0)]},
+        )
+        post(uow_factory, {(OTHER, "elsewhere"): [("x", 1.0)]})
+        with uow_factory() as w:
+            assert w.postings.delete_document_orphans(KEY) == 1
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.postings.nodes_for_document(KEY) == {a, b}
+            assert r.postings.nodes_for_document(OTHER) == {"elsewhere"}  # not KEY's
+
+
+# --- claim-check store ------------------------------------------------------------
+
+
+def put(uow: UnitOfWorkFactory, key: str, data: bytes, replace_prefix: str | None = None) -> None:
+    with uow() as w:
+        w.payloads.put(key, data, replace_prefix=replace_prefix)
+        w.commit()
+
+
+def get(uow: UnitOfWorkFactory, key: str) -> bytes | None:
+    with uow(readonly=True) as r:
+        return r.payloads.get(key)
+
+
+class TestClaimCheck:
+    def test_put_get_overwrite(self, uow_factory: UnitOfWorkFactory) -> None:
+        data = bytes(range(256)) * 4
+        put(uow_factory, "parsed/t/d/doc-1/1", data)
+        got = get(uow_factory, "parsed/t/d/doc-1/1")
+        assert got == data and isinstance(got, bytes)
+        assert get(uow_factory, "parsed/t/d/doc-1/2") is None
+        put(uow_factory, "parsed/t/d/doc-1/1", b"two")
+        assert get(uow_factory, "parsed/t/d/doc-1/1") == b"two"
+
+    def test_large_payload(self, uow_factory: UnitOfWorkFactory) -> None:
+        data = np.random.default_rng(1).bytes(8 * 1024 * 1024)
+        put(uow_factory, "big", data)
+        assert get(uow_factory, "big") == data
+
+    def test_replace_prefix_drops_older_versions_of_the_same_document(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        for key, data in [
+            ("parsed/t/d/doc1/1", b"v1"),
+            ("parsed/t/d/doc1/2", b"v2"),
+            ("parsed/t/d/doc10/1", b"other doc"),
+            ("parsed/t/d/doc2/1", b"other doc 2"),
+        ]:
+            put(uow_factory, key, data)
+        put(uow_factory, "parsed/t/d/doc1/3", b"v3", replace_prefix="parsed/t/d/doc1/")
+        assert get(uow_factory, "parsed/t/d/doc1/1") is None
+        assert get(uow_factory, "parsed/t/d/doc1/2") is None
+        assert get(uow_factory, "parsed/t/d/doc1/3") == b"v3"
+        assert get(uow_factory, "parsed/t/d/doc10/1") == b"other doc"
+        assert get(uow_factory, "parsed/t/d/doc2/1") == b"other doc 2"
+        put(uow_factory, "parsed/t/d/doc1/3", b"v3'", replace_prefix="parsed/t/d/doc1/")
+        assert get(uow_factory, "parsed/t/d/doc1/3") == b"v3'"
+
+    def test_delete_prefix(self, uow_factory: UnitOfWorkFactory) -> None:
+        for key in ("p/a/1", "p/a/2", "p/b/1"):
+            put(uow_factory, key, key.encode())
+        with uow_factory() as w:
+            w.payloads.delete_prefix("p/a/")
+            w.commit()
+        assert [get(uow_factory, k) for k in ("p/a/1", "p/a/2", "p/b/1")] == [None, None, b"p/b/1"]
+
+    def test_prefixes_are_literal_and_case_sensitive(self, uow_factory: UnitOfWorkFactory) -> None:
+        put(uow_factory, "parsed/t/d/doc-1/5", b"other document's text")
+        put(uow_factory, "parsed/t/d/Doc1/5", b"another document's text")
+        put(uow_factory, "parsed/t/d/doc_1/7", b"mine", replace_prefix="parsed/t/d/doc_1/")
+        put(uow_factory, "parsed/t/d/doc1/7", b"mine", replace_prefix="parsed/t/d/doc1/")
+        assert get(uow_factory, "parsed/t/d/doc-1/5") == b"other document's text"
+        assert get(uow_factory, "parsed/t/d/Doc1/5") == b"another document's text"
+
+
+# --- import jobs ------------------------------------------------------------------
+
+
+def job(uow: UnitOfWorkFactory, tenant_id: str, job_id: str) -> dict[str, Any] | None:
+    with uow(readonly=True) as r:
+        return r.jobs.get(tenant_id, job_id)
+
+
+class TestImportJobs:
+    def test_lifecycle(self, uow_factory: UnitOfWorkFactory) -> None:
+        with uow_factory() as w:
+            w.jobs.create(KEY, "import-1", 3)
+            w.jobs.create(KEY, "import-1", 99)  # a replayed create changes nothing
+            w.commit()
+        j = job(uow_factory, "tenant-a", "import-1")
+        assert j is not None
+        assert (j["status"], j["total"], j["completed"], j["document_id"]) == (
+            "waiting",
+            3,
+            0,
+            "doc-1",
+        )
+        with uow_factory() as w:
+            w.jobs.processing("tenant-a", "import-1", fresh=3)
+            w.commit()
+        assert (job(uow_factory, "tenant-a", "import-1") or {})["status"] == "processing"
+        with uow_factory() as w:
+            w.jobs.complete_for_document(KEY)
+            w.commit()
+        j = job(uow_factory, "tenant-a", "import-1") or {}
+        assert (j["status"], j["completed"]) == ("completed", 3)
+        assert job(uow_factory, "tenant-a", "missing") is None
+
+    def test_a_replayed_import_completes_at_once(self, uow_factory: UnitOfWorkFactory) -> None:
+        with uow_factory() as w:
+            w.jobs.create(KEY, "import-1", 2)
+            w.jobs.processing("tenant-a", "import-1", fresh=0)
+            w.commit()
+        j = job(uow_factory, "tenant-a", "import-1") or {}
+        assert (j["status"], j["completed"]) == ("completed", 2)
+
+    def test_keyed_by_tenant(self, uow_factory: UnitOfWorkFactory) -> None:
+        theirs = DocKey("tenant-b", "ds_1", "doc-7")
+        with uow_factory() as w:
+            w.jobs.create(KEY, "import-1", 3)
+            w.jobs.create(theirs, "import-1", 5)
+            w.jobs.fail("tenant-b", "import-1", "bad segment")
+            w.commit()
+        mine, other = (
+            job(uow_factory, "tenant-a", "import-1"),
+            job(uow_factory, "tenant-b", "import-1"),
+        )
+        assert mine is not None and other is not None
+        assert (mine["status"], mine["total"], mine["error"]) == ("waiting", 3, None)
+        assert (other["status"], other["total"], other["error"]) == ("error", 5, "bad segment")
+
+    def test_document_events_touch_only_unfinished_jobs(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        with uow_factory() as w:
+            for name in ("waiting", "processing", "done", "failed"):
+                w.jobs.create(KEY, name, 1)
+            w.jobs.create(OTHER, "elsewhere", 1)
+            w.jobs.processing("tenant-a", "processing", fresh=1)
+            w.jobs.processing("tenant-a", "done", fresh=0)
+            w.jobs.fail("tenant-a", "failed", "earlier failure")
+            w.commit()
+        with uow_factory() as w:
+            w.jobs.complete_for_document(KEY)  # only the processing one
+            w.commit()
+        status = {
+            n: (job(uow_factory, "tenant-a", n) or {})["status"]
+            for n in ("waiting", "processing", "done", "failed", "elsewhere")
+        }
+        assert status == {
+            "waiting": "waiting",
+            "processing": "completed",
+            "done": "completed",
+            "failed": "error",
+            "elsewhere": "waiting",
+        }
+        with uow_factory() as w:
+            w.jobs.fail_for_document(KEY, "the document was deleted")
+            w.commit()
+        waiting = job(uow_factory, "tenant-a", "waiting") or {}
+        assert (waiting["status"], waiting["error"]) == ("error", "the document was deleted")
+        assert (job(uow_factory, "tenant-a", "done") or {})["status"] == "completed"
+        assert (job(uow_factory, "tenant-a", "failed") or {})["error"] == "earlier failure"
+        assert (job(uow_factory, "tenant-a", "elsewhere") or {})["status"] == "waiting"
+
+
+# ==================================================================================
+# What only the SQL adapter has (SQLite and PostgreSQL)
+# ==================================================================================
+
+
+@pytest.fixture
+def sql(database: Database) -> SqlUnitOfWorkFactory:
+    return SqlUnitOfWorkFactory(database)
+
+
+def scalar(db: Database, query: Any) -> Any:
+    with db.engine.connect() as conn:
+        return conn.execute(query).scalar_one()
+
+
+class TestSqlDocuments:
+    def test_add_creates_the_dataset_once(self, sql: SqlUnitOfWorkFactory) -> None:
+        create(sql, 1, KEY)
+        create(sql, 1, OTHER)
+        create(sql, 1, DocKey("tenant-b", "ds_1", "doc-1"))
+        assert scalar(sql.database, select(func.count()).select_from(DatasetRow)) == 2
+        assert scalar(sql.database, select(func.count()).select_from(DocumentRow)) == 3
+
+    def test_add_of_an_existing_document(self, sql: SqlUnitOfWorkFactory) -> None:
+        create(sql, 5)
+        with sql() as w:
+            blank = Document.new(KEY)
+            w.documents.add(blank)  # a writer that lost the race to create it
+            assert (blank.version, blank.status, blank.pk) == (5, S.PARSING, load(sql).pk)
+            assert not blank.start_parsing(4, "old.txt")  # fenced against the stored row
+        with pytest.raises(TransientError, match="another writer added it first"), sql() as w:
+            w.documents.add(Document.new(KEY, version=9, source="b.txt"))
+        assert load(sql).version == 5
+
+    def test_save_of_a_document_never_added(self, sql: SqlUnitOfWorkFactory) -> None:
+        with pytest.raises(LookupError), sql() as w:
+            w.documents.save(Document.new(KEY, version=1))
+
+    def test_delete_one_by_row_id_and_unknown_flag(self, sql: SqlUnitOfWorkFactory) -> None:
+        create(sql)
+        split(sql, ["a", "b"])
+        (b,) = ids("b")
+        row_id = scalar(sql.database, select(SegmentRow.id).where(SegmentRow.index_node_id == b))
+        with sql() as w:
+            gone = w.segments.delete_one(KEY, None, row_id)
+            assert gone is not None and gone.index_node_id == b
+            assert w.segments.delete_one(KEY, None, None) is None
+            with pytest.raises(ValueError, match="not a segment flag"):
+                w.segments.mark("status", ids("a"))
+
+    def test_float32_bytes_on_disk_not_a_pickle(self, sql: SqlUnitOfWorkFactory) -> None:
+        v = np.random.default_rng(0).standard_normal(384)
+        with sql() as w:
+            w.embeddings.put_many("p", "m", {"h1": v.tolist()})
+            w.commit()
+        with sql.database.engine.connect() as conn:
+            dim, blob = conn.execute(select(EmbeddingRow.dim, EmbeddingRow.vector)).one()
+        blob = bytes(blob)
+        assert (dim, len(blob)) == (384, 384 * 4)  # plain little-endian float32, no framing
+        assert blob == np.asarray(v, dtype="<f4").tobytes()
+        with pytest.raises(pickle.UnpicklingError):
+            pickle.loads(blob)
+
+    def test_postings_are_one_row_each_and_searched_in_sql(self, sql: SqlUnitOfWorkFactory) -> None:
+        post(sql, POSTINGS)
+        with sql.database.engine.connect() as conn:
             rows = conn.execute(
                 select(KeywordPostingRow.keyword, KeywordPostingRow.document_id).where(
                     KeywordPostingRow.index_node_id == "n3"
@@ -461,118 +864,196 @@ class TestKeywordPostings:
         assert sorted(rows) == sorted(
             [("stream", "doc-2"), ("kafka", "doc-2"), ("知识库", "doc-2")]
         )
+        statements: list[str] = []
+        engine = sql.database.read_engine
+
+        def capture(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append(statement.upper())
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            with sql(readonly=True) as r:
+                assert len(r.postings.search("t", "d", {"kafka": 1.0}, 2)) == 2
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        (query,) = [s for s in statements if "KEYWORD_POSTINGS" in s]
+        assert "GROUP BY" in query and "LIMIT" in query and "SUM(" in query
 
 
-# --- claim-check store ------------------------------------------------------------
+class TestSqlSchema:
+    def test_migrate_is_idempotent(self, sql: SqlUnitOfWorkFactory) -> None:
+        create(sql, 1)
+        put(sql, "k", b"kept")
+        migrate(sql.database.engine)
+        migrate(sql.database.engine)
+        with sql.database.engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [
+                (_migration_head(),)
+            ]
+        assert get(sql, "k") == b"kept"
+        assert load(sql).version == 1
+
+    def test_models_match_the_migrations(self, database: Database) -> None:
+        from alembic.autogenerate import compare_metadata
+        from alembic.migration import MigrationContext
+
+        from infra.db.models import Base
+
+        with database.engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+
+    def test_an_existing_database_upgrades(self, db_url: str) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        from infra.db.engine import MIGRATIONS
+
+        engine = create_db_engine(db_url)
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+            conn.execute(
+                text(
+                    "INSERT INTO batch_jobs (job_id, tenant_id, dataset_id, document_id,"
+                    " status, total, completed) VALUES ('import-1', 'tenant-a', 'ds_1',"
+                    " 'doc-1', 'processing', 3, 0)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO documents (tenant_id, dataset_id, document_id, source, doc_form,"
+                    " version, status, chars, segment_count, tokens, word_count, embedded_texts,"
+                    " cache_hits, segments_added, segments_kept, segments_removed)"
+                    " VALUES ('tenant-a', 'ds_1', 'doc-1', 'a.txt', 'text', 4, 'completed',"
+                    " 1, 1, 1, 1, 1, 0, 1, 0, 0)"
+                )
+            )
+        migrate(engine)
+        db = Database(engine)
+        try:
+            uow = SqlUnitOfWorkFactory(db)
+            doc = load(uow)
+            assert (doc.version, doc.status, doc.last_dropped) == (4, S.COMPLETED, None)
+            with uow() as w:
+                w.jobs.create(DocKey("tenant-b", "ds_1", "doc-1"), "import-1", 9)
+                w.commit()
+            assert (job(uow, "tenant-a", "import-1") or {})["total"] == 3
+            assert (job(uow, "tenant-b", "import-1") or {})["total"] == 9
+        finally:
+            db.dispose()
 
 
-class TestClaimCheck:
-    def test_put_get(self, database: Database) -> None:
-        data = bytes(range(256)) * 4
-        database.payloads.put("parsed/t/d/doc-1/1", data)
-        got = database.payloads.get("parsed/t/d/doc-1/1")
-        assert got == data
-        assert isinstance(got, bytes)
-        assert database.payloads.get("parsed/t/d/doc-1/2") is None
+class TestSqlConcurrency:
+    def test_a_reader_never_waits_for_the_writer(self, sql: SqlUnitOfWorkFactory) -> None:
+        create(sql, 1)
+        with sql() as w:  # holds SQLite's write lock until the block ends
+            doc = w.documents.get(KEY, for_update=True)
+            assert doc is not None and doc.start_parsing(2, "a.txt")
+            w.documents.save(doc)
+            started = time.monotonic()
+            assert load(sql).version == 1  # the last committed state, at once
+            assert time.monotonic() - started < 5
+            w.commit()
+        assert load(sql).version == 2
 
-    def test_put_same_key_overwrites(self, database: Database) -> None:
-        database.payloads.put("k", b"one")
-        database.payloads.put("k", b"two")
-        assert database.payloads.get("k") == b"two"
-
-    def test_large_payload(self, database: Database) -> None:
-        data = np.random.default_rng(1).bytes(8 * 1024 * 1024)
-        database.payloads.put("big", data)
-        assert database.payloads.get("big") == data
-
-    def test_replace_prefix_drops_older_versions_of_the_same_document(
-        self, database: Database
+    @pytest.mark.parametrize(("first", "second"), [(4, 3), (3, 4)])
+    @pytest.mark.parametrize("exists", [True, False], ids=["existing", "new"])
+    def test_racing_writers_end_at_the_newest_version(
+        self, sql: SqlUnitOfWorkFactory, first: int, second: int, exists: bool
     ) -> None:
-        database.payloads.put("parsed/t/d/doc1/1", b"v1")
-        database.payloads.put("parsed/t/d/doc1/2", b"v2")
-        database.payloads.put("parsed/t/d/doc10/1", b"other doc")
-        database.payloads.put("parsed/t/d/doc2/1", b"other doc 2")
-        database.payloads.put("parsed/t/d/doc1/3", b"v3", replace_prefix="parsed/t/d/doc1/")
-        assert database.payloads.get("parsed/t/d/doc1/1") is None
-        assert database.payloads.get("parsed/t/d/doc1/2") is None
-        assert database.payloads.get("parsed/t/d/doc1/3") == b"v3"
-        assert database.payloads.get("parsed/t/d/doc10/1") == b"other doc"
-        assert database.payloads.get("parsed/t/d/doc2/1") == b"other doc 2"
+        """Two writers load the same document for update and claim versions in
+        either order; the row lock serializes them, so the newer version wins
+        (issue 8 item 9). With ``exists=False`` both also race to add it."""
+        if sql.database.dialect != "postgresql":
+            pytest.skip("SQLite serializes writers at BEGIN IMMEDIATE; row locks are PostgreSQL's")
+        if exists:
+            create(sql, 1)
+        holding = threading.Event()
+        log: list[tuple[str, int, float]] = []
+        errors: list[BaseException] = []
 
-    def test_replace_prefix_with_same_key_keeps_it(self, database: Database) -> None:
-        database.payloads.put("p/a/1", b"x")
-        database.payloads.put("p/a/1", b"y", replace_prefix="p/a/")
-        assert database.payloads.get("p/a/1") == b"y"
+        def writer(version: int, hold: bool) -> None:
+            try:
+                with sql() as w:
+                    doc = w.documents.get(KEY, for_update=True)
+                    if doc is None:
+                        doc = Document.new(KEY)
+                        w.documents.add(doc)
+                    log.append(("locked", version, time.monotonic()))
+                    if hold:
+                        holding.set()
+                        time.sleep(0.5)
+                    doc.start_parsing(version, f"v{version}.txt")
+                    w.documents.save(doc)
+                    log.append(("committing", version, time.monotonic()))
+                    w.commit()
+            except BaseException as exc:
+                errors.append(exc)
+                holding.set()
 
-    def test_delete_prefix(self, database: Database) -> None:
-        database.payloads.put("p/a/1", b"1")
-        database.payloads.put("p/a/2", b"2")
-        database.payloads.put("p/b/1", b"3")
-        database.payloads.delete_prefix("p/a/")
-        assert database.payloads.get("p/a/1") is None
-        assert database.payloads.get("p/a/2") is None
-        assert database.payloads.get("p/b/1") == b"3"
-
-    def test_replace_prefix_treats_underscore_literally(self, database: Database) -> None:
-        database.payloads.put("parsed/t/d/doc-1/5", b"other document's text")
-        database.payloads.put("parsed/t/d/doc_1/7", b"mine", replace_prefix="parsed/t/d/doc_1/")
-        assert database.payloads.get("parsed/t/d/doc-1/5") == b"other document's text"
-
-    def test_replace_prefix_is_case_sensitive(self, database: Database) -> None:
-        database.payloads.put("parsed/t/d/Doc1/5", b"other document's text")
-        database.payloads.put("parsed/t/d/doc1/7", b"mine", replace_prefix="parsed/t/d/doc1/")
-        assert database.payloads.get("parsed/t/d/Doc1/5") == b"other document's text"
-
-
-# --- schema and connections -------------------------------------------------------
-
-
-def test_migrate_is_idempotent(database: Database) -> None:
-    begin(database, 1)
-    database.payloads.put("k", b"kept")
-    migrate(database.engine)
-    migrate(database.engine)
-    with database.engine.connect() as conn:
-        versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-    assert len(versions) == 1
-    assert database.payloads.get("k") == b"kept"
-    state = database.documents.get(KEY)
-    assert state is not None
-    assert state.version == 1
+        one = threading.Thread(target=writer, args=(first, True))
+        one.start()
+        assert holding.wait(10)
+        two = threading.Thread(target=writer, args=(second, False))
+        two.start()
+        one.join(30)
+        two.join(30)
+        assert not errors, errors
+        at = {(what, v): t for what, v, t in log}
+        assert at[("locked", second)] >= at[("committing", first)]  # it waited for the lock
+        doc = load(sql)
+        assert (doc.version, doc.source) == (4, "v4.txt")
 
 
-def test_closed_postgres_port_is_transient() -> None:
-    engine = create_db_engine(CLOSED_PG_URL)
-    db = Database(engine)
-    try:
-        with pytest.raises(TransientError, match="database unavailable"), db.tx():
-            pass
-        # a repository write surfaces the same way
-        with pytest.raises(TransientError):
-            db.payloads.put("k", b"v")
-    finally:
-        db.dispose()
+class TestSqlFailures:
+    def test_closed_postgres_port_is_transient(self) -> None:
+        db = Database(create_db_engine(CLOSED_PG_URL))
+        uow = SqlUnitOfWorkFactory(db)
+        try:
+            for readonly in (False, True):
+                with pytest.raises(TransientError, match="database unavailable"), uow(readonly):
+                    pass
+            with pytest.raises(TransientError), db.begin():
+                pass
+            with pytest.raises(TransientError):
+                db.count(EmbeddingRow.__table__)
+        finally:
+            db.dispose()
+
+    def test_connection_lost_inside_a_unit_of_work_is_transient(
+        self, sql: SqlUnitOfWorkFactory
+    ) -> None:
+        if sql.database.dialect != "postgresql":
+            pytest.skip("killing the server side of a connection needs PostgreSQL")
+        with pytest.raises(TransientError), sql() as w:
+            w.connection.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        assert get(sql, "nothing") is None  # the pool recovers
+
+    def test_a_failed_commit_is_transient(self, sql: SqlUnitOfWorkFactory) -> None:
+        if sql.database.dialect != "postgresql":
+            pytest.skip("killing the server side of a connection needs PostgreSQL")
+        with sql() as w:
+            w.payloads.put("k", b"v")
+            pid = w.connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with sql.database.engine.connect() as admin:
+                admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                admin.commit()
+            with pytest.raises(TransientError, match="commit failed"):
+                w.commit()
+        assert get(sql, "k") is None
 
 
-def test_closed_postgres_port_is_transient_for_reads() -> None:
-    db = Database(create_db_engine(CLOSED_PG_URL))
-    try:
-        with pytest.raises(TransientError):
-            db.documents.get(KEY)
-        with pytest.raises(TransientError):
-            db.segments.existing(KEY)
-        with pytest.raises(TransientError):
-            db.embeddings.get_many("p", "m", ["h"])
-    finally:
-        db.dispose()
+def _migration_head() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
+    from infra.db.engine import MIGRATIONS
 
-def test_connection_lost_inside_a_transaction_is_transient(
-    database: Database, request: pytest.FixtureRequest
-) -> None:
-    if database.dialect != "postgresql":
-        pytest.skip("killing the server side of a connection needs PostgreSQL")
-    with pytest.raises(TransientError), database.tx() as conn:
-        conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-    # the pool recovers afterwards
-    assert database.payloads.get("nothing") is None
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from domain.documents import DocKey
 from domain.errors import PermanentError, TransientError
 from infra.vectors import MilvusVectorStore, VectorRow, collection_name
 
@@ -27,7 +28,7 @@ def rows(
     n: int, tenant: str = "t1", dataset: str = "ds1", doc: str = "doc-1", start: int = 0
 ) -> list[VectorRow]:
     return [
-        VectorRow(f"{tenant}-{dataset}-{doc}-{i}", unit(i), tenant, dataset, doc)
+        VectorRow(f"{tenant}-{dataset}-{doc}-{i}", unit(i), DocKey(tenant, dataset, doc))
         for i in range(start, start + n)
     ]
 
@@ -88,7 +89,7 @@ def test_upsert_is_idempotent(store: MilvusVectorStore) -> None:
 def test_upsert_replaces_the_vector_of_an_existing_id(store: MilvusVectorStore) -> None:
     store.upsert(rows(4))
     target = rows(4)[0]
-    moved = VectorRow(target.index_node_id, unit(999), "t1", "ds1", "doc-9")
+    moved = VectorRow(target.index_node_id, unit(999), DocKey("t1", "ds1", "doc-9"))
     store.upsert([moved])
     assert store.count("t1", "ds1") == 4
     top = store.search(unit(999), "t1", "ds1", limit=1)[0]
@@ -103,7 +104,7 @@ def test_search_filters_by_tenant_and_dataset(store: MilvusVectorStore) -> None:
     # the best possible matches all live elsewhere: same dataset id under another
     # tenant, another dataset of the same tenant, another tenant altogether
     decoys = [
-        VectorRow(f"decoy-{t}-{d}-{i}", query, t, d, "doc-x")
+        VectorRow(f"decoy-{t}-{d}-{i}", query, DocKey(t, d, "doc-x"))
         for t, d in [("t2", "ds1"), ("t1", "ds2"), ("t2", "ds2")]
         for i in range(3)
     ]
@@ -131,13 +132,13 @@ def test_filter_values_cannot_escape_their_quotes(store: MilvusVectorStore) -> N
         assert store.search(unit(1), "t1", evil, limit=10) == []
         assert store.ids(evil, "ds1") == {}
         assert store.count("t1", evil) == 0
-        store.delete_document(evil, "ds1", "doc-1")
+        store.delete_document(DocKey(evil, "ds1", "doc-1"))
     assert store.count("t1", "ds1") == 3 and store.count("t2", "ds2") == 3
     # and values with quotes work as plain values
-    odd = VectorRow("odd-1", unit(5), 'ten"ant', "data\\set", "d'oc")
+    odd = VectorRow("odd-1", unit(5), DocKey('ten"ant', "data\\set", "d'oc"))
     store.upsert([odd])
     assert store.ids('ten"ant', "data\\set") == {"odd-1": "d'oc"}
-    store.delete_document('ten"ant', "data\\set", "d'oc")
+    store.delete_document(DocKey('ten"ant', "data\\set", "d'oc"))
     assert store.count('ten"ant', "data\\set") == 0
 
 
@@ -168,12 +169,12 @@ def test_delete_document_removes_only_that_document(store: MilvusVectorStore) ->
         + rows(2, "t2", "ds1", "doc-1")  # same dataset and document id, other tenant
     )
     store.upsert(target + keep)
-    store.delete_document("t1", "ds1", "doc-1")
+    store.delete_document(DocKey("t1", "ds1", "doc-1"))
     assert store.existing([r.index_node_id for r in target]) == set()
     assert store.existing([r.index_node_id for r in keep]) == {r.index_node_id for r in keep}
     assert store.ids("t1", "ds1") == {r.index_node_id: "doc-2" for r in keep[:3]}
     assert store.count("t1", "ds2") == 2 and store.count("t2", "ds1") == 2
-    store.delete_document("t1", "ds1", "doc-1")  # idempotent
+    store.delete_document(DocKey("t1", "ds1", "doc-1"))  # idempotent
     assert store.count("t1", "ds1") == 3
 
 
@@ -224,7 +225,7 @@ def test_collections_of_different_models_do_not_mix(milvus_uri: str) -> None:
     b = MilvusVectorStore(milvus_uri, collection_name("test", "b", 4), 4)
     try:
         a.upsert(rows(3))
-        b.upsert([VectorRow("b-1", [1.0, 0.0, 0.0, 0.0], "t1", "ds1", "doc-1")])
+        b.upsert([VectorRow("b-1", [1.0, 0.0, 0.0, 0.0], DocKey("t1", "ds1", "doc-1"))])
         assert a.count("t1", "ds1") == 3
         assert b.ids("t1", "ds1") == {"b-1": "doc-1"}
     finally:
@@ -236,7 +237,7 @@ def test_wrong_dimension_is_a_permanent_error(store: MilvusVectorStore) -> None:
     """Retrying cannot fix a malformed request, so the runner must not retry it forever."""
     store.upsert(rows(1))
     with pytest.raises(PermanentError) as info:
-        store.upsert([VectorRow("short", [0.1, 0.2, 0.3], "t1", "ds1", "doc-1")])
+        store.upsert([VectorRow("short", [0.1, 0.2, 0.3], DocKey("t1", "ds1", "doc-1"))])
     assert not isinstance(info.value, TransientError)
     with pytest.raises(PermanentError):
         store.search([0.1, 0.2], "t1", "ds1", limit=3)
@@ -251,9 +252,9 @@ def test_ids_for_document(store: MilvusVectorStore) -> None:
         + rows(5, "t1", "ds2", "doc-1")
         + rows(5, "t2", "ds1", "doc-1")
     )
-    got = store.ids_for_document("t1", "ds1", "doc-1")
+    got = store.ids_for_document(DocKey("t1", "ds1", "doc-1"))
     assert sorted(got) == sorted(r.index_node_id for r in target)
-    assert store.ids_for_document("t1", "ds1", "doc-404") == []
+    assert store.ids_for_document(DocKey("t1", "ds1", "doc-404")) == []
 
 
 def test_store_recovers_when_its_collection_was_released(store: MilvusVectorStore) -> None:
@@ -267,3 +268,22 @@ def test_store_recovers_when_its_collection_was_released(store: MilvusVectorStor
         except TransientError as exc:
             last = exc
     raise AssertionError(f"still failing after 3 retries: {last}")
+
+
+def test_ids_for_documents_in_one_call(store: MilvusVectorStore) -> None:
+    store.upsert(
+        rows(3, "t1", "ds1", "doc-1")
+        + rows(2, "t1", "ds1", "doc-2")
+        + rows(40, "t1", "ds1", "many")  # more documents than one query chunk below
+        + rows(2, "t1", "ds2", "doc-1")
+    )
+    keys = [DocKey("t1", "ds1", f"doc-{i}") for i in range(1, 40)] + [
+        DocKey("t1", "ds2", "doc-1"),
+        DocKey("t1", "ds1", "many"),
+    ]
+    got = store.ids_for_documents(keys)
+    for key in keys:
+        assert got[key] == set(store.ids_for_document(key))
+    assert len(got[DocKey("t1", "ds1", "doc-1")]) == 3
+    assert len(got[DocKey("t1", "ds2", "doc-1")]) == 2
+    assert got[DocKey("t1", "ds1", "doc-7")] == set()

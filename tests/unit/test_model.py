@@ -269,3 +269,10 @@ class TestCountWords:
 def test_status_finished() -> None:
     finished = {s for s in IndexingStatus if s.finished}
     assert finished == {IndexingStatus.COMPLETED, IndexingStatus.ERROR, IndexingStatus.DELETED}
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab c'’_-1é²中文한글カナ \n\t.,!？x")), max_size=60))
+def test_count_words_agrees_with_its_reference_definition(text: str) -> None:
+    from domain.model import _count_words_slow
+
+    assert count_words(text) == _count_words_slow(text)

@@ -1,0 +1,272 @@
+"""Segments: the rows the split stage writes and both index branches flag.
+Bulk writes are one statement per chunk; ids are sorted before any update so
+two writers touching overlapping rows lock them in the same order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import case, delete, func, or_, select, update
+from sqlalchemy.engine import Connection
+
+from domain.documents import DocKey, Document
+from domain.model import ExistingSegment, Segment, SegmentDiff, StoredSegment
+from infra.db.database import Database, chunks, of_document, table
+from infra.db.models import DocumentRow, SegmentRow
+
+S = table(SegmentRow)
+D = table(DocumentRow)
+
+FLAGS = frozenset({"vector_indexed", "keywords_indexed"})
+# a segment one of the two branches has not finished
+_UNFLAGGED = or_(S.c.vector_indexed.is_(False), S.c.keywords_indexed.is_(False))
+_STORED = (
+    S.c.index_node_id,
+    S.c.document_id,
+    S.c.doc_hash,
+    S.c.position,
+    S.c.tokens,
+    S.c.word_count,
+    S.c.vector_indexed,
+    S.c.keywords_indexed,
+    S.c.job_id,
+    D.c.source,
+)
+_TEXT = (S.c.content, S.c.answer, S.c.parent)
+
+
+class SegmentRepository:
+    def __init__(self, database: Database, conn: Connection) -> None:
+        self.db = database
+        self.conn = conn
+
+    def existing(self, key: DocKey) -> list[ExistingSegment]:
+        """The split segments of a document (imported ones left out)."""
+        rows = self.conn.execute(
+            select(
+                S.c.index_node_id,
+                S.c.doc_hash,
+                S.c.position,
+                S.c.vector_indexed,
+                S.c.keywords_indexed,
+            )
+            .where(of_document(S, key), S.c.job_id.is_(None))
+            .order_by(S.c.position, S.c.index_node_id)
+        )
+        return [ExistingSegment(r[0], r[1], r[2], bool(r[3] and r[4])) for r in rows]
+
+    def replace_split(
+        self,
+        document: Document,
+        segments: Sequence[Segment],
+        diff: SegmentDiff,
+        keep_removed: bool,
+    ) -> tuple[int, int, int]:
+        """Insert new, re-position kept, reset the flags of re-indexed, delete
+        removed (unless ``keep_removed``); imported segments and kept removed
+        ones stay after the split ones. Returns (segments, tokens, words)."""
+        pk = self._pk(document)
+        mine = S.c.document_pk == pk
+        removed = set() if keep_removed else set(diff.removed)
+        for chunk in chunks(sorted(removed)):
+            self.conn.execute(delete(S).where(mine, S.c.index_node_id.in_(chunk)))
+        existing = {
+            r[0]: (r[1], r[2])
+            for r in self.conn.execute(
+                select(S.c.index_node_id, S.c.position, S.c.job_id).where(mine)
+            )
+        }
+        in_split = {s.index_node_id for s in segments}
+        positions = {s.index_node_id: s.position for s in segments if s.index_node_id in existing}
+        leftovers = sorted(
+            (i for i in existing if i not in in_split),
+            key=lambda i: (existing[i][1] is not None, existing[i][0], i),
+        )
+        positions.update((i, len(segments) + n) for n, i in enumerate(leftovers))
+        moved = {i: p for i, p in positions.items() if existing[i][0] != p}
+        for chunk in chunks(sorted(moved)):
+            self.conn.execute(
+                update(S)
+                .where(S.c.index_node_id.in_(chunk))
+                .values(position=case({i: moved[i] for i in chunk}, value=S.c.index_node_id))
+            )
+        reindex = sorted({s.index_node_id for s in diff.to_index} & existing.keys())
+        for chunk in chunks(reindex):
+            self.conn.execute(
+                update(S)
+                .where(S.c.index_node_id.in_(chunk))
+                .values(
+                    version=document.version,
+                    status="indexing",
+                    vector_indexed=False,
+                    keywords_indexed=False,
+                )
+            )
+        new = [s for s in segments if s.index_node_id not in existing]
+        self._insert(document, pk, new, job_id=None)
+        totals = self.conn.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(S.c.tokens), 0),
+                func.coalesce(func.sum(S.c.word_count), 0),
+            ).where(mine)
+        ).one()
+        return int(totals[0]), int(totals[1]), int(totals[2])
+
+    def append_imported(
+        self, document: Document, job_id: str, segments: Sequence[Segment]
+    ) -> list[Segment]:
+        """Insert imported segments not there yet; returns those inserted."""
+        pk = self._pk(document)
+        known = set(
+            self.conn.execute(select(S.c.index_node_id).where(S.c.document_pk == pk)).scalars()
+        )
+        fresh = [s for s in segments if s.index_node_id not in known]
+        self._insert(document, pk, fresh, job_id=job_id)
+        return fresh
+
+    def delete_document(self, key: DocKey) -> list[str]:
+        """Remove every segment of a document; returns their ids."""
+        where = of_document(S, key)
+        ids = sorted(self.conn.execute(select(S.c.index_node_id).where(where)).scalars())
+        if ids:
+            self.conn.execute(delete(S).where(where))
+        return ids
+
+    def delete_one(
+        self, key: DocKey, index_node_id: str | None, segment_id: int | None
+    ) -> StoredSegment | None:
+        query = self._stored(*_TEXT).where(of_document(S, key))
+        if index_node_id:
+            query = query.where(S.c.index_node_id == index_node_id)
+        elif segment_id is not None:
+            query = query.where(S.c.id == segment_id)
+        else:
+            return None
+        row = self.conn.execute(query).first()
+        if row is None:
+            return None
+        self.conn.execute(delete(S).where(S.c.index_node_id == row.index_node_id))
+        return _stored(row)
+
+    def mark(self, column: str, index_node_ids: Sequence[str], value: bool = True) -> int:
+        """Set ``vector_indexed`` or ``keywords_indexed``."""
+        if column not in FLAGS:
+            raise ValueError(f"not a segment flag: {column!r}")
+        n = 0
+        for chunk in chunks(sorted(set(index_node_ids))):
+            n += self.conn.execute(
+                update(S).where(S.c.index_node_id.in_(chunk)).values({column: value})
+            ).rowcount
+        return n
+
+    def alive(self, index_node_ids: Sequence[str]) -> set[str]:
+        """Which of these segments still exist."""
+        out: set[str] = set()
+        for chunk in chunks(sorted(set(index_node_ids))):
+            query = select(S.c.index_node_id).where(S.c.index_node_id.in_(chunk))
+            out.update(self.conn.execute(query).scalars())
+        return out
+
+    def by_ids(self, index_node_ids: Sequence[str]) -> dict[str, StoredSegment]:
+        out: dict[str, StoredSegment] = {}
+        for chunk in chunks(sorted(set(index_node_ids))):
+            rows = self.conn.execute(self._stored(*_TEXT).where(S.c.index_node_id.in_(chunk)))
+            out.update((r.index_node_id, _stored(r)) for r in rows)
+        return out
+
+    def ids_for_document(self, key: DocKey) -> set[str]:
+        return set(
+            self.conn.execute(select(S.c.index_node_id).where(of_document(S, key))).scalars()
+        )
+
+    def pending_count(self, key: DocKey) -> int:
+        """Segments of a document not yet flagged by both branches."""
+        return self.db.count(S, of_document(S, key), _UNFLAGGED, conn=self.conn)
+
+    def hashes(self, key: DocKey, exclude_job: str | None = None) -> tuple[int, list[str]]:
+        """(next free position, doc_hash of every segment), leaving out one
+        import job's own segments (so its replay is a no-op)."""
+        rows = self.conn.execute(
+            select(S.c.position, S.c.doc_hash, S.c.job_id)
+            .where(of_document(S, key))
+            .order_by(S.c.position, S.c.index_node_id)
+        ).all()
+        mine = [r[1] for r in rows if exclude_job is None or r[2] != exclude_job]
+        return max((r[0] for r in rows), default=-1) + 1, mine
+
+    def for_dataset(self, tenant_id: str, dataset_id: str) -> dict[str, StoredSegment]:
+        """Every segment of a dataset without its text (content is '')."""
+        rows = self.conn.execute(
+            self._stored().where(S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id)
+        )
+        return {r.index_node_id: _stored(r) for r in rows}
+
+    def count(self, tenant_id: str, dataset_id: str) -> int:
+        return self.db.count(
+            S, S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id, conn=self.conn
+        )
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _pk(self, document: Document) -> int:
+        if document.pk is not None:
+            return document.pk
+        pk = self.conn.execute(select(D.c.id).where(of_document(D, document.key))).scalar()
+        if pk is None:
+            raise LookupError(f"document {document.key} is not stored; add() it first")
+        document.pk = int(pk)
+        return document.pk
+
+    def _insert(
+        self, document: Document, pk: int, segments: Sequence[Segment], job_id: str | None
+    ) -> None:
+        rows = [_row(document, pk, s, job_id) for s in segments]
+        for chunk in chunks(rows):
+            self.conn.execute(self.db.insert_ignore(S), list(chunk))
+
+    @staticmethod
+    def _stored(*extra: Any) -> Any:
+        return select(*_STORED, *extra).join(D, D.c.id == S.c.document_pk)
+
+
+def _row(document: Document, pk: int, seg: Segment, job_id: str | None) -> dict[str, Any]:
+    return {
+        "document_pk": pk,
+        "tenant_id": document.tenant_id,
+        "dataset_id": document.dataset_id,
+        "document_id": document.document_id,
+        "index_node_id": seg.index_node_id,
+        "doc_hash": seg.doc_hash,
+        "position": seg.position,
+        "content": seg.content,
+        "answer": seg.answer,
+        "parent": seg.parent,
+        "word_count": seg.word_count,
+        "tokens": seg.tokens,
+        "status": "indexing",
+        "vector_indexed": False,
+        "keywords_indexed": False,
+        "version": document.version,
+        "job_id": job_id,
+    }
+
+
+def _stored(row: Any) -> StoredSegment:
+    m = row._mapping
+    return StoredSegment(
+        index_node_id=m["index_node_id"],
+        document_id=m["document_id"],
+        doc_hash=m["doc_hash"],
+        position=m["position"],
+        content=m.get("content") or "",
+        answer=m.get("answer"),
+        parent=m.get("parent"),
+        tokens=m["tokens"],
+        word_count=m["word_count"],
+        vector_indexed=bool(m["vector_indexed"]),
+        keywords_indexed=bool(m["keywords_indexed"]),
+        job_id=m["job_id"],
+        source=m["source"] or "",
+    )

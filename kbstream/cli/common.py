@@ -1,0 +1,121 @@
+"""What every command shares: the Typer app, the consoles, the common
+options, and one session (settings, logging, container, close)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from kbstream.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from kbstream.bootstrap import Container
+
+app = typer.Typer(
+    help="kbstream: a streaming indexer that keeps a vector and a keyword index in step with your documents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# soft_wrap: an error is one line, whatever the terminal width (scripts grep it)
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="state directory (default ./.kbstream, or KBSTREAM_HOME)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="dataset name")]
+OptionalDatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="dataset name")]
+
+NOISY_LOGGERS = ("pymilvus", "urllib3", "httpx", "sentence_transformers", "transformers", "faiss")
+
+
+def load_cli_settings(home: Path | None, running_stack: bool = True) -> Settings:
+    """Settings for a command; beside a running `kbstream up` (``running_stack``)
+    they point at its broker and Milvus server."""
+    from domain.errors import KbstreamError
+    from kbstream.stack import apply_running_stack
+
+    settings = load_settings(home=home)
+    if not running_stack:
+        return settings
+    try:
+        return apply_running_stack(settings)
+    except KbstreamError as exc:  # a `kbstream up` still starting, a locked milvus dir
+        _fail(str(exc))
+
+
+def setup_logging(settings: Settings, quiet: bool) -> None:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(settings.log_level.upper())
+    fh = logging.FileHandler(settings.home / "kbstream.log")
+    fh.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    )
+    root.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setLevel(logging.WARNING if quiet else settings.log_level.upper())
+    sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(sh)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # milvus-lite answers some pymilvus calls with "not implemented"; harmless
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+    # librdkafka's connection chatter (e.g. the embedded broker stopping) goes to the file only
+    logging.getLogger("rdkafka").propagate = False
+    logging.getLogger("rdkafka").addHandler(fh)
+
+
+def cli_settings(home: Path | None, quiet: bool = True, running_stack: bool = True) -> Settings:
+    """Settings with logging set up, for commands that need no container."""
+    settings = load_cli_settings(home, running_stack)
+    setup_logging(settings, quiet)
+    return settings
+
+
+@contextlib.contextmanager
+def cli_session(
+    home: Path | None, quiet: bool = True, settings: Settings | None = None
+) -> Iterator[tuple[Settings, Container]]:
+    """Settings, logging and a container that is closed however the command
+    ends (a `_fail` inside included). Pass ``settings`` when the command
+    already loaded them (logging is then assumed set up)."""
+    # imported here: `--help` and `schema` need no adapters
+    from kbstream.bootstrap import Container
+
+    if settings is None:
+        settings = cli_settings(home, quiet)
+    container = Container(settings)
+    try:
+        yield settings, container
+    finally:
+        container.close()
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def stop_on_signals(stop: Callable[[], Any]) -> None:
+    def handler(_sig: int, _frame: Any) -> None:
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

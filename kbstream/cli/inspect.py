@@ -1,0 +1,171 @@
+"""`kbstream search`, `stats`, `status` and `verify`: reading what is indexed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from domain.errors import KbstreamError
+from kbstream import queries
+from kbstream.cli.common import (
+    DatasetOpt,
+    HomeOpt,
+    JsonOpt,
+    OptionalDatasetOpt,
+    _fail,
+    _print_json,
+    app,
+    cli_session,
+    out,
+)
+
+if TYPE_CHECKING:
+    from kbstream.bootstrap import Container
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="what to look for")],
+    dataset: DatasetOpt,
+    mode: Annotated[str, typer.Option(help="vector | keyword | hybrid")] = "hybrid",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=1000)] = 5,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search DATASET."""
+    from kbstream.search import search as run_search
+
+    if mode not in ("vector", "keyword", "hybrid"):
+        _fail(f"--mode must be vector, keyword or hybrid, not {mode!r}")
+    with cli_session(home) as (_, c):
+        try:
+            hits = run_search(c, dataset, query, mode, top_k)  # type: ignore[arg-type]
+        except KbstreamError as exc:
+            _fail(str(exc))
+    if as_json:
+        _print_json([h.to_dict() for h in hits])
+        return
+    table = Table("score", "document", "content")
+    for h in hits:
+        text = h.content if len(h.content) < 200 else h.content[:200] + "…"
+        table.add_row(f"{h.score:.4f}", Path(h.document).name, text)
+    out.print(table)
+
+
+@app.command()
+def stats(dataset: DatasetOpt, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Counts for DATASET: documents, segments, vectors, postings, cache."""
+    with cli_session(home) as (_, c):
+        data = queries.dataset_stats(c, dataset)
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("what", "count")
+    for k, v in data.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    out.print(table)
+
+
+@app.command()
+def status(
+    dataset: OptionalDatasetOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    document: Annotated[str | None, typer.Option(help="one document id")] = None,
+    job: Annotated[str | None, typer.Option(help="one batch-import job id")] = None,
+) -> None:
+    """One row per document of DATASET (status, error, segments), one
+    document, or one batch-import job."""
+    if job is not None:
+        _job_status(home, job, as_json)
+        return
+    if dataset is None and document is None:
+        _fail("give --dataset, --document or --job")
+    with cli_session(home) as (_, c):
+        if dataset is None:
+            assert document is not None
+            dataset = _only_dataset(c, document)
+        rows = queries.document_rows(c, dataset, [document] if document else None)
+    if document and not rows:
+        _fail(f"no document {document!r} in dataset {dataset!r}", 1)
+    if as_json:
+        _print_json(rows[0] if document else rows)
+        return
+    table = Table("document", "status", "segments", "error")
+    for r in rows:
+        color = {"completed": "green", "error": "red"}.get(str(r["status"]), "yellow")
+        table.add_row(
+            str(r["document"]),
+            f"[{color}]{r['status']}[/{color}]",
+            str(r["segments"]),
+            r["error"] or "",
+        )
+    out.print(table)
+
+
+def _job_status(home: Path | None, job: str, as_json: bool) -> None:
+    with cli_session(home) as (_, c):
+        row = queries.job_status(c, job)
+    if row is None:
+        _fail(f"no batch-import job {job!r}", 1)
+    if as_json:
+        _print_json(row)
+        return
+    table = Table("field", "value")
+    for k, v in row.items():
+        table.add_row(k, str(v))
+    out.print(table)
+
+
+def _only_dataset(c: Container, document: str) -> str:
+    found = queries.datasets_of(c, document)
+    if not found:
+        _fail(f"no document {document!r}", 1)
+    if len(found) > 1:
+        _fail(f"document {document!r} is in several datasets: {', '.join(found)}; add --dataset")
+    return found[0]
+
+
+@app.command()
+def verify(
+    dataset: DatasetOpt,
+    repair: Annotated[bool, typer.Option(help="converge what differs")] = False,
+    stuck_after: Annotated[
+        float, typer.Option(help="seconds before an unfinished document counts as stuck")
+    ] = 600.0,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that segments, vectors and keyword postings agree, document by
+    document; with --repair, fix what differs. Exit 1 if drift remains."""
+    from kbstream.verify import repair as run_repair
+    from kbstream.verify import verify as run_verify
+
+    with cli_session(home) as (_, c):
+        try:
+            check = run_repair if repair else run_verify
+            report = check(c, dataset, stuck_after)
+        except (KbstreamError, TimeoutError, RuntimeError) as exc:
+            _fail(str(exc))
+    data = report.to_dict()
+    if as_json:
+        _print_json(data)
+    else:
+        out.print(
+            f"{dataset}: {data['documents']} documents, {data['segments']} segments, "
+            f"{data['vectors']} vectors, {data['postings_segments']} segments with postings"
+        )
+        if report.repaired:
+            out.print(f"[green]repaired {len(report.repaired)} problem(s)[/green]")
+        if not report.drift:
+            out.print("[green]no drift[/green]")
+        for d in report.drift:
+            out.print(
+                f"[red]{d.problem}[/red] {d.document or d.document_id} {d.index_node_id or ''}"
+            )
+    if report.drift:
+        raise typer.Exit(1)

@@ -1,0 +1,138 @@
+"""Publish events and wait until their documents are done: what `index`,
+`sync` and `verify --repair` share.
+
+Without a broker of its own (no KBSTREAM_BROKERS, no `kbstream up`), the
+command starts an embedded one and runs every stage in this process for the
+duration. Events normally carry their files as uploads in the database; for
+``file://`` references (`--by-reference`) the caller names the folders those
+embedded workers may read. Workers elsewhere read only their own
+KBSTREAM_ALLOWED_ROOTS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+
+from consumers.contract import Emit
+from domain.documents import DocKey, Document, IndexingStatus
+from domain.ports import UnitOfWork
+from infra.kafka.producer import EventPublisher
+from kbstream.bootstrap import Container
+from kbstream.settings import Settings
+from kbstream.stack import WorkerPool, broker_for
+
+log = logging.getLogger(__name__)
+
+WaitProgress = Callable[[int, int], None]  # documents finished, their segments
+POLL_SECONDS = 0.25
+
+
+def publish_and_wait(
+    container: Container,
+    emits: Sequence[Emit],
+    timeout: float | None = None,
+    progress: WaitProgress | None = None,
+    client_id: str = "kbstream-producer",
+    read_roots: Collection[Path] = (),
+) -> None:
+    """Publish ``emits`` in order, then block until every document they name
+    reached (at least) the event's version and a finished status; a delete
+    counts once both indexes dropped the document too. Every event must carry
+    an explicit version: it is what "done" means.
+
+    ``read_roots``: folders the stage workers this call starts itself (no
+    broker running) may read ``file://`` references from.
+
+    Raises TimeoutError after ``timeout`` seconds, RuntimeError if an embedded
+    stage worker dies."""
+    if not emits:
+        return
+    want = _wanted(emits)
+    original = container.settings
+    try:
+        with broker_for(container.settings) as runtime:
+            pool = None
+            if runtime.embedded:
+                container.settings = _with_read_roots(original, read_roots)
+                # the broker is ours alone: no consumer group join to wait for
+                pool = WorkerPool(container, runtime.bootstrap, exclusive=True).start()
+            try:
+                _publish(container, runtime.bootstrap, emits, client_id)
+                _wait(container, want, pool, timeout, progress)
+            finally:
+                if pool is not None:
+                    pool.stop()
+    finally:
+        container.settings = original
+
+
+def _publish(container: Container, bootstrap: str, emits: Sequence[Emit], client_id: str) -> None:
+    publisher = EventPublisher(bootstrap, container.settings.max_event_bytes, client_id=client_id)
+    try:
+        for e in emits:
+            publisher.publish(container.topics.name(e.topic), e.event)
+        publisher.flush()
+    finally:
+        publisher.close()
+
+
+def _wanted(emits: Sequence[Emit]) -> dict[DocKey, int]:
+    want: dict[DocKey, int] = {}
+    for e in emits:
+        key, version = e.event.doc_key, e.event.version
+        if version is None:
+            raise ValueError(f"{e.event.type} for {key} has no version; publish_and_wait needs one")
+        want[key] = max(want.get(key, 0), version)
+    return want
+
+
+def _wait(
+    container: Container,
+    want: dict[DocKey, int],
+    pool: WorkerPool | None,
+    timeout: float | None,
+    progress: WaitProgress | None,
+) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        with container.uow(readonly=True) as uow:
+            docs = uow.documents.get_many(want)
+            finished = [d for d in docs.values() if _finished(container, uow, d, want[d.key])]
+        if progress:
+            progress(len(finished), sum(d.segment_count for d in docs.values()))
+        if len(finished) == len(want):
+            return
+        if pool is not None and not pool.alive():
+            raise RuntimeError("a stage worker died; see the log in the home directory")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{len(want) - len(finished)} document(s) not finished after {timeout}s; "
+                "`kbstream status` shows where they are"
+            )
+        time.sleep(POLL_SECONDS)
+
+
+def _finished(container: Container, uow: UnitOfWork, doc: Document, version: int) -> bool:
+    if doc.version < version or not doc.status.finished:
+        return False
+    return doc.status is not IndexingStatus.DELETED or _delete_settled(container, uow, doc)
+
+
+def _delete_settled(container: Container, uow: UnitOfWork, doc: Document) -> bool:
+    """A delete is done once split removed the rows and both indexes followed:
+    the embedded broker forgets in-flight events when this process stops."""
+    if doc.segment_count or uow.postings.nodes_for_document(doc.key):
+        return False
+    return not container.vectors.ids_for_document(doc.key)
+
+
+def _with_read_roots(settings: Settings, roots: Collection[Path]) -> Settings:
+    if not roots:
+        return settings
+    extra = sorted({str(Path(r).resolve()) for r in roots})
+    joined = os.pathsep.join(filter(None, [settings.allowed_roots, *extra]))
+    return settings.model_copy(update={"allowed_roots": joined})

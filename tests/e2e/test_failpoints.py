@@ -1,0 +1,291 @@
+"""Crash-exact at every commit/publish boundary: for each stage, SIGKILL its
+worker process right after the stage committed (nothing published), right
+after the publish (offsets not committed), and for parse between its claim
+and result transactions; restart it; the end state must be exact.
+
+One pipeline for the module (tests/e2e/procs.py: a `kbstream worker` process
+per stage, PostgreSQL, a milvus-lite server, the real model), one dataset
+per case. Every worker runs with every fail point enabled and disarmed: a
+point fires only while its marker file is absent (consumers/failpoints.py),
+so a case arms its point by deleting the marker, and the point disarms itself
+when it fires. Only the killed worker restarts; the rest keep running.
+
+The workload of a case: four documents indexed beforehand (all cases' at
+once), then an update that removes segments, a delete, a segment delete and a
+create, published in that order to single-partition topics, so the first
+batch the armed stage handles holds the update.
+
+Last, the durable delivery counter: a split worker SIGKILLed by the same
+event every time it handles it is restarted until the event is dead-lettered
+instead, its document ends in `error`, and the worker moves on.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from consumers.pipeline import STAGES
+from domain.documents import IndexingStatus
+from domain.events import DocumentDeleted, DocumentUpdated, Event, SegmentDeleted
+from infra.kafka import headers as h
+from kbstream.dlq import DeadLetter, list_dead_letters
+from kbstream.verify import verify
+from tests.e2e.procs import (
+    REPO,
+    Cluster,
+    DatasetSnapshot,
+    Worker,
+    fresh_database,
+    retrying,
+    wait_exit,
+    wait_quiet,
+    wait_until,
+)
+from tests.e2e.test_faults import Doc, assert_exact, expected_segments, sentence, write_doc
+
+pytestmark = pytest.mark.e2e
+
+BOUNDARIES = ("after_handle", "after_publish")
+POINTS = ("parse.after_claim", *(f"{s}.{b}" for s in STAGES for b in BOUNDARIES))
+CRASHER_STAGE = "split"  # the delivery counter's case
+MAX_DELIVERIES = 2
+
+
+def paragraph(rng: random.Random, tag: str, sentences: int) -> str:
+    return " ".join(sentence(rng, 4, s) for s in range(sentences)) + f" ({tag})"
+
+
+@dataclass
+class Case:
+    """One dataset: what is indexed first, what the armed crash interrupts,
+    and the exact end state."""
+
+    dataset: str
+    docs: dict[str, Doc]  # document_id -> the version indexed first
+    final: dict[str, Doc] = field(default_factory=dict)  # live documents' last version
+    changes: list[Event] = field(default_factory=list)
+    deleted: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)  # segments the changes remove
+    expected: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted({*self.docs, *self.final})
+
+
+def make_case(c: Cluster, dataset: str, rng: random.Random) -> Case:
+    def doc(name: str, *paragraphs: str, version: int = 1) -> Doc:
+        return write_doc(c.corpus, f"{dataset}-{name}", "\n\n".join(paragraphs), version)
+
+    p = [paragraph(rng, f"{dataset} {i}", 7) for i in range(5)]
+    short = [paragraph(rng, f"{dataset} short {i}", 2) for i in range(3)]
+    a, b, cc, d = doc("a", *p[:3]), doc("b", short[0]), doc("c", p[3], p[4]), doc("d", short[2])
+    case = Case(dataset, {x.document_id: x for x in (a, b, cc, d)})
+    first = {x.document_id: expected_segments(c, dataset, x) for x in case.docs.values()}
+    # A keeps its first paragraph, loses two, gains one; B goes; C loses a segment; E is new
+    a2 = doc("a", p[0], paragraph(rng, f"{dataset} new", 7), version=2)
+    e = doc("e", paragraph(rng, f"{dataset} e", 2))
+    c_gone = list(first[cc.document_id])[-1]
+    case.changes = [
+        a2.event(dataset, DocumentUpdated),
+        DocumentDeleted(dataset_id=dataset, document_id=b.document_id),
+        SegmentDeleted(dataset_id=dataset, document_id=cc.document_id, index_node_id=c_gone),
+        e.event(dataset),
+    ]
+    case.final = {x.document_id: x for x in (a2, cc, d, e)}
+    case.deleted = {b.document_id}
+    case.expected = {i: expected_segments(c, dataset, x) for i, x in case.final.items()}
+    case.expected[cc.document_id].pop(c_gone)
+    case.removed = {n for segs in first.values() for n in segs} - {
+        n for segs in case.expected.values() for n in segs
+    }
+    kept_a = set(first[a.document_id]) & set(case.expected[a.document_id])
+    assert kept_a and set(first[a.document_id]) - kept_a, "A's update must keep and remove"
+    assert len(first[cc.document_id]) >= 2, "C needs a segment to spare"
+    return case
+
+
+def indexed(case: Case) -> Callable[[DatasetSnapshot], bool]:
+    return lambda s: all(s.status(d) is IndexingStatus.COMPLETED for d in case.docs)
+
+
+@dataclass
+class Bench:
+    cluster: Cluster
+    markers: Path
+    cases: dict[str, Case]
+    texts: set[str]  # every text the workload ever indexes
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "KBSTREAM_FAILPOINTS": ",".join(POINTS),
+            "KBSTREAM_FAILPOINT_MARKER_DIR": str(self.markers),
+        }
+
+    def worker(self, stage: str) -> Worker:
+        (w,) = self.cluster.live(stage)
+        return w
+
+    def start(self, stage: str, **env: str) -> Worker:
+        w = self.cluster.start(stage, **{**self.env, **env})
+        self.cluster.wait_assigned([w])
+        return w
+
+    def arm(self, point: str) -> None:
+        (self.markers / point).unlink()
+
+    def disarm_all(self) -> None:
+        for p in POINTS:
+            (self.markers / p).touch()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory, tansu: str) -> Iterator[Bench]:
+    root = tmp_path_factory.mktemp("failpoints")
+    markers = root / "markers"
+    markers.mkdir()
+    rng = random.Random(4242)
+    with fresh_database() as (url, name):
+        # one partition: the armed stage's first batch is the case's first change
+        c = Cluster(root, tansu, url, db_name=name, partitions=1, session_timeout_ms=3000)
+        try:
+            cases = {p: make_case(c, f"fp{i:02d}", rng) for i, p in enumerate(POINTS)}
+            cases["crasher"] = make_case(c, "crash", rng)
+            texts = {
+                t
+                for case in cases.values()
+                for x in (*case.docs.values(), *case.final.values())
+                for t in expected_segments(c, case.dataset, x).values()
+            }
+            b = Bench(c, markers, cases, texts)
+            b.disarm_all()
+            started = time.monotonic()
+            for stage in STAGES:
+                c.start(stage, **b.env)
+            c.wait_assigned([w for ws in c.workers.values() for w in ws])
+            assigned = time.monotonic()
+            for case in cases.values():
+                c.publish(*(x.event(case.dataset) for x in case.docs.values()))
+            for case in cases.values():
+                c.wait_settled(case.dataset, case.docs, 240, indexed(case))
+            print(
+                f"\n[failpoints] workers up in {assigned - started:.0f}s, "
+                f"{len(cases) * 4} documents indexed in {time.monotonic() - assigned:.0f}s"
+            )
+            yield b
+        finally:
+            c.close()
+
+
+def dead_letters(c: Cluster, dataset: str) -> list[DeadLetter]:
+    return [
+        x
+        for x in list_dead_letters(c.bootstrap, c.topics)
+        if f'"dataset_id":"{dataset}"' in (x.value or b"").decode(errors="replace")
+    ]
+
+
+def parse_has(point: str) -> bool:
+    source = (REPO / "consumers" / "parse.py").read_text()
+    return re.search(rf"failpoint\(\s*[\"']{re.escape(point)}[\"']", source) is not None
+
+
+def check_exact(b: Bench, case: Case) -> None:
+    c = b.cluster
+    snap = c.wait_settled(
+        case.dataset,
+        case.ids,
+        180,
+        lambda s: (
+            all(s.doc_segments(d) == set(segs) for d, segs in case.expected.items())
+            and all(s.status(d) is IndexingStatus.DELETED for d in case.deleted)
+        ),
+    )
+    # per document: segments == vectors == postings (every text has keywords),
+    # nothing of removed segments or deleted documents, nothing in flight
+    assert_exact(snap, case.expected, case.deleted)
+    assert not case.removed & (set(snap.segments) | set(snap.vectors) | set(snap.postings))
+    report = retrying(lambda: verify(c.container, case.dataset))
+    assert report.drift == [], report.to_dict()
+    assert report.segments == report.vectors == sum(map(len, case.expected.values()))
+    provider, model, _ = c.container.model_identity
+    with c.container.uow(readonly=True) as uow:
+        final = set(snap.seg_hash.values())
+        assert final <= set(uow.embeddings.get_many(provider, model, final))
+        # each text embedded once, nothing but the workload's texts
+        assert uow.embeddings.count(provider, model) <= len(b.texts)
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_sigkill_at_the_boundary_leaves_the_exact_state(bench: Bench, point: str) -> None:
+    stage = point.split(".")[0]
+    if point == "parse.after_claim" and not parse_has(point):
+        pytest.skip("consumers/parse.py has no failpoint('parse.after_claim') call yet")
+    c, case = bench.cluster, bench.cases[point]
+    wait_quiet(c)  # stragglers of the previous case must not trip the point
+    victim = bench.worker(stage)
+    bench.arm(point)
+    c.publish(*case.changes)
+    rc = wait_exit(victim, 120)
+    assert rc == -signal.SIGKILL, f"{point} did not fire (rc={rc}):\n{victim.log_text()[-3000:]}"
+    assert f"failpoint {point}: SIGKILL" in victim.log_text()
+    assert (bench.markers / point).exists()  # fired once; disarmed again
+    bench.start(stage)
+    check_exact(bench, case)
+    assert dead_letters(c, case.dataset) == []
+
+
+def test_an_event_that_kills_its_worker_every_time_is_dead_lettered(bench: Bench) -> None:
+    """Twice SIGKILLed by the same event, the third worker dead-letters it
+    without handling it, records the failure on its document, and goes on."""
+    c, case = bench.cluster, bench.cases["crasher"]
+    stage = CRASHER_STAGE
+    wait_quiet(c)
+    bench.worker(stage).stop()
+    deadly = {"KBSTREAM_FAILPOINTS_ALWAYS": f"{stage}.before_handle"}
+    limit = {"KBSTREAM_MAX_DELIVERIES": str(MAX_DELIVERIES)}
+    update, *rest = case.changes
+    victim = bench.start(stage, **deadly, **limit)
+    c.publish(update)
+    for death in range(1, MAX_DELIVERIES + 1):
+        rc = wait_exit(victim, 120)
+        assert rc == -signal.SIGKILL, f"death {death}: rc={rc}\n{victim.log_text()[-3000:]}"
+        deadly_again = death < MAX_DELIVERIES
+        victim = bench.start(stage, **(deadly if deadly_again else {}), **limit)
+    a = update.document_id
+    assert wait_until(lambda: c.snapshot(case.dataset).status(a) is IndexingStatus.ERROR, 60), (
+        victim.log_text()[-3000:]
+    )
+    doc = c.snapshot(case.dataset).docs[a]
+    assert f"delivered {MAX_DELIVERIES} times without completing" in (doc.error or "")
+    (letter,) = dead_letters(c, case.dataset)
+    assert letter.headers[h.STAGE] == stage
+    assert letter.headers[h.ERROR_CLASS] == "RepeatedCrash"
+    assert letter.headers[h.ATTEMPTS] == str(MAX_DELIVERIES)
+    # the worker goes on: the rest of the workload completes exactly; A keeps
+    # its first version's segments (the update never split), flagged error
+    assert victim.alive
+    c.publish(*rest)
+    case.expected[a] = expected_segments(c, case.dataset, case.docs[a])
+    snap = c.wait_settled(
+        case.dataset,
+        [d for d in case.ids if d != a],
+        180,
+        lambda s: (
+            all(s.doc_segments(d) == set(segs) for d, segs in case.expected.items() if d != a)
+            and all(s.status(d) is IndexingStatus.DELETED for d in case.deleted)
+        ),
+    )
+    assert snap.status(a) is IndexingStatus.ERROR
+    assert snap.doc_segments(a) == snap.doc_vectors(a) == set(case.expected[a])
+    rc, report = c.verify(case.dataset)  # the CLI, once
+    assert rc == 0 and report["clean"], report

@@ -1,0 +1,327 @@
+"""`kbstream up` with real processes: SIGKILLed, it takes its milvus-lite
+server and tansu broker with it and a restart comes up cleanly; a second
+`up` for the same home, or a foreign holder of the Milvus data dir, fails at
+once in one line; a killed child stops `up` with a one-line reason; the
+orphans a dead `up` recorded are cleaned up on the next start."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra import children
+from kbstream.processes import StackError, StackInfo, apply_running_stack
+from kbstream.settings import Settings
+from tests.polling import poll
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+# one light stage: the tests are about up's processes, not the pipeline
+UP_STAGES = "track_status"
+
+
+def up_command(home: Path) -> list[str]:
+    return [
+        str(Path(sys.executable).with_name("kbstream")),
+        "up",
+        "--home",
+        str(home),
+        "--stages",
+        UP_STAGES,
+    ]
+
+
+def _env() -> dict[str, str]:
+    # no COLUMNS: a one-line message must stay one line at the default width
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("KBSTREAM_") and k not in ("COLUMNS", "LINES")
+    }
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+class Up:
+    """One `kbstream up` process in a session of its own."""
+
+    def __init__(self, home: Path, n: int) -> None:
+        self.home = home
+        self.log = home.parent / f"up-{n}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                up_command(home),
+                cwd=REPO,
+                env=_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def last_line(self) -> str:
+        lines = self.output().strip().splitlines()
+        return lines[-1] if lines else ""
+
+    def info(self) -> StackInfo | None:
+        info = StackInfo.read_live(self.home)
+        return info if info is not None and info.pid == self.proc.pid else None
+
+    def wait_ready(self, timeout: float = 90.0) -> StackInfo:
+        ok = poll(lambda: self.info() is not None or self.proc.poll() is not None, timeout)
+        info = self.info()
+        assert ok and info is not None, (
+            f"up did not come up (rc={self.proc.poll()}):\n{self.output()}"
+        )
+        return info
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"up still runs after {timeout}s:\n{self.output()}") from None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    h = tmp_path / "home"
+    yield h
+    left = leftovers(h)
+    for pid in left:  # never leave a server behind for the next test
+        children.kill(pid, None)
+    assert not left, f"left running: {[children.describe(p) for p in left]}"
+
+
+@pytest.fixture
+def ups(home: Path) -> Iterator[list[Up]]:
+    started: list[Up] = []
+    yield started
+    for u in started:
+        if u.proc.poll() is None:
+            u.kill()
+
+
+def start(ups: list[Up], home: Path) -> Up:
+    u = Up(home, len(ups))
+    ups.append(u)
+    return u
+
+
+def leftovers(home: Path) -> list[int]:
+    """Running processes whose command line names this home, or a broker port it used."""
+    needles = [str(home).encode()]
+    with contextlib.suppress(FileNotFoundError):
+        for line in (home / "broker.log").read_bytes().splitlines():
+            if b"127.0.0.1:" in line:
+                needles.append(line.split(b"127.0.0.1:")[1].split()[0].strip(b'",'))
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        pid = int(p)
+        if pid == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(n in cmd for n in needles) and children.running(pid):
+            out.append(pid)
+    return out
+
+
+def recorded(info: StackInfo) -> dict[str, tuple[int, int | None]]:
+    return {c.name: (c.pid, c.started) for c in info.children}
+
+
+def assert_serving(info: StackInfo) -> None:
+    from confluent_kafka.admin import AdminClient
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=info.milvus_uri, timeout=10)
+    try:
+        assert isinstance(client.list_collections(), list)
+    finally:
+        client.close()
+    AdminClient({"bootstrap.servers": info.brokers}).list_topics(timeout=10)
+
+
+def stats(home: Path) -> dict[str, object]:
+    kbstream = str(Path(sys.executable).with_name("kbstream"))
+    proc = subprocess.run(
+        [kbstream, "stats", "--dataset", "x", "--json", "--home", str(home)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"kbstream stats failed:\n{proc.stdout}\n{proc.stderr}"
+    data: dict[str, object] = json.loads(proc.stdout)
+    return data
+
+
+def test_sigkilled_up_takes_its_children_and_restarts_cleanly(home: Path, ups: list[Up]) -> None:
+    first = start(ups, home)
+    info = first.wait_ready()
+    kids = recorded(info)
+    assert set(kids) == {"milvus-lite server", "tansu broker"}
+    assert all(children.running(pid, started) for pid, started in kids.values())
+    assert_serving(info)
+
+    first.proc.send_signal(signal.SIGKILL)  # the up process only, not its group
+    first.proc.wait(10)
+    for name, (pid, started) in kids.items():
+        assert children.wait_gone(pid, started, 5), f"{name} outlived the killed up"
+    assert StackInfo.path(home).exists()  # nobody removed it: it is stale now
+
+    # a verb now cleans up and runs on the embedded file: nothing holds it
+    stats(home)
+    assert not StackInfo.path(home).exists()
+    s = apply_running_stack(Settings(home=home))
+    assert (s.brokers, s.milvus_uri) == (None, None)
+
+    second = start(ups, home)
+    again = second.wait_ready()
+    assert again.pid != info.pid
+    assert_serving(again)
+    s = apply_running_stack(Settings(home=home))
+    assert (s.brokers, s.milvus_uri) == (again.brokers, again.milvus_uri)
+    stats(home)  # a verb beside the new `up` reaches its servers
+
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.wait_exit(30) == 0, second.output()
+    assert not StackInfo.path(home).exists()
+    assert poll(lambda: not leftovers(home), 5), leftovers(home)
+
+
+def test_a_second_up_for_the_same_home_fails_fast(home: Path, ups: list[Up]) -> None:
+    first = start(ups, home)
+    info = first.wait_ready()
+    t0 = time.monotonic()
+    second = start(ups, home)
+    assert second.wait_exit(20) == 2
+    assert time.monotonic() - t0 < 20
+    line = second.last_line()
+    assert line.startswith(f"error: a kbstream up is already running for {home} (pid {info.pid}")
+    assert "Traceback" not in second.output()
+    # the first one is untouched
+    assert first.info() is not None and all(
+        children.running(pid, started) for pid, started in recorded(info).values()
+    )
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait_exit(30) == 0
+
+
+@pytest.mark.parametrize("victim", ["milvus-lite server", "tansu broker"])
+def test_up_stops_in_one_line_when_a_child_is_killed(
+    victim: str, home: Path, ups: list[Up]
+) -> None:
+    u = start(ups, home)
+    kids = recorded(u.wait_ready())
+    pid, _ = kids.pop(victim)
+    os.kill(pid, signal.SIGKILL)
+    assert u.wait_exit(30) == 1
+    assert u.last_line() == (
+        f"error: the {victim} (pid {pid}) was killed by SIGKILL; kbstream up stops, start it again"
+    )
+    ((other, (other_pid, other_started)),) = kids.items()
+    assert children.wait_gone(other_pid, other_started, 5), f"{other} outlived up"
+    assert not StackInfo.path(home).exists()
+
+
+def test_up_names_a_foreign_holder_of_the_milvus_dir_and_leaves_it_alone(
+    home: Path, ups: list[Up]
+) -> None:
+    data_dir = home / "milvus.db"
+    data_dir.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(300)\n",
+            str(data_dir / "LOCK"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        u = start(ups, home)
+        assert u.wait_exit(20) == 2
+        assert u.last_line().startswith(
+            f"error: milvus data dir {data_dir} is locked by pid {holder.pid} (python -c import fcntl"
+        ), u.output()
+        assert u.last_line().endswith("point KBSTREAM_MILVUS_URI at a running Milvus")
+        assert holder.poll() is None, "up killed a process that is not its own"
+        # a verb says the same instead of retrying "Milvus unavailable" forever
+        with pytest.raises(StackError, match=f"is locked by pid {holder.pid}"):
+            apply_running_stack(Settings(home=home))
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
+
+
+def test_up_cleans_up_the_recorded_orphans_of_a_dead_up(home: Path, ups: list[Up]) -> None:
+    """What a `kbstream up` from before die-with-parent left behind: a
+    milvus-lite server holding the data dir, and a stack.json naming it."""
+    from kbstream.processes import ChildRecord, MilvusLiteServer
+
+    home.mkdir(parents=True)
+    port = MilvusLiteServer(home / "milvus.db").port
+    orphan = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("milvus-lite")),
+            "server",
+            "--data-dir",
+            str(home / "milvus.db"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert poll(lambda: children.is_locked(home / "milvus.db" / "LOCK"), 60)
+        dead = subprocess.Popen(["true"])
+        dead_started = children.start_time(dead.pid)
+        dead.wait()
+        StackInfo(
+            dead.pid,
+            "127.0.0.1:1",
+            f"http://127.0.0.1:{port}",
+            dead_started,
+            [ChildRecord("milvus-lite server", orphan.pid, children.start_time(orphan.pid))],
+        ).write(home)
+        u = start(ups, home)
+        info = u.wait_ready()
+        assert orphan.wait(10) == -signal.SIGKILL
+        assert_serving(info)
+        u.proc.send_signal(signal.SIGTERM)
+        assert u.wait_exit(30) == 0, u.output()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
