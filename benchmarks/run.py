@@ -4,6 +4,7 @@ the bare embedding model on the same machine?
 One command, from the repository root:
 
     .venv/bin/python benchmarks/run.py [--docs N] [--corpus DIR] [--out FILE] [--repeat K]
+                                       [--keep] [--stages]
 
 Phases, all in this one process, on a fresh temporary home (embedded mode:
 tansu broker + SQLite + milvus-lite + the bundled all-MiniLM-L6-v2, every stage
@@ -22,6 +23,8 @@ a thread):
             counts unchanged
 6. replay   index_paths(force=True): every document through every stage again;
             nothing embedded (embedding-cache hits), counts unchanged
+7. stages   with --stages only: every stage alone on the same corpus and a fresh
+            home, in segments/s (benchmarks/stages.py)
 
 See benchmarks/README.md for what each number means.
 """
@@ -48,6 +51,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+if __name__ == "__main__":
+    # one module instance: stages.py imports this file's settings as benchmarks.run
+    sys.modules.setdefault("benchmarks.run", sys.modules[__name__])
 
 # The benchmark must not inherit a configured stack (KBSTREAM_BROKERS,
 # KBSTREAM_DATABASE_URL, ...): Settings reads the environment, so clear it
@@ -254,11 +260,15 @@ class CpuMeter:
 # -- pipeline runs -----------------------------------------------------------
 
 
+# model settings from the command line (--device, --model, ...), shared with stages.py
+MODEL_SETTINGS: dict[str, Any] = {}
+
+
 def make_settings(home: Path) -> Any:
     from kbstream.settings import Settings
 
     # explicit: no env brokers / database / Milvus server, embedded everything
-    return Settings(home=home, brokers=None, database_url=None, milvus_uri=None)
+    return Settings(home=home, brokers=None, database_url=None, milvus_uri=None, **MODEL_SETTINGS)
 
 
 def setup_logging(home: Path) -> tuple[LogWatch, logging.Handler]:
@@ -309,10 +319,15 @@ def release_milvus_lite(path: str | None = None) -> None:
 
 def counts(container: Any) -> dict[str, int]:
     tenant = container.settings.tenant
+    with container.uow(readonly=True) as uow:
+        segments, postings = (
+            uow.segments.count(tenant, DATASET),
+            uow.postings.count(tenant, DATASET),
+        )
     return {
-        "segments": container.db.segments.count(tenant, DATASET),
+        "segments": segments,
         "vectors": container.vectors.count(tenant, DATASET),
-        "postings": container.db.postings.count(tenant, DATASET),
+        "postings": postings,
     }
 
 
@@ -365,7 +380,7 @@ def read_segment_texts(container: Any) -> tuple[list[str], int, float]:
     from infra.db.models import SegmentRow
 
     s = SegmentRow.__table__
-    with container.db.engine.connect() as conn:
+    with container.database.connect() as conn:
         rows = conn.execute(
             select(s.c.doc_hash, s.c.content, s.c.tokens)
             .where(s.c.tenant_id == container.settings.tenant, s.c.dataset_id == DATASET)
@@ -438,7 +453,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--keep", action="store_true", help="keep the temporary home and corpus (path printed)"
     )
+    ap.add_argument(
+        "--stages",
+        action="store_true",
+        help="then run each stage alone on the same corpus (benchmarks/stages.py's table)",
+    )
+    ap.add_argument("--device", help="embedding device, e.g. cuda (fp16); default cpu")
+    ap.add_argument("--model", help="a sentence-transformers folder instead of the bundled one")
+    ap.add_argument("--batch-size", type=int, help="model encode batch size (default 32)")
+    ap.add_argument(
+        "--embed-max-segments", type=int, help="segments one embed poll takes (default 96)"
+    )
     args = ap.parse_args(argv)
+    for name, value in (
+        ("embedding_device", args.device),
+        ("embedding_model", args.model),
+        ("embedding_batch_size", args.batch_size),
+        ("embed_max_segments", args.embed_max_segments),
+    ):
+        if value is not None:
+            MODEL_SETTINGS[name] = value
     if args.docs < 1 or args.repeat < 1:
         ap.error("--docs and --repeat must be at least 1")
 
@@ -590,9 +624,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().removeHandler(fh)
     fh.close()
     result["log"] = str(home / "kbstream.log")
+    if args.stages:
+        from benchmarks import stages
+
+        release_milvus_lite()
+        say("stages: each stage alone on the same corpus, fresh home")
+        result["stages"] = stages.capacity(files, corpus_dir, work / "stages-home")
+        result["checks"]["stages_all_completed"] = (
+            result["stages"]["completed"] == result["stages"]["documents"]
+        )
     ok = all(result["checks"].values())
     result["ok"] = ok
     print(render(result, args.repeat))
+    if args.stages:
+        print()
+        print(stages.render(result["stages"]))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

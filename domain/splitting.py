@@ -3,12 +3,18 @@
 
 LangChain's RecursiveCharacterTextSplitter does the recursion and merging; we
 give it the model's own token counter as its length function, so max_tokens
-means tokens, and sentence separators for both scripts."""
+means tokens, and sentence separators for both scripts.
+
+Every chunk is capped by characters too (``CHARS_PER_TOKEN`` per token): the
+tokenizer maps an over-long word to one unknown token, so three 300,000-character
+words would otherwise be one 900,002-character chunk of "3 tokens"."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
@@ -36,6 +42,21 @@ DEFAULT_SEPARATORS: tuple[str, ...] = (
     " ",
     "",
 )
+
+# A chunk holds at most max_tokens * CHARS_PER_TOKEN characters. Real text stays far
+# below: the Python documentation's chunks average 3.9 characters per model token and
+# never exceed 6.2, so the cap only cuts what the tokenizer cannot see (over-long words).
+CHARS_PER_TOKEN = 8
+
+
+@runtime_checkable
+class BatchTokenCounter(Protocol):
+    """A token counter that also counts many texts in one call (the model's fast
+    tokenizer does it in parallel, outside the GIL)."""
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def count_tokens_batch(self, texts: Sequence[str]) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -92,15 +113,15 @@ def split_document(
     cleaned = clean_text(text, rule)
     if not cleaned:
         raise DocumentError("the document has no text left after cleaning")
+    counter = _Counter(tokens)
     if doc_form is DocForm.QA:
-        return _qa_chunks(cleaned, tokens, settings)
+        return _qa_chunks(cleaned, counter, settings)
     if doc_form is DocForm.PARENT_CHILD:
-        return _parent_child_chunks(cleaned, tokens, settings)
-    splitter = _splitter(tokens, settings.max_tokens, settings.chunk_overlap)
+        return _parent_child_chunks(cleaned, counter, settings)
     return [
-        ChunkText(content=c, tokens=tokens.count_tokens(c))
+        ChunkText(content=c, tokens=n)
         for piece in _pieces(cleaned, settings)
-        for c in splitter.split_text(piece)
+        for c, n in _split(piece, counter, settings.max_tokens, settings.chunk_overlap)
     ]
 
 
@@ -112,29 +133,87 @@ def _pieces(text: str, settings: SplitSettings) -> list[str]:
     return [p for p in (part.strip() for part in text.split(settings.separator)) if p]
 
 
-def _splitter(tokens: TokenCounter, size: int, overlap: int) -> RecursiveCharacterTextSplitter:
+class _Counter:
+    """Token counts of one document's pieces. The recursive splitter asks for a
+    piece's length several times (to choose, to merge, to slide the overlap) and
+    at every level; each piece is tokenized once, and a piece so long that its
+    characters alone put it over the limit is not tokenized at all."""
+
+    def __init__(self, tokens: TokenCounter) -> None:
+        self.tokens = tokens
+        self.memo: dict[str, int] = {}
+        self._batch = tokens.count_tokens_batch if isinstance(tokens, BatchTokenCounter) else None
+
+    def count(self, text: str) -> int:
+        n = self.memo.get(text)
+        if n is None:
+            n = self.memo[text] = self.tokens.count_tokens(text)
+        return n
+
+    def count_many(self, texts: Sequence[str]) -> list[int]:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if len(todo) > 1 and self._batch is not None:
+            self.memo.update(zip(todo, self._batch(todo), strict=True))
+        for t in todo:
+            self.count(t)
+        return [self.memo[t] for t in texts]
+
+    def length(self, size: int, by_chars: bool = False) -> Callable[[str], int]:
+        """The splitter's length function for chunks of ``size`` tokens: a piece's
+        tokens, unless its characters alone put it over the limit (then it is not
+        tokenized at all). ``by_chars`` counts every piece as at least its characters
+        / CHARS_PER_TOKEN, so that the merge, which adds up its parts' lengths, keeps
+        the character cap too."""
+
+        def length(text: str) -> int:
+            chars = -(-len(text) // CHARS_PER_TOKEN)
+            if chars >= size:
+                return chars
+            tokens = self.count(text)
+            return max(tokens, chars) if by_chars else tokens
+
+        return length
+
+
+def _split(
+    text: str, counter: _Counter, size: int, overlap: int, by_chars: bool = False
+) -> list[tuple[str, int]]:
+    """Chunks of at most ``size`` tokens and ``size * CHARS_PER_TOKEN`` characters,
+    with their exact token counts."""
+    chunks = _splitter(counter.length(size, by_chars), size, overlap).split_text(text)
+    out: list[tuple[str, int]] = []
+    for chunk, n in zip(chunks, counter.count_many(chunks), strict=True):
+        if (n <= size and len(chunk) <= size * CHARS_PER_TOKEN) or len(chunk) <= 1:
+            out.append((chunk, n))
+        elif n > size or by_chars:
+            # merged by the sum of its parts' counts, which WordPiece does not
+            # promise inside a word: split this one again, finer
+            smaller = max(1, min(size - 1, size * size // max(n, 1)))
+            out.extend(_split(chunk, counter, smaller, 0, by_chars=True))
+        else:  # merged from parts of many characters per token (indented code, say)
+            out.extend(_split(chunk, counter, size, 0, by_chars=True))
+    return out
+
+
+def _splitter(
+    length: Callable[[str], int], size: int, overlap: int
+) -> RecursiveCharacterTextSplitter:
     return RecursiveCharacterTextSplitter(
         separators=list(DEFAULT_SEPARATORS),
         chunk_size=size,
         chunk_overlap=overlap,
-        length_function=tokens.count_tokens,
+        length_function=length,
         keep_separator="end",
         strip_whitespace=True,
     )
 
 
-def _parent_child_chunks(
-    text: str, tokens: TokenCounter, settings: SplitSettings
-) -> list[ChunkText]:
-    parent_splitter = _splitter(tokens, settings.parent_max_tokens, 0)
-    child_splitter = _splitter(tokens, settings.max_tokens, settings.chunk_overlap)
+def _parent_child_chunks(text: str, counter: _Counter, settings: SplitSettings) -> list[ChunkText]:
     out: list[ChunkText] = []
     for piece in _pieces(text, settings):
-        for parent in parent_splitter.split_text(piece):
-            for child in child_splitter.split_text(parent):
-                out.append(
-                    ChunkText(content=child, parent=parent, tokens=tokens.count_tokens(child))
-                )
+        for parent, _ in _split(piece, counter, settings.parent_max_tokens, 0):
+            for child, n in _split(parent, counter, settings.max_tokens, settings.chunk_overlap):
+                out.append(ChunkText(content=child, parent=parent, tokens=n))
     return out
 
 
@@ -143,7 +222,7 @@ _QA_MARK = re.compile(
 )
 
 
-def _qa_chunks(text: str, tokens: TokenCounter, settings: SplitSettings) -> list[ChunkText]:
+def _qa_chunks(text: str, counter: _Counter, settings: SplitSettings) -> list[ChunkText]:
     """Q&A documents are written as ``Q: ...`` / ``A: ...`` blocks (or 问：/答：).
     The question is what gets embedded; it must fit the model."""
     # A marker only counts when it alternates (Q after A, A after Q): a line
@@ -171,8 +250,14 @@ def _qa_chunks(text: str, tokens: TokenCounter, settings: SplitSettings) -> list
             "with 'Q:' and 'A:' (or '问：' and '答：')"
         )
     out = []
+    cap = settings.max_tokens * CHARS_PER_TOKEN
     for q, a in pairs:
-        n = tokens.count_tokens(q)
+        if len(q) > cap:
+            raise DocumentError(
+                f"question {q[:60]!r}... has {len(q)} characters, above the limit of {cap} "
+                f"({CHARS_PER_TOKEN} per token)"
+            )
+        n = counter.count(q)
         if n > settings.max_tokens:
             raise DocumentError(
                 f"question {q[:60]!r}... has {n} tokens, above the limit of {settings.max_tokens}"

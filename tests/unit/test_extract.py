@@ -388,6 +388,22 @@ def test_deeply_nested_html_does_not_recurse() -> None:
     assert extract_text(page, "deep.html").text == "deep text"
 
 
+def test_text_after_the_end_of_the_page_is_kept() -> None:
+    # browsers show it: after </body> or </html>, content is still body content
+    page = b"<html><head><title>t</title></head></html><p>late paragraph</p>"
+    assert extract_text(page, "late.html").text == "late paragraph"
+    page = b"<html><body><p>a</p></body></html><p>after the end</p>"
+    assert extract_text(page, "after.html").text == "a\n\nafter the end"
+
+
+def test_comments_and_removed_elements_keep_the_text_after_them() -> None:
+    page = (
+        b"<html><body><p>one <!-- a note --> two<script>track()</script> three"
+        b"<span hidden>secret</span> four</p></body></html>"
+    )
+    assert extract_text(page, "tails.html").text == "one two three four"
+
+
 def test_html_with_no_visible_text() -> None:
     page = b"<html><body><div id='app'></div><script>render()</script></body></html>"
     assert "JavaScript" in reason_of(page, "spa.html")

@@ -13,7 +13,7 @@ from domain.cleaning import clean_text
 from domain.errors import DocumentError, SplitRuleError
 from domain.events import DocForm, ProcessRule
 from domain.model import ChunkText
-from domain.splitting import DEFAULT_SEPARATORS, resolve_rule, split_document
+from domain.splitting import CHARS_PER_TOKEN, DEFAULT_SEPARATORS, resolve_rule, split_document
 from infra.embedding import ModelTokenCounter, bundled_model_dir
 from tests.conftest import HashingEmbeddingDouble
 
@@ -510,3 +510,116 @@ def test_default_separators_cover_both_scripts() -> None:
     for sep in ("\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", ""):
         assert sep in DEFAULT_SEPARATORS
     assert DEFAULT_SEPARATORS[-1] == ""
+
+
+class TestCharacterCap:
+    """The tokenizer maps an over-long word to one unknown token: chunks are
+    capped by characters too, CHARS_PER_TOKEN per token."""
+
+    @staticmethod
+    def long_words(n: int = 3, length: int = 300_000) -> str:
+        rng = random.Random(0)
+        return " ".join("".join(rng.choices("abcdefgh", k=length)) for _ in range(n))
+
+    def test_three_huge_words_are_cut_to_the_cap(self, model_tokens: ModelTokenCounter) -> None:
+        text = self.long_words()
+        assert model_tokens.count_tokens(text) == 3  # what let them through as one chunk
+        limit = model_tokens.max_input_tokens
+        for process_rule in (ProcessRule(), rule(max_tokens=limit, chunk_overlap=0)):
+            chunks = split_document(text, DocForm.TEXT, process_rule, model_tokens, limit)
+            assert max(len(c.content) for c in chunks) <= limit * CHARS_PER_TOKEN
+            assert max(c.tokens for c in chunks) <= limit
+        # nothing lost (without overlap, the chunks are the text without its spaces)
+        assert "".join(contents(chunks)) == text.replace(" ", "")
+
+    def test_word_counter_gets_the_cap_too(self) -> None:
+        text = self.long_words(3, 5000)
+        chunks = split(text, max_tokens=16, chunk_overlap=0)
+        assert max(len(c.content) for c in chunks) <= 16 * CHARS_PER_TOKEN
+        assert "".join(contents(chunks)) == text.replace(" ", "")
+
+    def test_normal_text_is_not_affected(self) -> None:
+        paras = [words(10, 0), words(12, 100), words(9, 200)]
+        chunks = split("\n\n".join(paras), max_tokens=16, chunk_overlap=0)
+        assert contents(chunks) == paras
+
+    def test_a_long_word_among_sentences_keeps_the_sentences_whole(self) -> None:
+        word = "x" * 1000
+        text = f"{words(6)}. {word} {words(6, 50)}."
+        chunks = split(text, max_tokens=16, chunk_overlap=0)
+        assert all(len(c.content) <= 16 * CHARS_PER_TOKEN for c in chunks)
+        assert chunks[0].content == f"{words(6)}."
+        assert "".join(contents(chunks)).replace(" ", "") == text.replace(" ", "")
+
+    def test_indented_code_over_the_cap_is_split_again(self) -> None:
+        # many characters per token: within max_tokens, over the character cap
+        lines = [" " * 60 + f"x{i}" for i in range(40)]
+        chunks = split(
+            "\n".join(lines),
+            WordCounter(),
+            max_tokens=16,
+            chunk_overlap=0,
+            remove_extra_whitespace=False,
+        )
+        assert all(len(c.content) <= 16 * CHARS_PER_TOKEN for c in chunks)
+        assert all(c.tokens <= 16 for c in chunks)
+        assert " ".join(contents(chunks)).split() == [f"x{i}" for i in range(40)]
+
+    def test_qa_question_over_the_cap_is_a_document_error(self) -> None:
+        with pytest.raises(DocumentError, match="characters, above the limit of 128"):
+            split(f"Q: {'y' * 200}?\nA: short", doc_form=DocForm.QA, max_tokens=16)
+
+
+class TestTokenCountsOnce:
+    """Each piece is tokenized once per document, and chunks are counted in one
+    batch when the counter can."""
+
+    class CountingCounter(WordCounter):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.batches: list[list[str]] = []
+
+        def count_tokens(self, text: str) -> int:
+            self.calls.append(text)
+            return super().count_tokens(text)
+
+        def count_tokens_batch(self, texts: list[str]) -> list[int]:
+            self.batches.append(list(texts))
+            return [super(TestTokenCountsOnce.CountingCounter, self).count_tokens(t) for t in texts]
+
+    def test_no_text_is_counted_twice(self) -> None:
+        counter = self.CountingCounter()
+        text = "\n\n".join(
+            ". ".join(words(7, 100 * p + 10 * s) for s in range(6)) for p in range(8)
+        )
+        chunks = split(text, counter, max_tokens=16, chunk_overlap=4)
+        assert len(chunks) > 8
+        every = counter.calls + [t for b in counter.batches for t in b]
+        assert len(every) == len(set(every))
+        assert [c.tokens for c in chunks] == [WordCounter().count_tokens(c.content) for c in chunks]
+
+    def test_the_model_counter_counts_a_batch_like_one_by_one(
+        self, model_tokens: ModelTokenCounter
+    ) -> None:
+        texts = ["", "hello world", "知识库", "internationalization " * 30, "a\n\nb"]
+        assert model_tokens.count_tokens_batch(texts) == [
+            model_tokens.count_tokens(t) for t in texts
+        ]
+
+
+class SuperadditiveCounter:
+    """More tokens for a whole than for its parts: one extra per five words, the
+    way WordPiece can cut a joined word into more pieces than its halves."""
+
+    def count_tokens(self, text: str) -> int:
+        n = len(text.split())
+        return n + n // 5
+
+
+def test_a_chunk_is_never_over_max_tokens_even_when_counts_do_not_add_up() -> None:
+    text = ", ".join(words(2, 10 * i) for i in range(60))
+    counter = SuperadditiveCounter()
+    chunks = split(text, counter, max_tokens=16, chunk_overlap=0)
+    assert all(counter.count_tokens(c.content) <= 16 for c in chunks)
+    assert [c.tokens for c in chunks] == [counter.count_tokens(c.content) for c in chunks]
+    assert " ".join(contents(chunks)).split() == text.split()
