@@ -184,7 +184,7 @@ def test_ids_lists_every_vector_of_a_dataset_past_one_page(store: MilvusVectorSt
     store.upsert(mine)
     store.upsert(rows(10, "t1", "ds2") + rows(10, "t2", "ds1"))
     listed = store.ids("t1", "ds1")
-    assert listed == {r.index_node_id: r.document_id for r in mine}
+    assert listed == {r.index_node_id: r.key.document_id for r in mine}
     assert store.count("t1", "ds1") == 2500
     assert store.ids("t1", "nothing-here") == {}
 
