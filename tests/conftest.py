@@ -133,10 +133,8 @@ def uow_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Unit
     """The same repository contract over the in-memory unit of work (the one
     stage unit tests use) and the SQL one on SQLite and PostgreSQL."""
     if request.param == "memory":
-        try:
-            from tests.fakes import InMemoryUnitOfWorkFactory
-        except ImportError as exc:
-            pytest.skip(f"tests.fakes.InMemoryUnitOfWorkFactory is not available: {exc}")
+        from tests.fakes import InMemoryUnitOfWorkFactory
+
         yield InMemoryUnitOfWorkFactory()
         return
     from infra.db.unit_of_work import SqlUnitOfWorkFactory
