@@ -2,18 +2,23 @@
 
 Reconciles by id against the segments table, which is the source of truth: an
 id whose segment row exists is upserted, an id whose row is gone is deleted.
-That makes redelivery, replay and reordering harmless."""
+That makes redelivery, replay and reordering harmless.
+
+It writes a dataset's vectors only with the model that serves the dataset or
+the one a rebuild is building (domain/vector_indexes.py), and registers the
+first model that loads a dataset as its serving one."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from consumers.contract import StageResult
 from domain.documents import DocKey
-from domain.errors import PermanentError
+from domain.errors import PermanentError, TransientError
 from domain.events import (
     Event,
     SegmentsEmbedded,
@@ -23,6 +28,7 @@ from domain.events import (
     resolved_version,
 )
 from domain.ports import UnitOfWorkFactory, VectorIndex, VectorRow
+from domain.vector_indexes import DatasetIndexes, IndexTarget, VectorIndexRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,11 @@ class LoadVectorsStage:
                 for e in removed
                 if e.whole_document
             }
+            datasets = {(e.tenant_id, e.dataset_id) for e in [*embedded, *removed]}
+            registry = uow.vector_indexes.for_datasets(datasets)
+        fresh = self._check_models(
+            datasets, registry, {(e.tenant_id, e.dataset_id) for e in embedded}
+        )
         writes = _Writes(self.vectors)
         loaded: list[str] = []
         for i, e in enumerate(events):
@@ -77,11 +88,41 @@ class LoadVectorsStage:
                     self._drop_orphans(e.doc_key, documents[e.doc_key])
                 result.emit(Topic.PROGRESS, _progress(e, []))
         writes.flush()
-        if loaded:
+        if loaded or fresh:
             with self.uow() as uow:
                 uow.segments.mark("vector_indexed", loaded)
+                for record in fresh:
+                    uow.vector_indexes.add(record)  # a concurrent first load may win
                 uow.commit()
         return result
+
+    def _check_models(
+        self,
+        datasets: set[tuple[str, str]],
+        registry: dict[tuple[str, str], list[VectorIndexRecord]],
+        loading: set[tuple[str, str]],
+    ) -> list[VectorIndexRecord]:
+        """Refuse (transiently: the events wait) to write a dataset's vectors
+        with a model that neither serves it nor is being built for it; give a
+        first-loaded dataset its alias. Returns the serving records to register."""
+        mine = self.vectors.target
+        target = IndexTarget(self.provider, self.model, mine.model_spec, mine.dim, mine.collection)
+        fresh = []
+        for tenant, dataset in sorted(datasets):
+            rules = DatasetIndexes(tenant, dataset, registry.get((tenant, dataset), []))
+            if not rules.may_load(self.model):
+                serving = rules.serving or rules.building
+                assert serving is not None
+                raise TransientError(
+                    f"dataset {dataset!r} is served by embedding model {serving.model}, "
+                    f"not {self.model}: restart this worker with "
+                    f"KBSTREAM_EMBEDDING_MODEL={serving.target.model_spec} "
+                    "(its events wait, none is lost)"
+                )
+            if not rules.registered and (tenant, dataset) in loading:
+                self.vectors.ensure_alias(tenant, dataset)
+                fresh.append(rules.first_serving(target, datetime.now(UTC)))
+        return fresh
 
     def _serves(self, e: SegmentsEmbedded) -> bool:
         if (e.provider, e.model) == (self.provider, self.model):

@@ -22,6 +22,7 @@ from typing import Any, Protocol, Self
 
 from domain.documents import DocKey, Document
 from domain.model import ExistingSegment, Segment, SegmentDiff, StoredSegment
+from domain.vector_indexes import IndexTarget, VectorIndexRecord
 
 # -- the embedding model -------------------------------------------------------
 
@@ -76,6 +77,16 @@ class VectorIndex(Protocol):
     def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
         """The same for many documents, in as few round trips as possible;
         read with strong consistency (completion decisions depend on it)."""
+        ...
+
+    @property
+    def target(self) -> IndexTarget:
+        """The model and collection this index writes (what a registry row names)."""
+        ...
+
+    def ensure_alias(self, tenant_id: str, dataset_id: str) -> None:
+        """Give the dataset a search alias pointing at this index's collection,
+        unless it has one (then it is left alone)."""
         ...
 
 
@@ -226,6 +237,30 @@ class KeywordPostings(Protocol):
     def count(self, tenant_id: str, dataset_id: str) -> int: ...
 
 
+class VectorIndexRegistry(Protocol):
+    """The vector indexes of each dataset (domain/vector_indexes.py), keyed by
+    (tenant, dataset, provider, model)."""
+
+    def for_dataset(self, tenant_id: str, dataset_id: str) -> list[VectorIndexRecord]: ...
+
+    def for_datasets(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[VectorIndexRecord]]:
+        """The same for many datasets in one round trip (a stage's batch)."""
+        ...
+
+    def add(self, record: VectorIndexRecord) -> bool:
+        """Insert unless the dataset has a record of that model, or the record
+        serves and another one already does; returns whether it was inserted."""
+        ...
+
+    def save(self, record: VectorIndexRecord) -> None:
+        """Insert or update the record of (tenant, dataset, provider, model)."""
+        ...
+
+    def remove(self, record: VectorIndexRecord) -> None: ...
+
+
 class PayloadStore(Protocol):
     """Claim-check store for payloads too large to travel on the broker."""
 
@@ -272,6 +307,8 @@ class UnitOfWork(Protocol):
     def payloads(self) -> PayloadStore: ...
     @property
     def jobs(self) -> ImportJobs: ...
+    @property
+    def vector_indexes(self) -> VectorIndexRegistry: ...
 
     def __enter__(self) -> Self: ...
 

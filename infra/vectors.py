@@ -1,10 +1,13 @@
 """Milvus vector store: milvus-lite file (embedded default), milvus-lite server
 or a real Milvus (production). Primary key = index_node_id, so every write is an
 idempotent upsert; the dataset is the partition key and every search filters on
-tenant and dataset."""
+tenant and dataset. One physical collection per embedding model; each dataset
+reads through its own alias (``alias_name``), which a rebuild moves atomically
+from one model's collection to another's."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import re
@@ -21,6 +24,7 @@ from pymilvus.exceptions import MilvusException
 from domain.documents import DocKey
 from domain.errors import PermanentError, TransientError
 from domain.ports import VectorRow
+from domain.vector_indexes import IndexTarget
 from infra.children import milvus_dir_locked
 from infra.errors import classify_milvus
 
@@ -44,6 +48,19 @@ def collection_name(provider: str, model: str, dim: int) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", base).strip("_").lower()[:120] or "model"
     digest = hashlib.sha256(f"{provider}\x1f{model}".encode()).hexdigest()[:8]
     return f"kb_{slug}_{dim}_{digest}"
+
+
+def alias_name(tenant_id: str, dataset_id: str) -> str:
+    """The dataset's search alias: readable, and unique by its hash (Milvus
+    names: letters, digits and underscores, starting with a letter)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", dataset_id).strip("_").lower()[:80] or "dataset"
+    digest = hashlib.sha256(f"{tenant_id}\x1f{dataset_id}".encode()).hexdigest()[:8]
+    return f"kbd_{slug}_{digest}"
+
+
+def _missing(exc: MilvusException) -> bool:
+    text = str(exc).lower()
+    return "not exist" in text or "not found" in text
 
 
 # milvus-lite serves a local file from a gRPC server thread of this process
@@ -91,14 +108,116 @@ def _of_document(key: DocKey) -> str:
 
 
 class MilvusVectorStore:
-    def __init__(self, uri: str, collection: str, dim: int, token: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        dim: int,
+        token: str | None = None,
+        provider: str = "",
+        model: str = "",
+        model_spec: str = "",
+    ) -> None:
         self.uri = uri
         self.collection = collection
         self.dim = dim
         self._token = token
+        self._target = IndexTarget(provider, model, model_spec, dim, collection)
         # milvus-lite's local mode is not documented as thread-safe
         self._lock = threading.RLock()
         self._client: MilvusClient | None = None
+        self._owner = True  # views share the owner's client and never close it
+
+    @property
+    def target(self) -> IndexTarget:
+        return self._target
+
+    # -- aliases and other collections ----------------------------------------------
+
+    def view(
+        self, collection: str, dim: int | None = None, create: bool = False
+    ) -> MilvusVectorStore:
+        """The same store over another collection or an alias, sharing this
+        store's client; ``create`` makes the collection (with ``dim``) if missing."""
+        client = self.client
+        other = copy.copy(self)
+        other.collection = collection
+        other.dim = dim or self.dim
+        other._owner = False
+        if create:
+            with self._lock:
+                other._ensure_collection()
+        elif not self._call("has", client.has_collection, collection):
+            raise LookupError(f"Milvus has no collection or alias {collection!r}")
+        return other
+
+    def has_collection(self, name: str) -> bool:
+        return bool(self._call("has", self.client.has_collection, name))
+
+    def alias_target(self, tenant_id: str, dataset_id: str) -> str | None:
+        """The collection the dataset's alias points at; None without an alias."""
+        alias = alias_name(tenant_id, dataset_id)
+        # asking describe_alias about a missing alias makes pymilvus log an ERROR
+        if alias not in self._call("list_aliases", self.client.list_aliases).get("aliases", []):
+            return None
+        try:
+            with self._lock:
+                res = self.client.describe_alias(alias=alias)
+        except MilvusException as exc:
+            if _missing(exc):
+                return None
+            raise classify_milvus("describe_alias", exc) from exc
+        return str(res["collection_name"])
+
+    def ensure_alias(self, tenant_id: str, dataset_id: str) -> None:
+        if self.alias_target(tenant_id, dataset_id) is not None:
+            return
+        try:
+            with self._lock:
+                self.client.create_alias(self.collection, alias_name(tenant_id, dataset_id))
+        except MilvusException as exc:
+            # another worker created it meanwhile: theirs stands
+            if self.alias_target(tenant_id, dataset_id) is None:
+                raise classify_milvus("create_alias", exc) from exc
+
+    def point_alias(self, tenant_id: str, dataset_id: str, collection: str) -> None:
+        """Move (or create) the dataset's alias to ``collection``: one atomic
+        switch for every search that follows."""
+        alias = alias_name(tenant_id, dataset_id)
+        if self.alias_target(tenant_id, dataset_id) is None:
+            self._call("create_alias", self.client.create_alias, collection, alias)
+        else:
+            self._call("alter_alias", self.client.alter_alias, collection, alias)
+
+    def aliases_of(self, collection: str) -> list[str]:
+        res = self._call("list_aliases", self.client.list_aliases, collection_name=collection)
+        return list(res.get("aliases", []))
+
+    def count_all(self) -> int:
+        res = self._call(
+            "count", self.client.query, self.collection, filter="", output_fields=["count(*)"]
+        )
+        return int(res[0]["count(*)"]) if res else 0
+
+    def delete_dataset(self, tenant_id: str, dataset_id: str) -> None:
+        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
+        self._call("delete", self.client.delete, self.collection, filter=expr)
+
+    def drop(self) -> None:
+        self._call("drop", self.client.drop_collection, self.collection)
+
+    def vectors(self, index_node_ids: Sequence[str]) -> dict[str, list[float]]:
+        """index_node_id -> stored vector (for checks that compare vector spaces)."""
+        if not index_node_ids:
+            return {}
+        res = self._call(
+            "get",
+            self.client.query,
+            self.collection,
+            ids=list(index_node_ids),
+            output_fields=["index_node_id", "vector"],
+        )
+        return {r["index_node_id"]: [float(x) for x in r["vector"]] for r in res}
 
     @property
     def client(self) -> MilvusClient:
@@ -297,6 +416,8 @@ class MilvusVectorStore:
         return {r["index_node_id"] for r in res}
 
     def close(self) -> None:
+        if not self._owner:
+            return
         with self._lock:
             if self._client is not None:
                 try:

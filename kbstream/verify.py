@@ -56,6 +56,8 @@ class VerifyReport:
     postings_segments: int = 0
     drift: list[Drift] = field(default_factory=list)
     repaired: list[Drift] = field(default_factory=list)
+    # one line for a lost or mostly empty vector index: rebuild it
+    hint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,7 @@ class VerifyReport:
             "drift": [d.to_dict() for d in self.drift],
             "repaired": [d.to_dict() for d in self.repaired],
             "by_problem": dict(Counter(d.problem for d in self.drift)),
+            "hint": self.hint,
         }
 
 
@@ -80,7 +83,9 @@ def verify(c: Container, dataset: str, stuck_after: float = 600.0) -> VerifyRepo
         postings = uow.postings.nodes(tenant, dataset)
         # only segments without postings need their text: did they have keywords?
         unposted = _texts(uow, [n for n in sorted(segments) if n not in postings])
-    vectors = c.vectors.ids_with_duplicates(tenant, dataset)
+    vectors, lost = _dataset_vectors(c, dataset)
+    if lost or (segments and len(vectors) < len(segments) / 2):
+        report.hint = f"run: kbstream rebuild --dataset {dataset}"
     report.documents = sum(1 for d in docs.values() if not d.deleted)
     report.segments = len(segments)
     report.vectors = len(vectors)
@@ -121,6 +126,20 @@ def verify(c: Container, dataset: str, stuck_after: float = 600.0) -> VerifyRepo
             if updated is None or updated < cutoff:
                 drift("stuck", d.document_id)
     return report
+
+
+def _dataset_vectors(c: Container, dataset: str) -> tuple[dict[str, tuple[str, int]], bool]:
+    """The dataset's vectors, read through its alias; (vectors, whether its
+    registered index or alias is gone)."""
+    from kbstream.serving import dataset_indexes, serving_index
+
+    tenant = c.settings.tenant
+    found = serving_index(c, dataset)
+    if found is not None:
+        return found[0].ids_with_duplicates(tenant, dataset), False
+    if dataset_indexes(c, dataset).registered:
+        return {}, True  # registered, but the alias (and its collection) is gone
+    return c.vectors.ids_with_duplicates(tenant, dataset), False
 
 
 def _texts(uow: UnitOfWork, nodes: list[str], chunk: int = 500) -> dict[str, str]:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -206,3 +207,40 @@ class DeliveryRow(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+class VectorIndexRow(Base):
+    """A dataset's vector index: one embedding model's collection, and whether
+    it serves the dataset's searches, is being built, or is retired
+    (domain/vector_indexes.py holds the rules)."""
+
+    __tablename__ = "vector_indexes"
+    __table_args__ = (
+        UniqueConstraint(
+            "tenant_id", "dataset_id", "provider", "model", name="uq_vector_indexes_model"
+        ),
+        # at most one serving index per dataset, even for two first loads at once
+        Index(
+            "uq_vector_indexes_serving",
+            "tenant_id",
+            "dataset_id",
+            unique=True,
+            sqlite_where=text("state = 'serving'"),
+            postgresql_where=text("state = 'serving'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    dataset_id: Mapped[str] = mapped_column(String(128))
+    provider: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(256))
+    model_spec: Mapped[str] = mapped_column(String(1024))
+    dim: Mapped[int] = mapped_column(Integer)
+    collection: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))
+    progress_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    progress_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = _ts()
+    switched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    drop_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -28,6 +28,7 @@ from infra.db.jobs import ImportJobs
 from infra.db.payloads import PayloadStore
 from infra.db.postings import KeywordPostings
 from infra.db.segments import SegmentRepository
+from infra.db.vector_indexes import VectorIndexRegistry
 
 
 class SqlUnitOfWork:
@@ -37,6 +38,7 @@ class SqlUnitOfWork:
     postings: KeywordPostings
     payloads: PayloadStore
     jobs: ImportJobs
+    vector_indexes: VectorIndexRegistry
 
     def __init__(self, database: Database, readonly: bool = False) -> None:
         self.database = database
@@ -72,6 +74,7 @@ class SqlUnitOfWork:
         self.postings = KeywordPostings(db, conn)
         self.payloads = PayloadStore(db, conn)
         self.jobs = ImportJobs(db, conn)
+        self.vector_indexes = VectorIndexRegistry(db, conn)
         return self
 
     def commit(self) -> None:

@@ -77,6 +77,9 @@ def status(
     as_json: JsonOpt = False,
     document: Annotated[str | None, typer.Option(help="one document id")] = None,
     job: Annotated[str | None, typer.Option(help="one batch-import job id")] = None,
+    indexes: Annotated[
+        bool, typer.Option("--indexes", help="only the dataset's vector indexes (models)")
+    ] = False,
 ) -> None:
     """One row per document of DATASET (status, error, segments), one
     document, or one batch-import job."""
@@ -89,7 +92,11 @@ def status(
         if dataset is None:
             assert document is not None
             dataset = _only_dataset(c, document)
+        if indexes:
+            _print_indexes(c, dataset, as_json)
+            return
         rows = queries.document_rows(c, dataset, [document] if document else None)
+        vector_indexes = [] if document or as_json else _index_table(c, dataset)
     if document and not rows:
         _fail(f"no document {document!r} in dataset {dataset!r}", 1)
     if as_json:
@@ -105,6 +112,37 @@ def status(
             r["error"] or "",
         )
     out.print(table)
+    if vector_indexes:
+        out.print(_render_indexes(vector_indexes))
+
+
+def _index_table(c: Container, dataset: str) -> list[dict[str, object]]:
+    from kbstream.rebuild import index_rows
+
+    return index_rows(c, dataset)
+
+
+def _render_indexes(rows: list[dict[str, object]]) -> Table:
+    table = Table("vector index model", "collection", "state", "progress", "drop after")
+    for r in rows:
+        total = int(str(r["progress_total"]))
+        progress = f"{r['progress_done']}/{total}" if total else ""
+        table.add_row(
+            str(r["model"]),
+            str(r["collection"]),
+            str(r["state"]),
+            progress,
+            str(r["drop_after"] or ""),
+        )
+    return table
+
+
+def _print_indexes(c: Container, dataset: str, as_json: bool) -> None:
+    rows = _index_table(c, dataset)
+    if as_json:
+        _print_json(rows)
+    else:
+        out.print(_render_indexes(rows))
 
 
 def _job_status(home: Path | None, job: str, as_json: bool) -> None:
@@ -167,5 +205,7 @@ def verify(
             out.print(
                 f"[red]{d.problem}[/red] {d.document or d.document_id} {d.index_node_id or ''}"
             )
+        if report.hint:
+            out.print(f"[yellow]{report.hint}[/yellow]")
     if report.drift:
         raise typer.Exit(1)

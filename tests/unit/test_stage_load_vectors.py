@@ -10,9 +10,10 @@ import pytest
 
 from consumers.contract import StageResult
 from domain.documents import DocKey
-from domain.errors import PermanentError
+from domain.errors import PermanentError, TransientError
 from domain.events import EmbeddedRef, Event, SegmentsEmbedded, SegmentsLoaded, SegmentsRemoved
 from domain.ports import VectorRow
+from domain.vector_indexes import IndexState, IndexTarget, VectorIndexRecord
 from tests.fakes import InMemoryVectorIndex, _Segments
 from tests.unit.stage_support import (
     DATASET,
@@ -251,3 +252,45 @@ class TestBatchedWrites:
         names = [name for name, _ in world.vectors.calls]
         assert names.index("upsert") < names.index("delete_document")
         assert world.vectors.rows == {}
+
+
+class TestServingModel:
+    """load_vectors writes a dataset's vectors only with its serving or building model."""
+
+    def test_a_first_load_registers_the_model_as_serving_with_an_alias(self) -> None:
+        world, events = embedded_world(*P[:2])
+        load(world, events)
+        with world.uow(readonly=True) as uow:
+            (record,) = uow.vector_indexes.for_dataset(TENANT, DATASET)
+        assert record.state is IndexState.SERVING
+        assert record.model == world.embedder.model
+        assert world.vectors.aliases == {(TENANT, DATASET): world.vectors.target.collection}
+
+    def test_a_dataset_served_by_another_model_makes_the_events_wait(self) -> None:
+        world, events = embedded_world(*P[:2])
+        other = IndexTarget("st", "other@abc", "/models/other", 16, "kb_other")
+        with world.uow() as uow:
+            uow.vector_indexes.add(VectorIndexRecord(TENANT, DATASET, other, IndexState.SERVING))
+            uow.commit()
+        with pytest.raises(TransientError, match="KBSTREAM_EMBEDDING_MODEL=/models/other"):
+            load(world, events)
+        assert world.vectors.rows == {} and not any(flags(world).values())
+
+    def test_the_building_model_may_load(self) -> None:
+        world, events = embedded_world(*P[:2])
+        other = IndexTarget("st", "other@abc", "/models/other", 16, "kb_other")
+        mine = world.vectors.target
+        with world.uow() as uow:
+            uow.vector_indexes.add(VectorIndexRecord(TENANT, DATASET, other, IndexState.SERVING))
+            uow.vector_indexes.add(VectorIndexRecord(TENANT, DATASET, mine, IndexState.BUILDING))
+            uow.commit()
+        load(world, events)
+        assert set(world.vectors.rows) == set(world.segments())
+        assert world.vectors.aliases == {}  # the rebuild moves the alias, not the worker
+
+    def test_the_registry_is_read_in_the_one_read_only_unit_of_work(self) -> None:
+        world, events = embedded_world(*P[:2])
+        load(world, events)  # registers
+        opened = world.uow.readonly_opened
+        load(world, events)
+        assert world.uow.readonly_opened == opened + 1

@@ -1,304 +1,23 @@
-"""In-memory implementations of the ports (domain/ports.py), for fast unit
-tests of the stages. The repository contract suite runs against them too, so
-they follow the ports' documented semantics, the SQL adapters' included:
-
-- a unit of work works on its own copy of the state; ``commit`` publishes
-  what it changed (row by row), leaving the block without it discards it;
-- a read-only unit of work refuses every write;
-- inserts of a key that exists are ignored (documents, embeddings, jobs).
-"""
+"""The in-memory repositories: each reads and writes the state of the unit
+of work it belongs to (tests.fakes.unit_of_work)."""
 
 from __future__ import annotations
 
 import builtins
-import copy
-import hashlib
-import itertools
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any, Self
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from domain.documents import DocKey, Document
-from domain.errors import DocumentError
 from domain.model import ExistingSegment, Segment, SegmentDiff, StoredSegment
-from domain.ports import (
-    DocumentRepository,
-    EmbeddingCache,
-    ImportJobs,
-    KeywordPostings,
-    PayloadStore,
-    SegmentRepository,
-    VectorRow,
-)
+from domain.vector_indexes import IndexState, VectorIndexRecord
+from tests.fakes.state import FLAGS, MAX_ERROR_CHARS, _now, _SegmentRow
 
-MAX_ERROR_CHARS = 4000
-FLAGS = ("vector_indexed", "keywords_indexed")
-
-
-# -- the embedding model ----------------------------------------------------------
-
-
-class HashingEmbeddingDouble:
-    """Test double for the embedding model: deterministic unit vectors from a
-    hash of the text, and whitespace token counting. Records every text it is
-    asked to embed, so tests can assert what reached 'the model'."""
-
-    provider = "test-double"
-    model = "hashing-embedding-double"
-    dim = 16
-    max_input_tokens = 64
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        self.calls.append(list(texts))
-        out = []
-        for t in texts:
-            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype("float32")
-            out.append((v / np.linalg.norm(v)).tolist())
-        return out
-
-    @property
-    def embedded_texts(self) -> list[str]:
-        return [t for call in self.calls for t in call]
-
-
-# -- the indexes beside the database -------------------------------------------------
-
-
-class InMemoryVectorIndex:
-    """VectorIndex in a dict: index_node_id -> (vector, document)."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[list[float], DocKey]] = {}
-
-    def upsert(self, rows: Sequence[VectorRow]) -> int:
-        for r in rows:
-            self.rows[r.index_node_id] = ([float(x) for x in r.vector], r.key)
-        return len(rows)
-
-    def delete(self, index_node_ids: Sequence[str]) -> None:
-        for i in index_node_ids:
-            self.rows.pop(i, None)
-
-    def delete_document(self, key: DocKey) -> None:
-        for i in self.ids_for_document(key):
-            del self.rows[i]
-
-    def ids_for_document(self, key: DocKey) -> list[str]:
-        return sorted(i for i, (_, k) in self.rows.items() if k == key)
-
-    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
-        wanted = set(keys)
-        out: dict[DocKey, set[str]] = {k: set() for k in wanted}
-        for i, (_, k) in self.rows.items():
-            if k in wanted:
-                out[k].add(i)
-        return out
-
-
-class InMemoryDocumentReader:
-    """Test double for the document reader: inline content passes through
-    (empty content is refused, as the real reader does); a uri is looked up
-    in ``files``, where a DocumentError stands for a broken file; uploaded
-    bytes are decoded as UTF-8. Calls ``on_read`` first, so a test can
-    observe the world during extraction."""
-
-    def __init__(self, files: Mapping[str, str | DocumentError] | None = None) -> None:
-        self.files: dict[str, str | DocumentError] = dict(files or {})
-        self.reads: list[str] = []
-        self.on_read: Callable[[], None] | None = None
-
-    def read(
-        self, content: str | None, uri: str | None, mime_type: str | None
-    ) -> tuple[str, str | None]:
-        if self.on_read is not None:
-            self.on_read()
-        if content is not None:
-            self.reads.append("<inline>")
-            if not content.strip():
-                raise DocumentError("the document is empty")
-            return content, mime_type or "text/plain"
-        assert uri is not None
-        self.reads.append(uri)
-        found = self.files.get(uri)
-        if found is None:
-            raise DocumentError(f"file {uri} does not exist")
-        if isinstance(found, DocumentError):
-            raise found
-        return found, mime_type or "text/plain"
-
-    def extract(self, data: bytes, filename: str, mime_type: str | None) -> tuple[str, str | None]:
-        """Uploaded bytes are UTF-8 text here; recorded as ``bytes:<filename>``."""
-        if self.on_read is not None:
-            self.on_read()
-        self.reads.append(f"bytes:{filename}")
-        text = data.decode()
-        if not text.strip():
-            raise DocumentError("the document is empty")
-        return text, mime_type or "text/plain"
-
-
-class InMemoryKeywords:
-    """Test double for the keyword extractor: the five most frequent words of
-    a text (lower-cased), weighted by their share; deterministic. Records the
-    texts it was given."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def extract(self, text: str) -> list[tuple[str, float]]:
-        self.texts.append(text)
-        words = Counter(re.findall(r"\w+", text.lower()))
-        total = sum(words.values()) or 1
-        top = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-        return [(w, n / total) for w, n in top]
-
-
-# -- the state a unit of work sees ---------------------------------------------------
-
-
-@dataclass
-class _SegmentRow:
-    id: int
-    key: DocKey
-    index_node_id: str
-    doc_hash: str
-    position: int
-    content: str
-    answer: str | None
-    parent: str | None
-    tokens: int
-    word_count: int
-    version: int
-    job_id: str | None = None
-    status: str = "indexing"
-    vector_indexed: bool = False
-    keywords_indexed: bool = False
-
-    @property
-    def indexed(self) -> bool:
-        return self.vector_indexed and self.keywords_indexed
-
-    def stored(self, source: str = "", content: bool = True) -> StoredSegment:
-        return StoredSegment(
-            index_node_id=self.index_node_id,
-            document_id=self.key.document_id,
-            doc_hash=self.doc_hash,
-            position=self.position,
-            content=self.content if content else "",
-            answer=self.answer if content else None,
-            parent=self.parent if content else None,
-            tokens=self.tokens,
-            word_count=self.word_count,
-            vector_indexed=self.vector_indexed,
-            keywords_indexed=self.keywords_indexed,
-            job_id=self.job_id,
-            source=source,
-        )
-
-
-@dataclass
-class _State:
-    """Every table, keyed like its unique key."""
-
-    datasets: dict[tuple[str, str], bool] = field(default_factory=dict)
-    documents: dict[DocKey, Document] = field(default_factory=dict)
-    segments: dict[str, _SegmentRow] = field(default_factory=dict)
-    embeddings: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
-    # (tenant, dataset, keyword, index_node_id) -> (document_id, weight)
-    postings: dict[tuple[str, str, str, str], tuple[str, float]] = field(default_factory=dict)
-    payloads: dict[str, bytes] = field(default_factory=dict)
-    jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-
-    TABLES = ("datasets", "documents", "segments", "embeddings", "postings", "payloads", "jobs")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class InMemoryUnitOfWorkFactory:
-    """``factory(readonly=False)`` -> an in-memory UnitOfWork over shared state."""
-
-    def __init__(self) -> None:
-        self.state = _State()
-        # sequences, like a database's, are not transactional
-        self._doc_pk = itertools.count(1)
-        self._segment_id = itertools.count(1)
-        self.commits = 0  # committed write units of work, for tests
-        self.open_units = 0  # units of work inside their `with` block
-        self.readonly_opened = 0  # read-only units of work entered so far
-
-    def __call__(self, readonly: bool = False) -> InMemoryUnitOfWork:
-        return InMemoryUnitOfWork(self, readonly)
-
-    def _publish(self, base: _State, work: _State) -> None:
-        for name in _State.TABLES:
-            before: dict[Any, Any] = getattr(base, name)
-            after: dict[Any, Any] = getattr(work, name)
-            shared: dict[Any, Any] = getattr(self.state, name)
-            for k, v in after.items():
-                if k not in before or before[k] != v:
-                    shared[k] = copy.deepcopy(v)
-            for k in before.keys() - after.keys():
-                shared.pop(k, None)
-        self.commits += 1
-
-
-class InMemoryUnitOfWork:
-    def __init__(self, factory: InMemoryUnitOfWorkFactory, readonly: bool) -> None:
-        self.factory = factory
-        self.readonly = readonly
-        self._base: _State | None = None
-        self._work: _State | None = None
-        # typed as the ports, which is what UnitOfWork's attributes promise
-        self.documents: DocumentRepository = _Documents(self)
-        self.segments: SegmentRepository = _Segments(self)
-        self.embeddings: EmbeddingCache = _Embeddings(self)
-        self.postings: KeywordPostings = _Postings(self)
-        self.payloads: PayloadStore = _Payloads(self)
-        self.jobs: ImportJobs = _Jobs(self)
-
-    def __enter__(self) -> Self:
-        self._base = copy.deepcopy(self.factory.state)
-        self._work = copy.deepcopy(self._base)
-        self.factory.open_units += 1
-        self.factory.readonly_opened += self.readonly
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._base = self._work = None
-        self.factory.open_units -= 1
-
-    def commit(self) -> None:
-        if self.readonly:
-            raise RuntimeError("commit of a read-only unit of work")
-        assert self._base is not None and self._work is not None
-        self.factory._publish(self._base, self._work)
-        # what follows in the same block builds on what was just committed
-        self._base = copy.deepcopy(self._work)
-
-    @property
-    def state(self) -> _State:
-        if self._work is None:
-            raise RuntimeError("the unit of work is used outside its `with` block")
-        return self._work
-
-    def writable(self) -> _State:
-        if self.readonly:
-            raise RuntimeError("write in a read-only unit of work")
-        return self.state
+if TYPE_CHECKING:
+    from tests.fakes.unit_of_work import InMemoryUnitOfWork
 
 
 class _Repo:
@@ -680,3 +399,43 @@ class _Jobs(_Repo):
     def get(self, tenant_id: str, job_id: str) -> dict[str, Any] | None:
         job = self.uow.state.jobs.get((tenant_id, job_id))
         return dict(job) if job else None
+
+
+def _index_key(r: VectorIndexRecord) -> tuple[str, str, str, str]:
+    return (r.tenant_id, r.dataset_id, r.target.provider, r.target.model)
+
+
+class _VectorIndexes(_Repo):
+    def for_dataset(self, tenant_id: str, dataset_id: str) -> list[VectorIndexRecord]:
+        return self.for_datasets([(tenant_id, dataset_id)]).get((tenant_id, dataset_id), [])
+
+    def for_datasets(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[VectorIndexRecord]]:
+        wanted = set(keys)
+        out: dict[tuple[str, str], list[VectorIndexRecord]] = {}
+        for r in self.uow.state.vector_indexes.values():
+            if (r.tenant_id, r.dataset_id) in wanted:
+                out.setdefault((r.tenant_id, r.dataset_id), []).append(r)
+        return out
+
+    def add(self, record: VectorIndexRecord) -> bool:
+        table = self.uow.writable().vector_indexes
+        serving = record.state is IndexState.SERVING and any(
+            (r.tenant_id, r.dataset_id) == (record.tenant_id, record.dataset_id)
+            and r.state is IndexState.SERVING
+            for r in table.values()
+        )
+        if _index_key(record) in table or serving:
+            return False
+        table[_index_key(record)] = record
+        return True
+
+    def save(self, record: VectorIndexRecord) -> None:
+        table = self.uow.writable().vector_indexes
+        old = table.get(_index_key(record))
+        created = old.created_at if old is not None else record.created_at
+        table[_index_key(record)] = replace(record, created_at=created or _now())
+
+    def remove(self, record: VectorIndexRecord) -> None:
+        self.uow.writable().vector_indexes.pop(_index_key(record), None)

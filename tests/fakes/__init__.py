@@ -1,0 +1,22 @@
+"""In-memory implementations of the ports (domain/ports.py) for fast unit
+tests: the adapters in ``adapters``, the unit of work and its repositories in
+``unit_of_work``."""
+
+from tests.fakes.adapters import (
+    HashingEmbeddingDouble,
+    InMemoryDocumentReader,
+    InMemoryKeywords,
+    InMemoryVectorIndex,
+)
+from tests.fakes.repositories import _Segments
+from tests.fakes.unit_of_work import InMemoryUnitOfWork, InMemoryUnitOfWorkFactory
+
+__all__ = [
+    "HashingEmbeddingDouble",
+    "InMemoryDocumentReader",
+    "InMemoryKeywords",
+    "InMemoryUnitOfWork",
+    "InMemoryUnitOfWorkFactory",
+    "InMemoryVectorIndex",
+    "_Segments",
+]
