@@ -20,14 +20,19 @@ import threading
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domain.errors import PermanentError
+
+if TYPE_CHECKING:
+    from domain.ports import EmbeddingProvider, ModelTokens
+    from infra.remote_embedding import RemoteConfig
 
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PROVIDERS = ("sentence-transformers", "local")
+REMOTE_PROVIDERS = ("openai",)  # infra/remote_embedding.py
 
 _MAX_MODEL_FILES = 2000  # a model folder holds tens; more means the setting names the wrong folder
 _CACHED_FROM_BYTES = 1024 * 1024  # smaller files are hashed every time: cheaper than a lookup
@@ -58,12 +63,19 @@ def resolve_model(model: str | None) -> tuple[str, Path]:
     return path.name, path.resolve()
 
 
-def model_identity(provider: str, model: str | None) -> tuple[str, str, int]:
+def model_identity(
+    provider: str, model: str | None, remote: RemoteConfig | None = None
+) -> tuple[str, str, int]:
     """(provider, model, dim) of the configured model without loading it: ``model`` is
-    ``<name>@<first 12 hex digits of its fingerprint>``, ``dim`` its output dimension."""
+    ``<name>@<first 12 hex digits of its fingerprint>``, ``dim`` its output dimension.
+    A remote model (``remote``) is named by its service instead (remote_identity)."""
+    if provider in REMOTE_PROVIDERS and remote is not None:
+        from infra.remote_embedding import PROVIDER, remote_identity
+
+        return PROVIDER, remote_identity(remote), remote.dimensions
     if provider not in PROVIDERS:
         raise PermanentError(
-            f"unknown embedding provider {provider!r}; available: sentence-transformers"
+            f"unknown embedding provider {provider!r}; available: sentence-transformers, openai"
         )
     name, path = resolve_model(model)
     return "sentence-transformers", _identified(name, path), output_dim(path)
@@ -361,8 +373,20 @@ class SentenceTransformerProvider:
 
 
 def create_provider(
-    name: str, model: str | None, device: str, batch_size: int
-) -> SentenceTransformerProvider:
+    name: str,
+    model: str | None,
+    device: str,
+    batch_size: int,
+    remote: RemoteConfig | None = None,
+    counter: ModelTokens | None = None,
+) -> EmbeddingProvider:
+    """``remote`` and ``counter`` (the split stage's token counter) for openai."""
     if name in PROVIDERS:
         return SentenceTransformerProvider(model, device=device, batch_size=batch_size)
-    raise PermanentError(f"unknown embedding provider {name!r}; available: sentence-transformers")
+    if name in REMOTE_PROVIDERS and remote is not None and counter is not None:
+        from infra.remote_embedding import OpenAICompatibleProvider
+
+        return OpenAICompatibleProvider(remote, counter)
+    raise PermanentError(
+        f"unknown embedding provider {name!r}; available: sentence-transformers, openai"
+    )
