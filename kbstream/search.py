@@ -1,15 +1,16 @@
 """Search over one dataset: vector (Milvus), keyword (jieba postings) and
-hybrid (reciprocal rank fusion of the two rankings)."""
+hybrid (weighted fusion of the two rankings, domain/fusion.py)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from domain.fusion import RRF_K, FusionWeights, fuse, fusion_weights, keyword_evidence
 from kbstream.bootstrap import Container
 
 Mode = Literal["vector", "keyword", "hybrid"]
-RRF_K = 60  # the constant from Cormack et al.; damps the weight of top ranks
+__all__ = ["RRF_K", "Hit", "Mode", "hybrid_evidence", "hybrid_ranking", "rrf", "search"]
 
 
 @dataclass
@@ -29,8 +30,12 @@ class Hit:
 
 
 def vector_ranking(c: Container, dataset: str, query: str, k: int) -> list[tuple[str, float]]:
-    vec = c.provider.embed([query])[0]
-    hits = c.vectors.search(vec, c.settings.tenant, dataset, k)
+    from kbstream.serving import search_index
+
+    # through the dataset's alias, with the model of the collection behind it
+    store, provider = search_index(c, dataset)
+    vec = provider.embed([query])[0]
+    hits = store.search(vec, c.settings.tenant, dataset, k)
     return [(h.index_node_id, h.score) for h in hits]
 
 
@@ -41,11 +46,50 @@ def keyword_ranking(c: Container, dataset: str, query: str, k: int) -> list[tupl
 
 
 def rrf(rankings: list[list[tuple[str, float]]], k: int) -> list[tuple[str, float]]:
+    """Equal-weight reciprocal rank fusion (raw scores), kept for callers that
+    fuse more than two rankings; search() uses hybrid_ranking."""
     scores: dict[str, float] = {}
     for ranking in rankings:
         for rank, (node, _) in enumerate(ranking, start=1):
             scores[node] = scores.get(node, 0.0) + 1.0 / (RRF_K + rank)
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+def hybrid_weights(c: Container, query: str) -> FusionWeights:
+    """The configured weights; the vector side's defaults to how much of the
+    query is in scripts the model covers (KBSTREAM_EMBEDDING_SCRIPTS)."""
+    s = c.settings
+    return fusion_weights(
+        query,
+        s.embedding_scripts.split(","),
+        s.hybrid_vector_weight,
+        s.hybrid_keyword_weight,
+    )
+
+
+def hybrid_evidence(
+    c: Container, query: str, keyword: list[tuple[str, float]]
+) -> dict[str, float] | None:
+    """Each keyword hit's evidence (domain/fusion.keyword_evidence): how much of
+    the query's keywords its text holds; None when switched off."""
+    if not keyword or not c.settings.hybrid_keyword_evidence:
+        return None
+    terms = c.keywords.query_terms(query)
+    with c.uow(readonly=True) as uow:
+        rows = uow.segments.by_ids([n for n, _ in keyword])
+    return {n: keyword_evidence(terms, row.content) for n, row in rows.items()}
+
+
+def hybrid_ranking(c: Container, dataset: str, query: str, k: int) -> list[tuple[str, float]]:
+    """Weighted fusion (KBSTREAM_HYBRID_FUSION) of both rankings, scores on [0, 1],
+    each keyword hit's vote scaled by its evidence. A side with weight 0 is not
+    queried at all."""
+    weights = hybrid_weights(c, query)
+    depth = max(k * 4, 20)
+    vec = vector_ranking(c, dataset, query, depth) if weights.vector > 0 else []
+    kw = keyword_ranking(c, dataset, query, depth) if weights.keyword > 0 else []
+    evidence = hybrid_evidence(c, query, kw)
+    return fuse(c.settings.hybrid_fusion, vec, kw, weights, k, evidence)
 
 
 def search(
@@ -56,11 +100,7 @@ def search(
     elif mode == "keyword":
         ranked = keyword_ranking(c, dataset, query, top_k)
     else:
-        depth = max(top_k * 4, 20)
-        ranked = rrf(
-            [vector_ranking(c, dataset, query, depth), keyword_ranking(c, dataset, query, depth)],
-            top_k,
-        )
+        ranked = hybrid_ranking(c, dataset, query, top_k)
     with c.uow(readonly=True) as uow:
         rows = uow.segments.by_ids([n for n, _ in ranked])
     hits = []
