@@ -14,18 +14,29 @@ others meanwhile, and uncommitted events are redelivered. Restarts back off
 logged in one line. Stopping sends every worker SIGTERM (it finishes its
 batch, commits and leaves the group), waits, then SIGKILLs what is left.
 
-``--workers auto`` decides from os.cpu_count() (AUTO_RULE)."""
+``--workers auto`` decides from os.cpu_count() (AUTO_RULE).
+
+Metrics: with KBSTREAM_METRICS_PORT, `up` and its workers run in
+prometheus-client's multiprocess mode (one port per container): `up` makes a
+fresh directory (fresh_metrics_dir) and sets PROMETHEUS_MULTIPROC_DIR before
+prometheus_client is imported (this module must not import it); workers get
+it in their environment and serve no port. A worker that has joined its
+group says so with a file, ready-PID, in that directory; when it exits the
+supervisor removes the file and marks the pid dead, so its live gauges (lag,
+stage_ready) leave the aggregate while its counters stay in it."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from infra import children
 
@@ -80,6 +91,25 @@ def parse_workers(
     return counts
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def fresh_metrics_dir(home: Path) -> Path:
+    """home/metrics, emptied: stale files of an earlier run (whose pids may be
+    reused) would add to the counters. Left alone while another `up` of this
+    home holds up.lock: it is that one's, and EmbeddedStack refuses to start."""
+    path = home / "metrics"
+    if not children.lock_holders(home / "up.lock"):
+        shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ready_file(metrics_dir: Path, pid: int) -> Path:
+    """Present while worker ``pid`` has joined its group; holds its stage."""
+    return metrics_dir / f"ready-{pid}"
+
+
 def worker_command(stage: str) -> list[str]:
     """What a pod of ``stage`` runs, with this interpreter."""
     return [sys.executable, "-m", "kbstream.cli", "worker", stage]
@@ -108,14 +138,14 @@ class WorkerSupervisor:
         counts: Mapping[str, int],
         env: Mapping[str, str],
         command: Callable[[str], Sequence[str]] = worker_command,
-        metrics_port: int | None = None,
+        metrics_dir: Path | None = None,
         backoff: float = 1.0,
         backoff_cap: float = 30.0,
         stable_after: float = 60.0,
     ) -> None:
         self.env = dict(env)
         self.command = command
-        self.metrics_port = metrics_port
+        self.metrics_dir = metrics_dir
         self.backoff = backoff
         self.backoff_cap = backoff_cap
         self.stable_after = stable_after
@@ -129,9 +159,9 @@ class WorkerSupervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         env = dict(self.env)
-        env.pop("KBSTREAM_METRICS_PORT", None)
-        if self.metrics_port:  # `up` serves on P; its workers on P+1, P+2, ...
-            env["KBSTREAM_METRICS_PORT"] = str(self.metrics_port + self.slots.index(slot) + 1)
+        env.pop("KBSTREAM_METRICS_PORT", None)  # `up` serves for its workers
+        if self.metrics_dir is not None:
+            env[MULTIPROC_ENV] = str(self.metrics_dir)
         slot.proc = children.spawn(self.command(slot.stage), env=env)
         slot.started = time.monotonic()
         slot.restart_at = None
@@ -151,6 +181,7 @@ class WorkerSupervisor:
             rc = slot.proc.poll() if slot.proc is not None else None
             if slot.proc is None or rc is None:
                 continue
+            self._gone(slot.proc.pid)
             ran = now - slot.started
             slot.quick_deaths = 1 if ran >= self.stable_after else slot.quick_deaths + 1
             delay = min(self.backoff_cap, self.backoff * 2 ** (slot.quick_deaths - 1))
@@ -164,6 +195,29 @@ class WorkerSupervisor:
                 delay,
                 slot.restarts + 1,
             )
+
+    def _gone(self, pid: int) -> None:
+        """A worker exited: its readiness and live gauges go with it."""
+        if self.metrics_dir is None:
+            return
+        from prometheus_client import multiprocess  # `up` imported it already
+
+        ready_file(self.metrics_dir, pid).unlink(missing_ok=True)
+        multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+
+    def not_ready(self) -> dict[str, str]:
+        """Workers not running, or (with a metrics dir) not yet in their group;
+        for `up`'s /readyz. Safe from another thread."""
+        out: dict[str, str] = {}
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is None or proc.poll() is not None:
+                out[f"worker {slot.name}"] = "not running (restart pending)"
+            elif (
+                self.metrics_dir is not None and not ready_file(self.metrics_dir, proc.pid).exists()
+            ):
+                out[f"worker {slot.name}"] = f"pid {proc.pid} has not joined its consumer group yet"
+        return out
 
     def pids(self) -> dict[str, list[int]]:
         """Live worker pids per stage."""
@@ -194,6 +248,9 @@ class WorkerSupervisor:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     log.error("worker pid %d survived SIGKILL", proc.pid)
+        for proc in live:
+            if proc.poll() is not None:
+                self._gone(proc.pid)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -29,10 +29,11 @@ from confluent_kafka import TopicPartition as TP
 
 from consumers.contract import Emit, Stage
 from consumers.failpoints import failpoint
-from domain.errors import InvalidEvent, PermanentError, TransientError
+from domain.errors import InvalidEvent, TransientError
 from domain.events import Event, decode_event
 from infra import metrics
-from infra.kafka import headers
+from infra.kafka import headers, observe
+from infra.kafka.batching import take_batch
 from infra.kafka.dead_letters import DeadLetterFailed, dead_letter, reason, send
 from infra.kafka.pausing import wait_paused
 from infra.kafka.producer import EventPublisher
@@ -66,6 +67,8 @@ class RunnerConfig:
     retry_attempts: int = 6
     retry_max_seconds: float = 30.0
     poll_timeout: float = 0.5
+    # after the first message, wait this long for more to fill the batch
+    linger: float = 0.0
     max_event_bytes: int = 1_000_000
     # with a delivery log: a message the worker died on this many times is dead-lettered
     max_deliveries: int = 5
@@ -111,18 +114,24 @@ class StageRunner:
         self.processed = 0
         self.dead_lettered = 0
         self._consumer: Consumer | None = None
+        self.observer = observe.LoopObserver(stage.name, config.group_id, self.ready)
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def run(self) -> None:
+        observe.bind_stage(self.stage.name)
         consumer = self._connect()
         try:
             while not self.stop_event.is_set():
-                msgs = consumer.consume(self.stage.max_batch, timeout=self.config.poll_timeout)
+                msgs = take_batch(
+                    consumer, self.stage.max_batch, self.config.poll_timeout, self.config.linger
+                )
                 if msgs:
                     self._process(msgs)
+                self.observer.tick(consumer)
         finally:
+            self.observer.close()
             try:
                 consumer.close()
             except Exception:  # closing a consumer whose broker is gone
@@ -141,9 +150,10 @@ class StageRunner:
         except (_Stopping, DeadLetterFailed):
             self.counter.settle()  # leaving on purpose is not dying: do not count it
             raise
+        finally:
+            observe.bind_events(())
         self.processed += len(msgs)
-        metrics.EVENTS.labels(self.stage.name).inc(len(msgs))
-        metrics.BATCH_SECONDS.labels(self.stage.name).observe(time.perf_counter() - started)
+        observe.batch_done(self.stage.name, len(msgs), started)
 
     def _process_batch(self, msgs: list[Message]) -> None:
         batch = self._decode(msgs)
@@ -267,7 +277,7 @@ class StageRunner:
                 failures += 1
             action = self.policy.decide(error, len(batch), failures)
             attempt = transient if isinstance(error, TransientError) else failures
-            self._log_failure(error, action, attempt)
+            observe.log_failure(log, self.stage.name, error, action, attempt)
             if action is Action.ISOLATE:
                 for item in batch:  # the rest of the batch must not suffer for one event
                     self._handle([item])
@@ -280,6 +290,7 @@ class StageRunner:
             self._wait(self.policy.delay(attempt))
 
     def _try(self, batch: list[_Item]) -> Exception | None:
+        observe.bind_events([e for _, e in batch])
         try:
             self._attempt(batch)
         except (_Stopping, DeadLetterFailed):  # past the policy, uncommitted
@@ -306,7 +317,7 @@ class StageRunner:
             else:
                 self._dead_letter(msg, rejection.error, attempts=1)
             self._give_up(rejection.event, rejection.error)
-        metrics.record_counts(self.stage.name, result.counts)
+        observe.record_result(self.stage.name, [e for _, e in batch], result)
 
     def _publish(self, emits: Sequence[Emit]) -> None:
         try:
@@ -315,24 +326,6 @@ class StageRunner:
             # also after a failed publish: what was queued must not surface in
             # the next flush (a dead letter's) as that one's error
             self.publisher.flush()
-
-    def _log_failure(self, exc: BaseException, action: Action, attempt: int) -> None:
-        name = self.stage.name
-        if isinstance(exc, TransientError):
-            log.warning(
-                "stage %s: transient failure (attempt %d), retrying: %s", name, attempt, exc
-            )
-        elif isinstance(exc, PermanentError):
-            log.info("stage %s: permanent failure (%s): %s", name, action.value, exc)
-        else:
-            log.error(
-                "stage %s: unexpected failure (attempt %d, %s): %s",
-                name,
-                attempt,
-                action.value,
-                exc,
-                exc_info=exc,
-            )
 
     def _wait_before_retry(self, attempt: int) -> None:
         self._wait(self.policy.delay(attempt))

@@ -44,12 +44,12 @@ NOISY_LOGGERS = ("pymilvus", "urllib3", "httpx", "sentence_transformers", "trans
 def load_cli_settings(home: Path | None, running_stack: bool = True) -> Settings:
     """Settings for a command; beside a running `kbstream up` (``running_stack``)
     they point at its broker and Milvus server."""
+    settings = load_settings(home=home)
+    if not running_stack:  # `up`: kbstream.stack imports prometheus_client, too early for it
+        return settings
     from domain.errors import KbstreamError
     from kbstream.stack import apply_running_stack
 
-    settings = load_settings(home=home)
-    if not running_stack:
-        return settings
     try:
         return apply_running_stack(settings)
     except KbstreamError as exc:  # a `kbstream up` still starting, a locked milvus dir
@@ -60,15 +60,20 @@ def setup_logging(settings: Settings, quiet: bool) -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     root.setLevel(settings.log_level.upper())
+    from infra.logs import ContextFilter, formatter
+
+    kind = settings.log_format  # json: stage, document, version, event_id on each line
     fh = logging.FileHandler(settings.home / "kbstream.log")
     fh.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+        formatter(kind, "%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     )
     root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
     sh.setLevel(logging.WARNING if quiet else settings.log_level.upper())
-    sh.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    sh.setFormatter(formatter(kind, "%(levelname)s %(name)s: %(message)s"))
     root.addHandler(sh)
+    for handler in (fh, sh):
+        handler.addFilter(ContextFilter())
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # milvus-lite answers some pymilvus calls with "not implemented"; harmless

@@ -4,6 +4,7 @@ talking to it."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -35,9 +36,9 @@ def worker(
     home: HomeOpt = None,
 ) -> None:
     """Run one stage's consumer group (what a pod runs). Needs KBSTREAM_BROKERS."""
-    from infra import metrics
     from infra.kafka.runner import run_until_stopped
     from infra.kafka.topics import ensure_topics
+    from kbstream.observability import start_observability
 
     if stage not in STAGES:
         _fail(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -47,8 +48,8 @@ def worker(
     brokers = settings.brokers
     with cli_session(home, settings=settings) as (_, c):
         ensure_topics(brokers, c.topics, settings.partitions, settings.replication_factor)
-        metrics.serve(settings.metrics_port)
         runner = c.runner(stage, brokers)
+        start_observability(settings, c, brokers, [stage])
         stop_on_signals(runner.stop)
         if stage == "embed":
             _warm_up(c)
@@ -91,9 +92,15 @@ def up(
 
         kbstream up --workers parse=2,split=2,index_keywords=2
     """
-    from infra import metrics
-    from kbstream.stack import EmbeddedStack, StackError, WorkerPool
-    from kbstream.supervisor import WorkersSpecError, WorkerSupervisor, parse_workers
+    # not kbstream.stack or .observability yet: they import prometheus_client,
+    # which reads PROMETHEUS_MULTIPROC_DIR once, on import
+    from kbstream.supervisor import (
+        MULTIPROC_ENV,
+        WorkersSpecError,
+        WorkerSupervisor,
+        fresh_metrics_dir,
+        parse_workers,
+    )
 
     # not the running stack's settings: this command is the running stack
     settings = cli_settings(home, quiet=False, running_stack=False)
@@ -106,6 +113,14 @@ def up(
     except WorkersSpecError as exc:
         _fail(str(exc))
     threads = [s for s in wanted if s not in counts]
+    metrics_dir = None
+    if counts and settings.metrics_port:  # one port for this process and its workers
+        metrics_dir = fresh_metrics_dir(settings.home)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
+
+    from kbstream.observability import start_observability
+    from kbstream.stack import EmbeddedStack, StackError, WorkerPool
+
     stop = threading.Event()
     stop_on_signals(stop.set)
     try:
@@ -113,11 +128,11 @@ def up(
             EmbeddedStack(settings) as stack,
             cli_session(home, settings=stack.settings) as (_, c),
         ):
-            metrics.serve(settings.metrics_port)
             pool = WorkerPool(c, stack.bootstrap, threads).start()
             supervisor = WorkerSupervisor(
-                counts, _worker_env(stack.settings), metrics_port=settings.metrics_port
+                counts, _worker_env(stack.settings), metrics_dir=metrics_dir
             )
+            start_observability(stack.settings, c, stack.bootstrap, threads, supervisor)
             try:
                 supervisor.start()
                 procs = ", ".join(f"{s}={n}" for s, n in counts.items())
