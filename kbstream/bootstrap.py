@@ -15,13 +15,15 @@ from pathlib import Path
 from consumers.contract import Stage, StageConfig
 from consumers.failures import FailureRecorder
 from consumers.pipeline import stage_spec
+from domain.ports import EmbeddingProvider, ModelTokens
 from infra.db.database import Database
 from infra.db.deliveries import SqlDeliveryLog
 from infra.db.engine import create_db_engine, migrate
 from infra.db.unit_of_work import SqlUnitOfWorkFactory
 from infra.embedding import (
+    BUNDLED_MODEL_NAME,
+    REMOTE_PROVIDERS,
     ModelTokenCounter,
-    SentenceTransformerProvider,
     create_provider,
     model_identity,
     resolve_model,
@@ -32,6 +34,8 @@ from infra.kafka.producer import EventPublisher
 from infra.kafka.runner import RunnerConfig, StageRunner
 from infra.kafka.topics import Topics
 from infra.keywords import JiebaKeywordExtractor
+from infra.metrics import MeasuredEmbedder
+from infra.remote_embedding import RemoteConfig, remote_config, remote_token_counter
 from infra.vectors import MilvusVectorStore, collection_name
 from kbstream.settings import Settings
 
@@ -62,34 +66,69 @@ class Container:
         if not uri.startswith(("http://", "https://", "tcp://", "unix:")):
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         return MilvusVectorStore(
-            uri, collection_name(provider, model, dim), dim, self.settings.milvus_token
+            uri,
+            collection_name(provider, model, dim),
+            dim,
+            self.settings.milvus_token,
+            provider=provider,
+            model=model,
+            model_spec=self.model_spec,
         )
+
+    @property
+    def model_spec(self) -> str:
+        """What the settings name as the model (a folder, or the bundled model's
+        name): a vector index registry row keeps it, so search can load it."""
+        spec = self.settings.embedding_model or BUNDLED_MODEL_NAME
+        folder = Path(spec).expanduser()
+        return str(folder.resolve()) if folder.is_dir() else spec
+
+    @cached_property
+    def other_providers(self) -> dict[tuple[str, str], EmbeddingProvider]:
+        """Providers of models other than the configured one, by (provider,
+        model spec): search loads a dataset's serving model once per process."""
+        return {}
 
     # -- the model ---------------------------------------------------------------
 
     @cached_property
     def model_identity(self) -> tuple[str, str, int]:
         """(provider, model, dim) without loading the model."""
-        return model_identity(self.settings.embedding_provider, self.settings.embedding_model)
+        s = self.settings
+        return model_identity(s.embedding_provider, s.embedding_model, self.remote_embedding)
 
     @cached_property
-    def provider(self) -> SentenceTransformerProvider:
+    def remote_embedding(self) -> RemoteConfig | None:
+        """The openai provider's configuration; None for a local model."""
+        s = self.settings
+        return remote_config(s) if s.embedding_provider in REMOTE_PROVIDERS else None
+
+    @cached_property
+    def provider(self) -> EmbeddingProvider:
         s = self.settings
         return create_provider(
-            s.embedding_provider, s.embedding_model, s.embedding_device, s.embedding_batch_size
+            s.embedding_provider,
+            s.embedding_model,
+            s.embedding_device,
+            s.embedding_batch_size,
+            self.remote_embedding,
+            self.token_counter if self.remote_embedding else None,
         )
 
-    @property
-    def embedder(self) -> SentenceTransformerProvider:
-        return self.provider
+    @cached_property
+    def embedder(self) -> EmbeddingProvider:
+        return MeasuredEmbedder(self.provider)  # each model call timed and sized for /metrics
 
     @cached_property
-    def token_counter(self) -> ModelTokenCounter:
-        _, path = resolve_model(self.settings.embedding_model)
+    def token_counter(self) -> ModelTokens:
+        s = self.settings
+        if s.embedding_provider in REMOTE_PROVIDERS:  # no model files here
+            return remote_token_counter(s.tokenizer, s.embedding_max_input_tokens)
+        _, path = resolve_model(s.embedding_model)
         return ModelTokenCounter(path)
 
     @property
-    def tokens(self) -> ModelTokenCounter:
+    def tokens(self) -> ModelTokens:
         return self.token_counter
 
     # -- the other adapters stages need -------------------------------------------
@@ -140,6 +179,8 @@ class Container:
             max_event_bytes=s.max_event_bytes,
             max_deliveries=s.max_deliveries,
             exclusive=exclusive,
+            # only the model gains from waiting for a fuller batch
+            linger=s.embed_linger_ms / 1000 if name == "embed" else 0.0,
         )
         publisher = EventPublisher(bootstrap, s.max_event_bytes, client_id=f"kbstream-{name}")
         return StageRunner(
@@ -153,6 +194,13 @@ class Container:
         )
 
     def close(self) -> None:
+        for provider in [
+            self.__dict__.get("provider"),
+            *self.__dict__.get("other_providers", {}).values(),
+        ]:
+            close = getattr(provider, "close", None)
+            if close is not None:  # a remote provider's HTTP client and threads
+                close()
         if "vectors" in self.__dict__:
             self.vectors.close()
         if "database" in self.__dict__:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -42,7 +43,47 @@ class Settings(BaseSettings):
     )
     embedding_device: str = "cpu"
     embedding_batch_size: int = Field(default=32, ge=1)
+    # the openai provider (infra/remote_embedding.py; README "Remote embedding services")
+    embedding_base_url: str = "https://api.openai.com/v1"
+    embedding_api_key: SecretStr | None = Field(
+        default=None, description="unset = OPENAI_API_KEY, if set"
+    )
+    embedding_dimensions: int | None = Field(
+        default=None, ge=1, description="the remote model's output dimension (openai: required)"
+    )
+    embedding_send_dimensions: bool = Field(
+        default=False, description="send `dimensions` to shorten Matryoshka models"
+    )
+    embedding_max_concurrency: int = Field(default=4, ge=1)
+    embedding_rpm: int = Field(default=3000, ge=0, description="requests per minute; 0 = no limit")
+    embedding_tpm: int = Field(default=1_000_000, ge=0, description="tokens per minute; 0 = none")
+    embedding_timeout_seconds: float = Field(default=60.0, gt=0)
+    embedding_max_input_tokens: int = Field(
+        default=8191, ge=8, description="the remote model's input limit, in its tokens"
+    )
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer.json or model folder of the remote model"
+    )
     embed_max_segments: int = Field(default=96, ge=1, description="segments one embed poll takes")
+    embed_linger_ms: int = Field(
+        default=20, ge=0, description="how long embed waits for more events to fill a batch"
+    )
+    # hybrid search (domain/fusion.py)
+    embedding_scripts: str = Field(
+        default="latin",
+        description="comma-separated scripts the model understands (latin, han, ...; all)",
+    )
+    hybrid_fusion: Literal["rrf", "score"] = "rrf"
+    hybrid_vector_weight: float | None = Field(
+        default=None, ge=0, description="unset = the query's share of tokens in embedding_scripts"
+    )
+    # below the model's 1: word overlap is weaker evidence than a model that reads the query
+    hybrid_keyword_weight: float = Field(default=0.5, ge=0)
+    hybrid_keyword_evidence: bool = Field(
+        default=True, description="scale each keyword hit by the share of the query it holds"
+    )
+    # `kbstream serve`: the bearer token clients (Dify) send; unset = no auth
+    api_key: str | None = None
 
     allowed_roots: str = Field(
         default="", description="os.pathsep-separated roots for file:// refs"
@@ -64,8 +105,17 @@ class Settings(BaseSettings):
         default=5, ge=1, description="deaths of a worker on one message before it is dead-lettered"
     )
 
+    retired_grace_seconds: float = Field(
+        default=3600.0, ge=0, description="how long a retired vector index is kept after a switch"
+    )
+
     log_level: str = "INFO"
-    metrics_port: int | None = None
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per line, for log shippers"
+    )
+    metrics_port: int | None = Field(
+        default=None, description="/metrics, /healthz and /readyz on this port"
+    )
 
     @field_validator("home")
     @classmethod
