@@ -435,3 +435,8 @@ def run_until_stopped(runner: StageRunner) -> None:
     except DeadLetterFailed as exc:
         log.critical("stage %s stopped: %s", runner.stage.name, exc)
         raise
+    except Exception:
+        if not runner.stop_event.is_set():
+            raise
+        # asked to stop while the broker went away (e.g. `up` losing it): not a crash
+        log.info("stage %s failed while stopping", runner.stage.name, exc_info=True)

@@ -270,7 +270,7 @@ def test_up_names_a_foreign_holder_of_the_milvus_dir_and_leaves_it_alone(
         u = start(ups, home)
         assert u.wait_exit(20) == 2
         assert u.last_line().startswith(
-            f"error: milvus data dir {data_dir} is locked by pid {holder.pid} (python -c import fcntl"
+            f"error: milvus data dir {data_dir} is locked by pid {holder.pid} ({Path(sys.executable).name} -c import fcntl"
         ), u.output()
         assert u.last_line().endswith("point KBSTREAM_MILVUS_URI at a running Milvus")
         assert holder.poll() is None, "up killed a process that is not its own"
