@@ -320,14 +320,11 @@ def release_milvus_lite(path: str | None = None) -> None:
 def counts(container: Any) -> dict[str, int]:
     tenant = container.settings.tenant
     with container.uow(readonly=True) as uow:
-        segments, postings = (
-            uow.segments.count(tenant, DATASET),
-            uow.postings.count(tenant, DATASET),
-        )
+        segments = uow.segments.count(tenant, DATASET)
     return {
         "segments": segments,
         "vectors": container.vectors.count(tenant, DATASET),
-        "postings": postings,
+        "keyword_entities": container.keyword_index.count(tenant, DATASET),
     }
 
 
@@ -779,7 +776,7 @@ def render(r: dict[str, Any], repeat: int) -> str:
         if "model_loaded" in ph:
             rows.append(("model loaded", str(ph["model_loaded"])))
         b, a = ph["counts_before"], ph["counts_after"]
-        for k in ("segments", "vectors", "postings"):
+        for k in ("segments", "vectors", "keyword_entities"):
             rows.append((f"{k} before -> after", f"{b[k]} -> {a[k]}"))
         out.append(fmt_table(rows, title))
     checks = [(k, "ok" if v else "FAILED") for k, v in r["checks"].items()]

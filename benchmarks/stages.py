@@ -99,7 +99,8 @@ def warm_up(container: Any, files: Sequence[Path]) -> None:
         uow.documents.list(container.settings.tenant, DATASET)
     container.provider.warm_up()  # model load
     container.vectors.ids_for_document(_any_key(container))  # milvus-lite start, collection
-    container.keywords.extract("warm up the dictionary")  # jieba's dictionary
+    container.keywords.terms("warm up the dictionary")  # jieba's dictionary
+    container.keyword_index.count(container.settings.tenant, DATASET)  # keyword collection
     container.tokens.count_tokens("warm up")
     # the forkserver that isolates large documents: started by the largest file
     largest = max(files, key=lambda p: p.stat().st_size)

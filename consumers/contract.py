@@ -19,7 +19,7 @@ from domain.events import Event, Topic
 from domain.ports import (
     DocumentReader,
     EmbeddingProvider,
-    KeywordExtractor,
+    KeywordIndex,
     ModelTokens,
     UnitOfWorkFactory,
     VectorIndex,
@@ -108,7 +108,7 @@ class StageDeps(Protocol):
     def vectors(self) -> VectorIndex: ...
 
     @property
-    def keywords(self) -> KeywordExtractor: ...
+    def keyword_index(self) -> KeywordIndex: ...
 
     @property
     def stage_config(self) -> StageConfig: ...

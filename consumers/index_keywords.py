@@ -1,7 +1,8 @@
-"""index_keywords: segments -> keyword postings, one row per
-(dataset, keyword, index_node_id). Reconciles by id like load_vectors: a
-segment that still exists gets its postings replaced, one that is gone loses
-them."""
+"""index_keywords: segments -> the full-text (BM25) keyword index, one entity
+per segment keyed by index_node_id. Reconciles by id against the segments
+table like load_vectors: a segment that still exists is upserted with its text
+(the index tokenizes and weighs it), one that is gone is deleted. So
+redelivery, replay and reordering are harmless."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from consumers.contract import StageResult
+from domain.documents import DocKey
 from domain.events import (
     Event,
     KeywordsIndexed,
@@ -18,7 +20,7 @@ from domain.events import (
     Topic,
     resolved_version,
 )
-from domain.ports import KeywordExtractor, UnitOfWorkFactory
+from domain.ports import KeywordIndex, KeywordRow, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class IndexKeywordsStage:
     uow: UnitOfWorkFactory
-    keywords: KeywordExtractor
+    index: KeywordIndex
     name: str = "index_keywords"
     max_batch: int = 16
 
@@ -36,37 +38,66 @@ class IndexKeywordsStage:
         removed = [e for e in events if isinstance(e, SegmentsRemoved)]
         if not (splits or removed):
             return result
-        extracted: dict[str, list[tuple[str, float]]] = {}
-        if splits:
-            with self.uow(readonly=True) as uow:
-                alive = uow.segments.alive([s.index_node_id for sp in splits for s in sp.segments])
-            # the slow part, outside any transaction
-            for sp in splits:
-                for s in sp.segments:
-                    if s.index_node_id in alive and s.index_node_id not in extracted:
-                        text = s.content if not s.answer else f"{s.content}\n{s.answer}"
-                        extracted[s.index_node_id] = self.keywords.extract(text)
-        with self.uow() as uow:
-            # read again under the write: a segment removed meanwhile gets no postings
-            every = [s.index_node_id for sp in splits for s in sp.segments]
-            alive = uow.segments.alive(every + [i for r in removed for i in r.index_node_ids])
-            for e in events:
-                if isinstance(e, SegmentsSplit):
-                    ids = [s.index_node_id for s in e.segments]
-                    live = [i for i in ids if i in alive and i in extracted]
-                    if live:
-                        uow.postings.replace({(e.doc_key, i): extracted[i] for i in live})
-                        uow.segments.mark("keywords_indexed", live)
-                    uow.postings.delete_nodes([i for i in ids if i not in alive])
-                    # always report: track_status re-checks completion on any progress
-                    result.emit(Topic.PROGRESS, _progress(e, live))
-                elif isinstance(e, SegmentsRemoved):
-                    uow.postings.delete_nodes([i for i in e.index_node_ids if i not in alive])
-                    if e.whole_document:
-                        uow.postings.delete_document_orphans(e.doc_key)
-                    result.emit(Topic.PROGRESS, _progress(e, []))
-            uow.commit()
+        # every read before the index is touched
+        with self.uow(readonly=True) as uow:
+            ids = [s.index_node_id for sp in splits for s in sp.segments]
+            alive = uow.segments.alive(ids + [i for r in removed for i in r.index_node_ids])
+            documents = {
+                e.doc_key: uow.segments.ids_for_document(e.doc_key)
+                for e in removed
+                if e.whole_document
+            }
+        rows: list[KeywordRow] = []
+        dead: list[str] = []
+        indexed: list[str] = []
+        pending: set[DocKey] = set()
+        for e in events:
+            if isinstance(e, SegmentsSplit):
+                live = [s for s in e.segments if s.index_node_id in alive]
+                rows.extend(
+                    KeywordRow(
+                        s.index_node_id,
+                        e.doc_key,
+                        s.content if not s.answer else f"{s.content}\n{s.answer}",
+                    )
+                    for s in live
+                )
+                if live:
+                    pending.add(e.doc_key)
+                dead.extend(s.index_node_id for s in e.segments if s.index_node_id not in alive)
+                indexed.extend(s.index_node_id for s in live)
+                # always report: track_status re-checks completion on any progress
+                result.emit(Topic.PROGRESS, _progress(e, [s.index_node_id for s in live]))
+            elif isinstance(e, SegmentsRemoved):
+                # a document's events stay in order: its pending upserts go first
+                if e.doc_key in pending:
+                    rows, dead = self._flush(rows, dead)
+                    pending.clear()
+                self.index.delete([i for i in e.index_node_ids if i not in alive])
+                if e.whole_document:
+                    self._drop_orphans(e.doc_key, documents[e.doc_key])
+                result.emit(Topic.PROGRESS, _progress(e, []))
+        self._flush(rows, dead)
+        if indexed:
+            with self.uow() as uow:
+                uow.segments.mark("keywords_indexed", indexed)
+                uow.commit()
         return result
+
+    def _flush(self, rows: list[KeywordRow], dead: list[str]) -> tuple[list[KeywordRow], list[str]]:
+        """One upsert and one delete for the batch (the ids are disjoint: one
+        ``alive`` snapshot decides both)."""
+        self.index.upsert(rows)
+        self.index.delete(dead)
+        return [], []
+
+    def _drop_orphans(self, key: DocKey, alive: set[str]) -> None:
+        """After a document delete, no entity of it may outlive its segment
+        rows, including ones the event does not name (a crash between writes)."""
+        if not alive:
+            self.index.delete_document(key)
+            return
+        self.index.delete([i for i in self.index.ids_for_document(key) if i not in alive])
 
 
 def _progress(e: Event, ids: list[str]) -> KeywordsIndexed:

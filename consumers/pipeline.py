@@ -126,17 +126,17 @@ PIPELINE: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "index_keywords",
-        "Extracts keywords and replaces the segments' postings.",
+        "Upserts segment texts into the full-text (BM25) index, deletes removed ones.",
         (Topic.SEGMENTS,),
         (Topic.PROGRESS,),
-        lambda d: IndexKeywordsStage(d.uow, d.keywords),
+        lambda d: IndexKeywordsStage(d.uow, d.keyword_index),
     ),
     StageSpec(
         "track_status",
         "Completes a document once both indexes hold exactly its segments.",
         (Topic.PROGRESS,),
         (),
-        lambda d: TrackStatusStage(d.uow, d.vectors),
+        lambda d: TrackStatusStage(d.uow, d.vectors, d.keyword_index),
     ),
 )
 

@@ -1,6 +1,6 @@
 """track_status: joins the two branches. A document is completed when every
 segment of its current version is flagged by both branches, and the vector
-index and the keyword postings hold exactly its segments (removals included).
+index and the keyword index hold exactly its segments (removals included).
 The check reads state, not event counts, so duplicates and reordering cannot
 fool it."""
 
@@ -13,7 +13,7 @@ from consumers.contract import StageResult
 from consumers.split import removals_prefix
 from domain.documents import DocKey, IndexingStatus
 from domain.events import Event
-from domain.ports import UnitOfWork, UnitOfWorkFactory, VectorIndex
+from domain.ports import KeywordIndex, UnitOfWork, UnitOfWorkFactory, VectorIndex
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,13 @@ class _Candidate:
     key: DocKey
     version: int
     segments: frozenset[str]
-    postings_ok: bool
 
 
 @dataclass
 class TrackStatusStage:
     uow: UnitOfWorkFactory
     vectors: VectorIndex
+    keywords: KeywordIndex
     name: str = "track_status"
     max_batch: int = 64
 
@@ -42,12 +42,11 @@ class TrackStatusStage:
                 if doc.status is not IndexingStatus.INDEXING or uow.segments.pending_count(key):
                     continue
                 segments = uow.segments.ids_for_document(key)
-                postings = uow.postings.nodes_for_document(key)
-                candidates.append(
-                    _Candidate(key, doc.version, frozenset(segments), postings <= segments)
-                )
-        # the vector index, outside any transaction, in one round trip per dataset
-        ok = [c for c in candidates if c.postings_ok]
+                candidates.append(_Candidate(key, doc.version, frozenset(segments)))
+        # both indexes, outside any transaction, in one round trip per dataset each
+        found = [c.key for c in candidates]
+        texts = self.keywords.ids_for_documents(found) if found else {}
+        ok = [c for c in candidates if texts.get(c.key, set()) == c.segments]
         stored = self.vectors.ids_for_documents(c.key for c in ok) if ok else {}
         agreed = [c for c in ok if stored.get(c.key, set()) == c.segments]
         if agreed:

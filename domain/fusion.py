@@ -10,8 +10,10 @@ in between for a mixed one.
 
 Lexical overlap with part of a question is common by chance ("file", "read",
 "list" occur on most pages), overlap with all of it is not. So each keyword
-hit's vote is scaled by its evidence: the square of the share of the query's
-keywords (weighted by idf) that the hit contains (keyword_evidence). And where
+hit's vote can be scaled by its evidence: the square of the share of the
+query's keywords (weighted by idf) that the hit contains (keyword_evidence).
+Off by default since the keyword side is BM25, whose idf and length
+normalization already discount partial overlap. And where
 the model reads the query, its ranking outweighs the keyword side (default
 keyword weight 0.5): a good model's semantics are a stronger relevance signal
 than word overlap in the languages it was trained on. Both choices were made
@@ -187,10 +189,11 @@ def fuse(
     raise ValueError(f"unknown fusion method {method!r}: rrf or score")
 
 
-# A keyword score is a sum over the query's keywords of (segment TF-IDF weight
-# x query idf weight): unbounded. 1 - exp(-s / KEYWORD_SCALE) maps it onto
-# [0, 1) monotonically; KEYWORD_SCALE is about a typical one-keyword match.
-KEYWORD_SCALE = 1.0
+# A keyword score is BM25 (Milvus full-text search, made positive by the
+# adapter): a sum of idf x saturated term frequency over the query's terms,
+# unbounded. 1 - exp(-s / KEYWORD_SCALE) maps it onto [0, 1) monotonically;
+# KEYWORD_SCALE is about a typical one-term match (a rare word scores 2 to 5).
+KEYWORD_SCALE = 4.0
 
 
 def unit_score(mode: str, score: float) -> float:

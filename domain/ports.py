@@ -1,8 +1,8 @@
 """The ports: the small interfaces stages need from the outside world.
 
 Stages (consumers/) depend on these, never on infra/. infra/ implements them
-against PostgreSQL/SQLite, Milvus, jieba and the embedding model; the stage
-unit tests implement them in memory (tests/fakes.py).
+against PostgreSQL/SQLite, Milvus (vectors and BM25 full text), jieba and the
+embedding model; the stage unit tests implement them in memory (tests/fakes.py).
 
 Storage goes through a unit of work: one database transaction, opened with
 ``with uow_factory() as uow:``, committed by ``uow.commit()`` and rolled back
@@ -90,10 +90,40 @@ class VectorIndex(Protocol):
         ...
 
 
-class KeywordExtractor(Protocol):
-    """Keywords of a text with their weights (jieba TF-IDF in production)."""
+@dataclass(frozen=True)
+class KeywordRow:
+    """One segment's searchable text (content, then the answer of a Q&A pair)."""
 
-    def extract(self, text: str) -> list[tuple[str, float]]: ...
+    index_node_id: str
+    key: DocKey
+    text: str
+
+
+class KeywordIndex(Protocol):
+    """Full-text (BM25) index of segment texts keyed by index_node_id, one
+    entity per segment; every write is an idempotent upsert."""
+
+    def upsert(self, rows: Sequence[KeywordRow]) -> int:
+        """Returns how many rows were written."""
+        ...
+
+    def delete(self, index_node_ids: Sequence[str]) -> None: ...
+
+    def delete_document(self, key: DocKey) -> None: ...
+
+    def ids_for_document(self, key: DocKey) -> list[str]: ...
+
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        """The same for many documents; read with strong consistency."""
+        ...
+
+    def search(
+        self, query: str, tenant_id: str, dataset_id: str, limit: int
+    ) -> list[tuple[str, float]]:
+        """(index_node_id, BM25 score >= 0), best first."""
+        ...
+
+    def count(self, tenant_id: str, dataset_id: str) -> int: ...
 
 
 class DocumentReader(Protocol):
@@ -209,34 +239,6 @@ class EmbeddingCache(Protocol):
     def count(self, provider: str | None = None, model: str | None = None) -> int: ...
 
 
-class KeywordPostings(Protocol):
-    """(tenant, dataset, keyword, index_node_id, weight): one row per posting."""
-
-    def replace(
-        self, key_postings: Mapping[tuple[DocKey, str], Sequence[tuple[str, float]]]
-    ) -> None:
-        """(document, index_node_id) -> keywords: replace those nodes' postings."""
-        ...
-
-    def delete_nodes(self, index_node_ids: Sequence[str]) -> int: ...
-
-    def delete_document_orphans(self, key: DocKey) -> int:
-        """Postings of a document whose segment no longer exists."""
-        ...
-
-    def nodes_for_document(self, key: DocKey) -> set[str]: ...
-
-    def nodes(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
-        """index_node_id -> document_id of every node with postings."""
-        ...
-
-    def search(
-        self, tenant_id: str, dataset_id: str, keywords: Mapping[str, float], limit: int
-    ) -> list[tuple[str, float]]: ...
-
-    def count(self, tenant_id: str, dataset_id: str) -> int: ...
-
-
 class VectorIndexRegistry(Protocol):
     """The vector indexes of each dataset (domain/vector_indexes.py), keyed by
     (tenant, dataset, provider, model)."""
@@ -301,8 +303,6 @@ class UnitOfWork(Protocol):
     def segments(self) -> SegmentRepository: ...
     @property
     def embeddings(self) -> EmbeddingCache: ...
-    @property
-    def postings(self) -> KeywordPostings: ...
     @property
     def payloads(self) -> PayloadStore: ...
     @property

@@ -1,4 +1,6 @@
-"""jieba TF-IDF keywords (Chinese and English) for the keyword index.
+"""jieba for the keyword index: the terms of a text (what Milvus's BM25 index
+stores and a keyword query asks for) and TF-IDF keywords of a query (the
+hybrid evidence, domain/fusion.py).
 
 Text without Chinese characters takes a fast path that gives exactly what jieba
 gives, 8 times sooner on the Python documentation: jieba runs its dictionary DAG
@@ -82,6 +84,7 @@ _ENGLISH_STOP = frozenset(
 _HAN = re.compile("[\u4e00-\u9fd5]")
 _BLOCK = re.compile(r"[\u4e00-\u9fd5a-zA-Z0-9+#&\._%\-]+")
 _WORD = re.compile(r"([a-zA-Z0-9]+(?:\.\d+)?%?)")
+_BLOCK_SPLIT = re.compile(f"({_BLOCK.pattern})")
 
 
 class JiebaKeywordExtractor:
@@ -119,6 +122,19 @@ class JiebaKeywordExtractor:
                 tags = jieba.analyse.extract_tags(text, topK=k, withWeight=True)
         return [(w[:128], float(s)) for w, s in tags if self._keep(w)]
 
+    def terms(self, text: str) -> list[str]:
+        """Every word of a text, in order, lower-cased, English stop words and
+        punctuation left out: jieba's search-mode cut (words and the dictionary
+        words inside them), which on text without Chinese is the _WORD split."""
+        text = text.lower()
+        with self._lock:
+            self._init()
+            if self._plain(text):
+                words: Iterator[str] = _plain_cut(text)
+            else:
+                words = jieba.cut_for_search(text)
+            return [w for w in (w.strip() for w in words) if _is_term(w)]
+
     def query_terms(self, query: str) -> dict[str, float]:
         """Keywords of a search query, weighted by rarity (idf via TF-IDF)."""
         terms = dict(self.extract(query, top_k=32))
@@ -152,6 +168,20 @@ class JiebaKeywordExtractor:
     def _keep(word: str) -> bool:
         w = word.strip()
         return bool(w) and w not in _ENGLISH_STOP and bool(_TOKEN_OK.search(w)) and not w.isdigit()
+
+
+def _is_term(word: str) -> bool:
+    return bool(word) and word not in _ENGLISH_STOP and bool(_TOKEN_OK.search(word))
+
+
+def _plain_cut(text: str) -> Iterator[str]:
+    """jieba.cut (and cut_for_search) of a text _plain accepts: each _BLOCK cut
+    at _WORD, every character between blocks on its own."""
+    for i, part in enumerate(_BLOCK_SPLIT.split(text)):
+        if i % 2:  # a block (the split's captured group)
+            yield from (p for p in _WORD.split(part) if p)
+        else:
+            yield from part
 
 
 def _plain_words(text: str) -> Iterator[str]:

@@ -197,6 +197,7 @@ def warm_up(c: Container) -> None:
     c.provider.embed(["warm up"])
     c.keywords.query_terms("warm up 预热")
     _ = c.vectors
+    c.keyword_index.search("warm up 预热", c.settings.tenant, "", 1)  # Milvus, the collection
     with c.uow(readonly=True):
         pass
 

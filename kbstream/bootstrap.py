@@ -33,6 +33,7 @@ from infra.extract.reader import FileReader
 from infra.kafka.producer import EventPublisher
 from infra.kafka.runner import RunnerConfig, StageRunner
 from infra.kafka.topics import Topics
+from infra.keyword_index import MilvusKeywordIndex
 from infra.keywords import JiebaKeywordExtractor
 from infra.metrics import MeasuredEmbedder
 from infra.remote_embedding import RemoteConfig, remote_config, remote_token_counter
@@ -73,6 +74,13 @@ class Container:
             provider=provider,
             model=model,
             model_spec=self.model_spec,
+        )
+
+    @cached_property
+    def keyword_index(self) -> MilvusKeywordIndex:
+        """Full-text (BM25) index of segment texts, in the same Milvus."""
+        return MilvusKeywordIndex(
+            self.vectors, self.keywords.terms, self.settings.keyword_tokenizer
         )
 
     @property
@@ -135,7 +143,8 @@ class Container:
 
     @cached_property
     def keywords(self) -> JiebaKeywordExtractor:
-        return JiebaKeywordExtractor(top_k=self.settings.keywords_per_segment)
+        """Query keywords for the hybrid evidence (indexing no longer extracts any)."""
+        return JiebaKeywordExtractor()
 
     @property
     def limits(self) -> ExtractLimits:

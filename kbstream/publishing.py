@@ -125,7 +125,7 @@ def _finished(container: Container, uow: UnitOfWork, doc: Document, version: int
 def _delete_settled(container: Container, uow: UnitOfWork, doc: Document) -> bool:
     """A delete is done once split removed the rows and both indexes followed:
     the embedded broker forgets in-flight events when this process stops."""
-    if doc.segment_count or uow.postings.nodes_for_document(doc.key):
+    if doc.segment_count or container.keyword_index.ids_for_document(doc.key):
         return False
     return not container.vectors.ids_for_document(doc.key)
 

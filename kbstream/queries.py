@@ -13,20 +13,20 @@ if TYPE_CHECKING:
 
 
 def dataset_stats(c: Container, dataset: str) -> dict[str, Any]:
-    """Documents, segments, vectors, postings and cached embeddings of a dataset."""
+    """Documents, segments, vectors, keyword index entities and cached embeddings
+    of a dataset."""
     tenant = c.settings.tenant
     provider, model, _ = c.model_identity
     with c.uow(readonly=True) as uow:
         by_status = uow.documents.status_counts(tenant, dataset)
         segments = uow.segments.count(tenant, dataset)
-        postings = uow.postings.count(tenant, dataset)
         cached = uow.embeddings.count(provider, model)
     return {
         "dataset": dataset,
         "documents": sum(v for k, v in by_status.items() if k != IndexingStatus.DELETED.value),
         "segments": segments,
         "vectors": c.vectors.count(tenant, dataset),
-        "keyword_postings": postings,
+        "keyword_entities": c.keyword_index.count(tenant, dataset),
         "cached_embeddings": cached,
         "by_status": by_status,
         # the model name often starts with the provider's ("sentence-transformers/..."):
@@ -34,6 +34,7 @@ def dataset_stats(c: Container, dataset: str) -> dict[str, Any]:
         "embedding_provider": provider,
         "embedding_model": model,
         "collection": c.vectors.collection,
+        "keyword_collection": c.keyword_index.collection,
     }
 
 

@@ -1,5 +1,5 @@
 """`kbstream rebuild`: rebuild a dataset's vector collection and keyword
-postings from the stored segments, in place or into another embedding
+(full-text) index from the stored segments, in place or into another embedding
 model's collection (blue/green), while searches keep answering from the
 collection the dataset's alias points at.
 
@@ -10,8 +10,10 @@ the topic is what `index --force` and upstream re-publishing already do.
 
 Steps: register the target index (``building``, or the serving one when the
 model is the same); upsert every alive segment's vector (cache first, misses
-embedded with the target model in batches and cached) and re-derive its
-postings with the index_keywords stage itself; delete what is not alive;
+embedded with the target model in batches and cached) and upsert its text
+into the keyword index with the index_keywords stage itself (a model switch
+only rewrites the same texts: one keyword index serves every model); delete
+what is not alive from both;
 reconcile again until a pass finds nothing (live writes go on meanwhile);
 check the target holds exactly the alive segments; move the alias; the old
 index retires until its grace period is over (``--drop-retired``)."""
@@ -59,7 +61,7 @@ class RebuildSummary:
     embedded: int = 0  # texts sent to the model
     cache_hits: int = 0
     vectors_deleted: int = 0
-    postings: int = 0
+    keyword_entities: int = 0
     passes: int = 0
     retired: str | None = None
     seconds: float = 0.0
@@ -72,7 +74,7 @@ class RebuildSummary:
         return (
             f"{self.dataset}: {how} to {self.model}: {self.segments} segments, "
             f"{self.vectors_written} vectors written, {self.embedded} texts embedded, "
-            f"{self.postings} postings rows, {self.seconds:.1f} s"
+            f"{self.keyword_entities} keyword entities, {self.seconds:.1f} s"
         )
 
 
@@ -120,8 +122,8 @@ def rebuild(
         # stale ids go last: an in-place rebuild never leaves a search a gap
         run.store.delete(stale)
         summary.vectors_deleted += len(stale)
-        run.drop_orphan_postings(alive)
-        todo = sorted(alive - in_store)
+        texts = run.drop_orphan_keywords(alive)
+        todo = sorted(alive - (in_store & texts))
         if not todo and not stale:
             break
         if summary.passes >= MAX_PASSES:
@@ -150,8 +152,8 @@ def rebuild(
             uow.vector_indexes.save(
                 replace(mine, progress_done=len(alive), progress_total=len(alive))
             )
-        summary.postings = uow.postings.count(tenant, dataset)
         uow.commit()
+    summary.keyword_entities = c.keyword_index.count(tenant, dataset)
     summary.seconds = round(time.perf_counter() - started, 2)
     log.info("rebuild: %s", summary.line())
     return summary
@@ -174,7 +176,7 @@ class _Run:
         self.progress = progress
         # a lost collection (and its alias) comes back here
         self.store: MilvusVectorStore = c.vectors.view(target.collection, target.dim, create=True)
-        self.keywords = IndexKeywordsStage(c.uow, c.keywords)
+        self.keywords = IndexKeywordsStage(c.uow, c.keyword_index)
         self.summary: RebuildSummary
         self.done = 0
         self.total = 0
@@ -217,7 +219,7 @@ class _Run:
                 for node, r in sorted(rows.items())
             ]
         )
-        # postings the way index_keywords makes them: it is the same code
+        # texts the way index_keywords writes them: it is the same code
         by_document: dict[str, list[Any]] = {}
         for r in rows.values():
             by_document.setdefault(r.document_id, []).append(r)
@@ -246,12 +248,12 @@ class _Run:
         if self.progress:
             self.progress(self.done, self.total)
 
-    def drop_orphan_postings(self, alive: set[str]) -> None:
-        with self.c.uow() as uow:
-            orphans = [n for n in uow.postings.nodes(self.tenant, self.dataset) if n not in alive]
-            if orphans:
-                uow.postings.delete_nodes(orphans)
-                uow.commit()
+    def drop_orphan_keywords(self, alive: set[str]) -> set[str]:
+        """Delete the keyword entities whose segment is gone; the ids left."""
+        index = self.c.keyword_index
+        held = set(index.ids(self.tenant, self.dataset))
+        index.delete(sorted(held - alive))
+        return held & alive
 
 
 def drop_retired(c: Container, dataset: str, now: bool = False) -> list[dict[str, Any]]:

@@ -1,5 +1,7 @@
-"""Search over one dataset: vector (Milvus), keyword (jieba postings) and
-hybrid (weighted fusion of the two rankings, domain/fusion.py)."""
+"""Search over one dataset: vector (Milvus), keyword (Milvus full-text BM25)
+and hybrid (weighted fusion of the two rankings, domain/fusion.py). Vectors and
+texts live in two collections (one per embedding model, one for all texts), so
+hybrid fuses here, not in a Milvus hybrid_search over one collection."""
 
 from __future__ import annotations
 
@@ -40,9 +42,7 @@ def vector_ranking(c: Container, dataset: str, query: str, k: int) -> list[tuple
 
 
 def keyword_ranking(c: Container, dataset: str, query: str, k: int) -> list[tuple[str, float]]:
-    terms = c.keywords.query_terms(query)
-    with c.uow(readonly=True) as uow:
-        return uow.postings.search(c.settings.tenant, dataset, terms, k)
+    return c.keyword_index.search(query, c.settings.tenant, dataset, k)
 
 
 def rrf(rankings: list[list[tuple[str, float]]], k: int) -> list[tuple[str, float]]:

@@ -79,9 +79,12 @@ class Settings(BaseSettings):
     )
     # below the model's 1: word overlap is weaker evidence than a model that reads the query
     hybrid_keyword_weight: float = Field(default=0.5, ge=0)
+    # off since keywords are BM25: it no longer helped on the benchmark (benchmarks/README.md)
     hybrid_keyword_evidence: bool = Field(
-        default=True, description="scale each keyword hit by the share of the query it holds"
+        default=False, description="scale each keyword hit by the share of the query it holds"
     )
+    # Milvus's tokenizer for the keyword index (infra/keyword_index.py)
+    keyword_tokenizer: Literal["standard", "jieba", "whitespace"] = "standard"
     # `kbstream serve`: the bearer token clients (Dify) send; unset = no auth
     api_key: str | None = None
 
@@ -97,7 +100,6 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=900_000, ge=10_000)
     inline_text_bytes: int = Field(default=256 * 1024, ge=1024)
     segments_per_event: int = Field(default=32, ge=1)
-    keywords_per_segment: int = Field(default=50, ge=1)
 
     retry_attempts: int = Field(default=6, ge=1)
     retry_max_seconds: float = Field(default=30.0, gt=0)

@@ -1,6 +1,6 @@
 """`kbstream verify`: do the database's segments, Milvus's vectors and the
-keyword postings agree, document by document? With repair, converge them:
-orphans are deleted directly; missing vectors or postings are re-indexed by
+keyword (full-text) index agree, document by document? With repair, converge
+them: orphans are deleted directly; missing vectors or texts are re-indexed by
 republishing their segments (the embedding cache makes that cheap); documents
 stuck mid-pipeline are republished from their source file (uploaded again)
 or, failing that, from their last upload in the database."""
@@ -17,7 +17,6 @@ from typing import Any
 from consumers.contract import Emit
 from domain.documents import DocKey, Document, IndexingStatus
 from domain.events import DocForm, DocumentUpdated, Topic, split_batches
-from domain.ports import UnitOfWork
 from kbstream.bootstrap import Container
 from kbstream.publishing import publish_and_wait
 from producers.uploads import UploadError, existing_upload, upload_files
@@ -29,8 +28,8 @@ PROBLEMS = (
     "orphan_vector",  # a vector whose segment row is gone
     "duplicate_vector",  # the same index_node_id twice in Milvus
     "vector_wrong_document",  # a vector filed under another document
-    "missing_postings",  # a segment with keywords but no postings
-    "orphan_postings",  # postings whose segment row is gone
+    "missing_keywords",  # a segment without its keyword index entity
+    "orphan_keywords",  # a keyword index entity whose segment row is gone
     "not_indexed",  # a completed document's segment not flagged in both branches
     "stuck",  # a document in parsing/splitting/indexing for too long
 )
@@ -53,7 +52,7 @@ class VerifyReport:
     documents: int = 0
     segments: int = 0
     vectors: int = 0
-    postings_segments: int = 0
+    keyword_segments: int = 0
     drift: list[Drift] = field(default_factory=list)
     repaired: list[Drift] = field(default_factory=list)
     # one line for a lost or mostly empty vector index: rebuild it
@@ -65,7 +64,7 @@ class VerifyReport:
             "documents": self.documents,
             "segments": self.segments,
             "vectors": self.vectors,
-            "postings_segments": self.postings_segments,
+            "keyword_segments": self.keyword_segments,
             "clean": not self.drift,
             "drift": [d.to_dict() for d in self.drift],
             "repaired": [d.to_dict() for d in self.repaired],
@@ -80,16 +79,15 @@ def verify(c: Container, dataset: str, stuck_after: float = 600.0) -> VerifyRepo
     with c.uow(readonly=True) as uow:
         docs = {d.document_id: d for d in uow.documents.list(tenant, dataset)}
         segments = uow.segments.for_dataset(tenant, dataset)
-        postings = uow.postings.nodes(tenant, dataset)
-        # only segments without postings need their text: did they have keywords?
-        unposted = _texts(uow, [n for n in sorted(segments) if n not in postings])
     vectors, lost = _dataset_vectors(c, dataset)
-    if lost or (segments and len(vectors) < len(segments) / 2):
+    texts = c.keyword_index.ids(tenant, dataset)
+    # a lost index, or a dataset from before the keyword index (migration 0005)
+    if lost or (segments and min(len(vectors), len(texts)) < len(segments) / 2):
         report.hint = f"run: kbstream rebuild --dataset {dataset}"
     report.documents = sum(1 for d in docs.values() if not d.deleted)
     report.segments = len(segments)
     report.vectors = len(vectors)
-    report.postings_segments = len(postings)
+    report.keyword_segments = len(texts)
 
     def drift(problem: str, doc_id: str, node: str | None = None) -> None:
         d = docs.get(doc_id)
@@ -105,8 +103,8 @@ def verify(c: Container, dataset: str, stuck_after: float = 600.0) -> VerifyRepo
                 drift("vector_wrong_document", doc_id, node)
             if count > 1:
                 drift("duplicate_vector", doc_id, node)
-        if node in unposted and c.keywords.extract(unposted[node]):
-            drift("missing_postings", doc_id, node)
+        if node not in texts:
+            drift("missing_keywords", doc_id, node)
         state = docs.get(doc_id)
         completed = state is not None and state.status is IndexingStatus.COMPLETED
         if completed and not (seg.vector_indexed and seg.keywords_indexed):
@@ -114,9 +112,9 @@ def verify(c: Container, dataset: str, stuck_after: float = 600.0) -> VerifyRepo
     for node, (vec_doc, _) in sorted(vectors.items()):
         if node not in segments:
             drift("orphan_vector", vec_doc, node)
-    for node, doc_id in sorted(postings.items()):
+    for node, doc_id in sorted(texts.items()):
         if node not in segments:
-            drift("orphan_postings", doc_id, node)
+            drift("orphan_keywords", doc_id, node)
     cutoff = datetime.now(UTC) - timedelta(seconds=stuck_after)
     for d in docs.values():
         if d.status.in_flight:
@@ -142,18 +140,9 @@ def _dataset_vectors(c: Container, dataset: str) -> tuple[dict[str, tuple[str, i
     return c.vectors.ids_with_duplicates(tenant, dataset), False
 
 
-def _texts(uow: UnitOfWork, nodes: list[str], chunk: int = 500) -> dict[str, str]:
-    """index_node_id -> the text the keyword index sees."""
-    texts: dict[str, str] = {}
-    for i in range(0, len(nodes), chunk):
-        rows = uow.segments.by_ids(nodes[i : i + chunk])
-        texts.update({node: row.searchable_text for node, row in rows.items()})
-    return texts
-
-
 REDO = (
     "missing_vector",
-    "missing_postings",
+    "missing_keywords",
     "not_indexed",
     "vector_wrong_document",
     "duplicate_vector",
@@ -169,14 +158,11 @@ def repair(
     orphan_vectors = [
         d.index_node_id for d in before.drift if d.problem in ORPHAN_VECTOR and d.index_node_id
     ]
-    orphan_postings = [
-        d.index_node_id for d in before.drift if d.problem == "orphan_postings" and d.index_node_id
+    orphan_texts = [
+        d.index_node_id for d in before.drift if d.problem == "orphan_keywords" and d.index_node_id
     ]
     c.vectors.delete(orphan_vectors)
-    if orphan_postings:
-        with c.uow() as uow:
-            uow.postings.delete_nodes(orphan_postings)
-            uow.commit()
+    c.keyword_index.delete(orphan_texts)
 
     # segments that must go through embed/load/keywords again
     redo: dict[str, set[str]] = {}

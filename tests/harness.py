@@ -25,14 +25,14 @@ class DocSnapshot:
 
     segments: set[str]
     vectors: set[str]
-    postings: set[str]
+    texts: set[str]  # ids in the keyword (full-text) index
     state: Document | None
 
     @property
     def consistent(self) -> bool:
-        """Every segment has its vector, nothing else has one, and postings
-        only exist for segments (a segment may legitimately yield no keyword)."""
-        return self.segments == self.vectors and self.postings <= self.segments
+        """Both indexes hold exactly the segments: every segment has its vector
+        and its keyword index entity, nothing else has one."""
+        return self.segments == self.vectors == self.texts
 
 
 def make_settings(
@@ -117,10 +117,10 @@ class Pipeline:
         key = DocKey(self.tenant, dataset, document_id)
         with c.uow(readonly=True) as uow:
             segments = uow.segments.ids_for_document(key)
-            postings = uow.postings.nodes_for_document(key)
             state = uow.documents.get(key)
         vectors = set(c.vectors.ids_for_document(key))
-        return DocSnapshot(segments, vectors, postings, state)
+        texts = set(c.keyword_index.ids_for_document(key))
+        return DocSnapshot(segments, vectors, texts, state)
 
     def wait_for(
         self,
@@ -132,7 +132,7 @@ class Pipeline:
         settled: bool = True,
     ) -> dict[str, Document]:
         """Wait until every document reaches one of ``statuses`` and (with
-        ``settled``) Milvus and the postings agree with its segment rows."""
+        ``settled``) both Milvus indexes agree with its segment rows."""
         wanted = set(statuses)
         ids = list(document_ids)
         deadline = time.monotonic() + timeout
@@ -149,7 +149,7 @@ class Pipeline:
                 if settled:
                     snap = self.snapshot(dataset, doc_id)
                     gone = st.status is IndexingStatus.DELETED
-                    if not snap.consistent or (gone and (snap.segments or snap.postings)):
+                    if not snap.consistent or (gone and (snap.segments or snap.texts)):
                         last[doc_id] = (st, snap)
                         break
                 done[doc_id] = st

@@ -11,7 +11,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
-    Float,
     ForeignKey,
     Index,
     Integer,
@@ -136,25 +135,6 @@ class EmbeddingRow(Base):
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = _ts()
-
-
-class KeywordPostingRow(Base):
-    __tablename__ = "keyword_postings"
-    __table_args__ = (
-        UniqueConstraint(
-            "tenant_id", "dataset_id", "keyword", "index_node_id", name="uq_postings_key"
-        ),
-        Index("ix_postings_node", "index_node_id"),
-        Index("ix_postings_document", "tenant_id", "dataset_id", "document_id"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    tenant_id: Mapped[str] = mapped_column(String(128))
-    dataset_id: Mapped[str] = mapped_column(String(128))
-    keyword: Mapped[str] = mapped_column(String(128))
-    index_node_id: Mapped[str] = mapped_column(String(64))
-    document_id: Mapped[str] = mapped_column(String(128))
-    weight: Mapped[float] = mapped_column(Float)
 
 
 class PayloadRow(Base):

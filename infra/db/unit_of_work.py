@@ -26,7 +26,6 @@ from infra.db.documents import DocumentRepository
 from infra.db.embedding_cache import EmbeddingCache
 from infra.db.jobs import ImportJobs
 from infra.db.payloads import PayloadStore
-from infra.db.postings import KeywordPostings
 from infra.db.segments import SegmentRepository
 from infra.db.vector_indexes import VectorIndexRegistry
 
@@ -35,7 +34,6 @@ class SqlUnitOfWork:
     documents: DocumentRepository
     segments: SegmentRepository
     embeddings: EmbeddingCache
-    postings: KeywordPostings
     payloads: PayloadStore
     jobs: ImportJobs
     vector_indexes: VectorIndexRegistry
@@ -71,7 +69,6 @@ class SqlUnitOfWork:
         self.documents = DocumentRepository(db, conn)
         self.segments = SegmentRepository(db, conn)
         self.embeddings = EmbeddingCache(db, conn)
-        self.postings = KeywordPostings(db, conn)
         self.payloads = PayloadStore(db, conn)
         self.jobs = ImportJobs(db, conn)
         self.vector_indexes = VectorIndexRegistry(db, conn)

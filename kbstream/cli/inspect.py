@@ -58,7 +58,7 @@ def search(
 
 @app.command()
 def stats(dataset: DatasetOpt, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Counts for DATASET: documents, segments, vectors, postings, cache."""
+    """Counts for DATASET: documents, segments, vectors, keyword entities, cache."""
     with cli_session(home) as (_, c):
         data = queries.dataset_stats(c, dataset)
     if as_json:
@@ -178,7 +178,7 @@ def verify(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check that segments, vectors and keyword postings agree, document by
+    """Check that segments, vectors and the keyword index agree, document by
     document; with --repair, fix what differs. Exit 1 if drift remains."""
     from kbstream.verify import repair as run_repair
     from kbstream.verify import verify as run_verify
@@ -195,7 +195,7 @@ def verify(
     else:
         out.print(
             f"{dataset}: {data['documents']} documents, {data['segments']} segments, "
-            f"{data['vectors']} vectors, {data['postings_segments']} segments with postings"
+            f"{data['vectors']} vectors, {data['keyword_segments']} keyword entities"
         )
         if report.repaired:
             out.print(f"[green]repaired {len(report.repaired)} problem(s)[/green]")

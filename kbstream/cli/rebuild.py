@@ -1,4 +1,4 @@
-"""`kbstream rebuild`: rebuild a dataset's vector index and postings from the
+"""`kbstream rebuild`: rebuild a dataset's vector and keyword indexes from the
 stored segments, or switch its embedding model (blue/green)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def rebuild(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rebuild DATASET's vectors and keyword postings from its stored segments
+    """Rebuild DATASET's vectors and keyword index from its stored segments
     (searches keep answering meanwhile); with --model, switch its embedding model."""
     from kbstream.rebuild import drop_retired as run_drop
     from kbstream.rebuild import rebuild as run_rebuild

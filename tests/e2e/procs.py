@@ -414,22 +414,18 @@ class DatasetSnapshot:
     seg_hash: dict[str, str]  # index_node_id -> doc_hash
     flags: dict[str, tuple[bool, bool]]  # index_node_id -> (vector_indexed, keywords_indexed)
     vectors: dict[str, tuple[str, int]]  # index_node_id -> (document_id, copies)
-    postings: dict[str, str]  # index_node_id -> document_id
-    keywords: dict[str, frozenset[tuple[str, float]]]  # index_node_id -> postings
+    texts: dict[str, str]  # index_node_id -> document_id in the keyword index
 
     @classmethod
     def take(cls, c: Container, tenant: str, dataset: str) -> DatasetSnapshot:
-        from infra.db.models import KeywordPostingRow, SegmentRow
+        from infra.db.models import SegmentRow
 
         with c.uow(readonly=True) as uow:
             docs = {d.document_id: d for d in uow.documents.list(tenant, dataset)}
         s = SegmentRow.__table__
-        k = KeywordPostingRow.__table__
         segments: dict[str, str] = {}
         seg_hash: dict[str, str] = {}
         flags: dict[str, tuple[bool, bool]] = {}
-        postings: dict[str, str] = {}
-        keywords: dict[str, set[tuple[str, float]]] = {}
         with c.database.connect() as conn:
             for r in conn.execute(
                 select(
@@ -443,23 +439,9 @@ class DatasetSnapshot:
                 segments[r[0]] = r[1]
                 seg_hash[r[0]] = r[2]
                 flags[r[0]] = (bool(r[3]), bool(r[4]))
-            for r in conn.execute(
-                select(k.c.index_node_id, k.c.document_id, k.c.keyword, k.c.weight).where(
-                    k.c.tenant_id == tenant, k.c.dataset_id == dataset
-                )
-            ):
-                postings[r[0]] = r[1]
-                keywords.setdefault(r[0], set()).add((r[2], round(float(r[3]), 6)))
         vectors = c.vectors.ids_with_duplicates(tenant, dataset)
-        return cls(
-            docs,
-            segments,
-            seg_hash,
-            flags,
-            vectors,
-            postings,
-            {n: frozenset(v) for n, v in keywords.items()},
-        )
+        texts = c.keyword_index.ids(tenant, dataset)
+        return cls(docs, segments, seg_hash, flags, vectors, texts)
 
     def doc_segments(self, doc_id: str) -> set[str]:
         return {n for n, d in self.segments.items() if d == doc_id}
@@ -467,8 +449,8 @@ class DatasetSnapshot:
     def doc_vectors(self, doc_id: str) -> set[str]:
         return {n for n, (d, _) in self.vectors.items() if d == doc_id}
 
-    def doc_postings(self, doc_id: str) -> set[str]:
-        return {n for n, d in self.postings.items() if d == doc_id}
+    def doc_texts(self, doc_id: str) -> set[str]:
+        return {n for n, d in self.texts.items() if d == doc_id}
 
     def status(self, doc_id: str) -> IndexingStatus | None:
         st = self.docs.get(doc_id)
@@ -488,7 +470,7 @@ class DatasetSnapshot:
                 continue
             segs = self.doc_segments(doc_id)
             vecs = self.doc_vectors(doc_id)
-            posts = self.doc_postings(doc_id)
+            posts = self.doc_texts(doc_id)
             if st.status is IndexingStatus.COMPLETED:
                 if segs != vecs:
                     out.append(
@@ -496,7 +478,7 @@ class DatasetSnapshot:
                     )
                 if posts != segs:
                     out.append(
-                        f"{doc_id}: {len(segs - posts)} missing / {len(posts - segs)} orphan postings"
+                        f"{doc_id}: {len(segs - posts)} missing / {len(posts - segs)} orphan texts"
                     )
                 if not all(all(self.flags[n]) for n in segs):
                     out.append(f"{doc_id}: completed with unflagged segments")
@@ -512,9 +494,9 @@ class DatasetSnapshot:
         strays = [n for n, (d, _) in self.vectors.items() if n not in self.segments]
         if strays:
             out.append(f"{len(strays)} vectors without a segment row")
-        stray_posts = [n for n in self.postings if n not in self.segments]
+        stray_posts = [n for n in self.texts if n not in self.segments]
         if stray_posts:
-            out.append(f"{len(stray_posts)} postings without a segment row")
+            out.append(f"{len(stray_posts)} keyword entities without a segment row")
         return out
 
     def settled(self, ids: Iterable[str]) -> bool:

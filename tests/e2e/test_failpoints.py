@@ -210,10 +210,10 @@ def check_exact(b: Bench, case: Case) -> None:
             and all(s.status(d) is IndexingStatus.DELETED for d in case.deleted)
         ),
     )
-    # per document: segments == vectors == postings (every text has keywords),
+    # per document: segments == vectors == keyword entities,
     # nothing of removed segments or deleted documents, nothing in flight
     assert_exact(snap, case.expected, case.deleted)
-    assert not case.removed & (set(snap.segments) | set(snap.vectors) | set(snap.postings))
+    assert not case.removed & (set(snap.segments) | set(snap.vectors) | set(snap.texts))
     report = retrying(lambda: verify(c.container, case.dataset))
     assert report.drift == [], report.to_dict()
     assert report.segments == report.vectors == sum(map(len, case.expected.values()))

@@ -178,7 +178,7 @@ def assert_exact(
     snap: DatasetSnapshot, expected: dict[str, dict[str, str]], deleted: set[str]
 ) -> None:
     """Every live document holds exactly its expected segments, vectors and
-    postings; deleted ones hold nothing; nothing else exists."""
+    keyword entities; deleted ones hold nothing; nothing else exists."""
     problems = snap.problems()
     assert not problems, problems[:20]
     for doc_id, segs in expected.items():
@@ -186,14 +186,14 @@ def assert_exact(
         want = set(segs)
         assert snap.doc_segments(doc_id) == want, doc_id
         assert snap.doc_vectors(doc_id) == want, doc_id
-        assert snap.doc_postings(doc_id) == want, doc_id
+        assert snap.doc_texts(doc_id) == want, doc_id
     for doc_id in deleted:
         assert snap.status(doc_id) is IndexingStatus.DELETED, (doc_id, snap.docs.get(doc_id))
-        assert not snap.doc_segments(doc_id) | snap.doc_vectors(doc_id) | snap.doc_postings(doc_id)
+        assert not snap.doc_segments(doc_id) | snap.doc_vectors(doc_id) | snap.doc_texts(doc_id)
     every = {n for segs in expected.values() for n in segs}
     assert set(snap.segments) == every
     assert set(snap.vectors) == every
-    assert set(snap.postings) == every
+    assert set(snap.texts) == every
     assert all(copies == 1 for _, copies in snap.vectors.values())
 
 
@@ -516,7 +516,7 @@ def test_duplicated_and_reordered_events_give_the_clean_state(duplicate_runs, ca
     assert_exact(dup, r["expected"]["dup"], deleted)
     assert_exact(clean, r["expected"]["clean"], deleted)
     assert all(r["copied"].get(t, 0) > 0 for t in r["copied"]) and len(r["copied"]) == 4
-    # the same documents, segments (content and order), vectors and postings
+    # the same documents, segments (content and order), vectors and keyword entities
     for d in r["ids"]:
         assert dup.status(d) == clean.status(d), d
         if d in deleted:
@@ -524,7 +524,7 @@ def test_duplicated_and_reordered_events_give_the_clean_state(duplicate_runs, ca
         a, b = list(r["expected"]["dup"][d]), list(r["expected"]["clean"][d])
         assert [r["expected"]["dup"][d][n] for n in a] == [r["expected"]["clean"][d][n] for n in b]
         for na, nb in zip(a, b, strict=True):
-            assert dup.keywords[na] == clean.keywords[nb], (d, na)
+            assert dup.texts[na] == clean.texts[nb] == d, (d, na)
             assert dup.seg_hash[na] == clean.seg_hash[nb]
         assert dup.docs[d].segment_count == clean.docs[d].segment_count == len(a)
     # nothing embedded twice: the model saw each distinct text exactly once, the
@@ -868,6 +868,7 @@ def test_dlq_list_and_replay_through_the_cli(poisoned) -> None:
 def test_verify_finds_and_repairs_drift(poisoned) -> None:
     import numpy as np
 
+    from domain.ports import KeywordRow
     from infra.vectors import VectorRow
 
     c: Cluster = poisoned["cluster"]
@@ -877,19 +878,16 @@ def test_verify_finds_and_repairs_drift(poisoned) -> None:
     assert rc == 0 and report["clean"], report
     snap = c.snapshot(ds)
     nodes = sorted(snap.segments)
-    lost_vectors, lost_postings = nodes[:3], nodes[3:6]
+    lost_vectors, lost_texts = nodes[:3], nodes[3:6]
     retrying(lambda: con.vectors.delete(lost_vectors))
-    with con.uow() as uow:
-        uow.postings.delete_nodes(lost_postings)
-        uow.commit()
+    retrying(lambda: con.keyword_index.delete(lost_texts))
     orphan = str(uuid.uuid4())
     vec = np.random.default_rng(1).standard_normal(con.vectors.dim).astype("float32")
     row = VectorRow(orphan, vec / np.linalg.norm(vec), DocKey(c.tenant, ds, "p01"))
     retrying(lambda: con.vectors.upsert([row]))
     stray = str(uuid.uuid4())
-    with con.uow() as uow:
-        uow.postings.replace({(DocKey(c.tenant, ds, "p02"), stray): [("lighthouse", 1.0)]})
-        uow.commit()
+    text = KeywordRow(stray, DocKey(c.tenant, ds, "p02"), "lighthouse")
+    retrying(lambda: con.keyword_index.upsert([text]))
     assert wait_until(lambda: orphan in retrying(lambda: con.vectors.ids(c.tenant, ds)), 30, 0.5)
 
     rc, report = c.verify(ds)
@@ -897,8 +895,8 @@ def test_verify_finds_and_repairs_drift(poisoned) -> None:
     found = {(d["problem"], d["index_node_id"]) for d in report["drift"]}
     assert found == (
         {("missing_vector", n) for n in lost_vectors}
-        | {("missing_postings", n) for n in lost_postings}
-        | {("orphan_vector", orphan), ("orphan_postings", stray)}
+        | {("missing_keywords", n) for n in lost_texts}
+        | {("orphan_vector", orphan), ("orphan_keywords", stray)}
     ), report["drift"]
 
     rc, report = c.verify(ds, repair=True)

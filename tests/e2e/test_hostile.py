@@ -207,7 +207,7 @@ def test_hostile_documents_fail_alone_with_a_reason(pipeline: Pipeline) -> None:
         assert st.status is IndexingStatus.ERROR, (doc_id, ids.get(doc_id), st)
         assert st.error and reason in st.error, (doc_id, ids.get(doc_id), st.error)
         snap = p.snapshot("hostile", doc_id)
-        assert not (snap.segments or snap.vectors or snap.postings), doc_id
+        assert not (snap.segments or snap.vectors or snap.texts), doc_id
     # the reason names the limit that was hit
     huge = states[by_name["huge.txt"]].error or ""
     assert "above the 64.0 KiB limit" in huge
@@ -216,7 +216,7 @@ def test_hostile_documents_fail_alone_with_a_reason(pipeline: Pipeline) -> None:
         doc_id = by_name[name]
         assert states[doc_id].status is IndexingStatus.COMPLETED, (name, states[doc_id])
         snap = p.snapshot("hostile", doc_id)
-        assert snap.segments and snap.consistent and snap.postings == snap.segments, name
+        assert snap.segments and snap.consistent and snap.texts == snap.segments, name
     assert p.pool is not None and p.pool.alive()
     # each broken document is dead-lettered once by parse, with its reason;
     # nothing else is
@@ -330,7 +330,7 @@ def test_a_fixed_document_replayed_from_the_dlq_completes(pipeline: Pipeline) ->
         120,
     ), p.state("fixme", draft)
     snap = p.snapshot("fixme", draft)
-    assert snap.segments and snap.consistent and snap.postings == snap.segments
+    assert snap.segments and snap.consistent and snap.texts == snap.segments
     assert len(list_dead_letters(brokers, p.container.topics)) == 1
 
 

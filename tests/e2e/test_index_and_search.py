@@ -112,7 +112,7 @@ def test_shared_text_is_embedded_once(indexed: dict[str, Any]) -> None:
     assert s["embedded"] + s["cache_hits"] == s["segments"]
     assert s["embedded"] == stats["cached_embeddings"]
     assert stats["segments"] == stats["vectors"] == s["segments"]
-    assert stats["keyword_postings"] > 0
+    assert stats["keyword_entities"] == stats["segments"] > 0
     assert stats["by_status"] == {"completed": 4}
 
 

@@ -3,7 +3,7 @@ real tansu broker, PostgreSQL, milvus-lite and the real all-MiniLM-L6-v2 model.
 
 Every scenario publishes upstream lifecycle events with explicit versions,
 waits for the documents to settle, and checks the exact final state of the
-three stores per document (segment rows = Milvus vectors = keyword postings,
+three stores per document (segment rows = Milvus vectors = keyword index,
 no duplicates, positions, contents) and the exact work done (what reached the
 model, the embedding cache, the documents' added/kept/removed counters)."""
 
@@ -39,7 +39,7 @@ from domain.events import (
 )
 from domain.model import build_segments, compute_doc_hash, make_index_node_id
 from domain.splitting import split_document
-from infra.db.models import KeywordPostingRow, SegmentRow
+from infra.db.models import SegmentRow
 from kbstream.indexing import index_paths
 from kbstream.search import search
 from tests.harness import Pipeline, make_settings
@@ -94,15 +94,15 @@ def text_of(paragraphs: Sequence[str]) -> str:
 
 class Spy:
     """Records the work the stages do: every text sent to the real model,
-    every id upserted into Milvus, every id whose keyword postings were
-    (re)written. Wraps the adapters' methods on the shared container."""
+    every id upserted into Milvus's vectors and into its keyword index. Wraps
+    the adapters' methods on the shared container."""
 
     def __init__(self, container: Any) -> None:
         self.texts: list[str] = []
         self.upserts: list[str] = []
         self.keywords: list[str] = []
-        provider, vectors, uow = container.provider, container.vectors, container.uow
-        embed, upsert = provider.embed, vectors.upsert
+        provider, vectors, index = container.provider, container.vectors, container.keyword_index
+        embed, upsert, upsert_texts = provider.embed, vectors.upsert, index.upsert
 
         def spy_embed(texts: Sequence[str]) -> list[list[float]]:
             self.texts.extend(texts)
@@ -112,10 +112,11 @@ class Spy:
             self.upserts.extend(r.index_node_id for r in rows)
             return upsert(rows)  # type: ignore[no-any-return]
 
-        def spy_uow(readonly: bool = False) -> _SpiedUnitOfWork:
-            return _SpiedUnitOfWork(uow(readonly), self.keywords)
+        def spy_upsert_texts(rows: Sequence[Any]) -> int:
+            self.keywords.extend(r.index_node_id for r in rows)
+            return upsert_texts(rows)  # type: ignore[no-any-return]
 
-        provider.embed, vectors.upsert, container.uow = spy_embed, spy_upsert, spy_uow
+        provider.embed, vectors.upsert, index.upsert = spy_embed, spy_upsert, spy_upsert_texts
 
     def mark(self) -> tuple[int, int, int]:
         return len(self.texts), len(self.upserts), len(self.keywords)
@@ -125,29 +126,8 @@ class Spy:
         return self.texts[mark[0] :]
 
     def writes_since(self, mark: tuple[int, int, int]) -> tuple[set[str], set[str]]:
-        """(ids upserted into Milvus, ids whose postings were written) since ``mark``."""
+        """(ids upserted into the vector index, into the keyword index) since ``mark``."""
         return set(self.upserts[mark[1] :]), set(self.keywords[mark[2] :])
-
-
-class _SpiedUnitOfWork:
-    """A unit of work whose keyword postings report the nodes they rewrite."""
-
-    def __init__(self, uow: Any, seen: list[str]) -> None:
-        self._uow, self._seen = uow, seen
-
-    def __enter__(self) -> Any:
-        inner = self._uow.__enter__()
-        rewrite = inner.postings.replace
-
-        def spy_replace(key_postings: dict[Any, Any]) -> None:
-            self._seen.extend(node for _, node in key_postings)
-            rewrite(key_postings)
-
-        inner.postings.replace = spy_replace
-        return inner
-
-    def __exit__(self, *exc: Any) -> None:
-        self._uow.__exit__(*exc)
 
 
 @dataclass
@@ -262,19 +242,6 @@ def ordered(rows: dict[str, Row]) -> list[Row]:
     return sorted(rows.values(), key=lambda r: r.position)
 
 
-def posting_ids(p: Pipeline, ds: str, doc: str) -> dict[str, frozenset[int]]:
-    k = KeywordPostingRow.__table__
-    out: dict[str, set[int]] = {}
-    with p.container.database.connect() as conn:
-        for pid, node in conn.execute(
-            select(k.c.id, k.c.index_node_id).where(
-                k.c.tenant_id == p.tenant, k.c.dataset_id == ds, k.c.document_id == doc
-            )
-        ):
-            out.setdefault(node, set()).add(pid)
-    return {n: frozenset(v) for n, v in out.items()}
-
-
 def cache_count(p: Pipeline) -> int:
     provider, model, _ = p.container.model_identity
     with p.container.uow(readonly=True) as uow:
@@ -300,7 +267,7 @@ def assert_exact(
     assert snap.state.status is status, snap.state
     assert snap.segments == set(rows)
     assert snap.vectors == snap.segments, "Milvus differs from the segment rows"
-    assert snap.postings == snap.segments, "keyword postings differ from the segment rows"
+    assert snap.texts == snap.segments, "the keyword index differs from the segment rows"
     assert not milvus_duplicates(p, ds)
     assert [r.content for r in ordered(rows)] == list(contents)
     assert [r.position for r in ordered(rows)] == list(range(len(contents)))
@@ -310,7 +277,7 @@ def assert_exact(
 
 def assert_gone(p: Pipeline, ds: str, doc: str) -> None:
     snap = p.snapshot(ds, doc)
-    assert snap.segments == set() and snap.vectors == set() and snap.postings == set(), snap
+    assert snap.segments == set() and snap.vectors == set() and snap.texts == set(), snap
     assert snap.state is not None and snap.state.status is IndexingStatus.DELETED
     assert snap.state.segment_count == 0
 
@@ -360,7 +327,6 @@ def test_update_of_one_paragraph_reembeds_only_that_segment(env: Env, ds: str, n
     p.wait_for(ds, ["long"], min_version=1)
     assert_exact(p, ds, "long", v1)
     before = seg_rows(p, ds, "long")
-    postings_before = posting_ids(p, ds, "long")
     cache_before, mark = cache_count(p), env.spy.mark()
 
     v2 = list(v1)
@@ -375,7 +341,6 @@ def test_update_of_one_paragraph_reembeds_only_that_segment(env: Env, ds: str, n
     assert cache_count(p) == cache_before + 1
 
     after = seg_rows(p, ds, "long")
-    postings_after = posting_ids(p, ds, "long")
     gone = set(before) - set(after)
     new = set(after) - set(before)
     assert len(gone) == 1 and before[gone.pop()].content == v1[7]
@@ -385,7 +350,6 @@ def test_update_of_one_paragraph_reembeds_only_that_segment(env: Env, ds: str, n
     for node in kept:
         # untouched: the same row (only its status column may be touched on completion)
         assert replace(after[node], updated_at=None) == replace(before[node], updated_at=None)
-        assert postings_after[node] == postings_before[node], "kept postings were rewritten"
     assert kept <= p.snapshot(ds, "long").vectors
     # no vector write and no keyword write for a kept segment
     assert env.spy.writes_since(mark) == (new, new)
@@ -409,7 +373,7 @@ def test_update_of_one_paragraph_with_the_automatic_rule(env: Env, ds: str, nonc
     st = p.wait_for(ds, ["auto"], min_version=2)["auto"]
     after = seg_rows(p, ds, "auto")
     snap = p.snapshot(ds, "auto")
-    assert snap.segments == snap.vectors == snap.postings == set(after)
+    assert snap.segments == snap.vectors == snap.texts == set(after)
 
     new_hashes = {r.doc_hash for r in after.values()} - {r.doc_hash for r in before.values()}
     assert st.embedded_texts == len(new_hashes) == len(env.spy.since(mark))
@@ -520,8 +484,7 @@ def test_delete_right_after_create_leaves_nothing(
     p.drain()  # nothing still in flight may bring a row, vector or posting back
     assert_gone(p, ds, "doc")
     assert p.container.vectors.count(p.tenant, ds) == 0
-    with p.container.uow(readonly=True) as uow:
-        assert uow.postings.count(p.tenant, ds) == 0
+    assert p.container.keyword_index.count(p.tenant, ds) == 0
     print(f"\ndelete published when the create had reached: {seen or 'nothing'}")
 
 
@@ -542,7 +505,7 @@ def test_segment_deleted_by_index_node_id_and_by_segment_id(env: Env, ds: str, n
     wait_until(
         lambda: (
             by_node.index_node_id not in (s := p.snapshot(ds, "doc")).vectors
-            and by_node.index_node_id not in s.postings
+            and by_node.index_node_id not in s.texts
             and by_node.index_node_id not in s.segments
         ),
         what="segment deleted by index_node_id",
@@ -552,7 +515,7 @@ def test_segment_deleted_by_index_node_id_and_by_segment_id(env: Env, ds: str, n
     wait_until(
         lambda: (
             by_id.index_node_id not in (s := p.snapshot(ds, "doc")).vectors
-            and by_id.index_node_id not in s.postings
+            and by_id.index_node_id not in s.texts
             and by_id.index_node_id not in s.segments
         ),
         what="segment deleted by segment id",
@@ -562,7 +525,7 @@ def test_segment_deleted_by_index_node_id_and_by_segment_id(env: Env, ds: str, n
     assert snap.state is not None and snap.state.status is IndexingStatus.COMPLETED
     assert snap.state.segment_count == 3
     left = {r.index_node_id for r in rows} - {by_node.index_node_id, by_id.index_node_id}
-    assert snap.segments == snap.vectors == snap.postings == left
+    assert snap.segments == snap.vectors == snap.texts == left
     assert env.spy.since(mark) == []
 
     # deleting a segment that is already gone, or of another document, is a no-op
@@ -574,7 +537,7 @@ def test_segment_deleted_by_index_node_id_and_by_segment_id(env: Env, ds: str, n
     )
     p.drain()
     snap = p.snapshot(ds, "doc")
-    assert snap.segments == snap.vectors == snap.postings == left
+    assert snap.segments == snap.vectors == snap.texts == left
     assert snap.state is not None and snap.state.segment_count == 3
 
 
@@ -812,7 +775,7 @@ def test_parent_child_search_returns_the_parent(env: Env, ds: str, nonce: str) -
     for r in rows:
         assert r.parent is not None and r.content in r.parent
     snap = p.snapshot(ds, "pc")
-    assert snap.segments == snap.vectors == snap.postings
+    assert snap.segments == snap.vectors == snap.texts
 
     hits = search(p.container, ds, "message size limit of the broker, claim check", "vector", 3)
     assert hits and hits[0].parent == parents[0] and hits[0].content != parents[0]
@@ -832,7 +795,7 @@ def full_state(p: Pipeline, ds: str, docs: Sequence[str]) -> dict[str, Any]:
         out[doc] = {
             "segments": snap.segments,
             "vectors": snap.vectors,
-            "postings": snap.postings,
+            "texts": snap.texts,
             "rows": {
                 n: (r.position, r.doc_hash, r.content, r.answer, r.parent, r.job_id)
                 for n, r in rows.items()
@@ -843,8 +806,7 @@ def full_state(p: Pipeline, ds: str, docs: Sequence[str]) -> dict[str, Any]:
         }
     out["milvus_duplicates"] = milvus_duplicates(p, ds)
     out["vector_count"] = p.container.vectors.count(p.tenant, ds)
-    with p.container.uow(readonly=True) as uow:
-        out["posting_count"] = uow.postings.count(p.tenant, ds)
+    out["keyword_count"] = p.container.keyword_index.count(p.tenant, ds)
     return out
 
 
@@ -1053,7 +1015,7 @@ def test_sync_with_cleanup_modes(env: Env, ds: str, nonce: str) -> None:
     assert rows("a.txt") == before | split, "cleanup=none must not delete a segment"
     assert p.state(ds, ids["c.txt"]).status is IndexingStatus.COMPLETED  # type: ignore[union-attr]
     snap = p.snapshot(ds, ids["a.txt"])
-    assert snap.segments == snap.vectors == snap.postings
+    assert snap.segments == snap.vectors == snap.texts
 
     # incremental: a changed file's vanished segments go, the ones none kept too
     before = rows("a.txt")
@@ -1081,7 +1043,7 @@ def test_sync_with_cleanup_modes(env: Env, ds: str, nonce: str) -> None:
     assert_gone(p, ds, ids["c.txt"])
     for name in ("a.txt", "b.txt"):
         snap = p.snapshot(ds, ids[name])
-        assert snap.segments == snap.vectors == snap.postings == rows(name) != set()
+        assert snap.segments == snap.vectors == snap.texts == rows(name) != set()
     assert not milvus_duplicates(p, ds)
     s = sync("full")  # and then there is nothing left to do
     assert (s["published"], s["skipped"], s["deleted"], s["embedded"]) == (0, 2, 0, 0)

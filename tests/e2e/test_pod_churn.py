@@ -6,7 +6,7 @@ PostgreSQL, a milvus-lite server, the session's tansu broker and the real
 model, as in production with a deployment controller scaling pods.
 
 The end state must be exact: every document completed with exactly its
-segments, one vector and the postings per segment, `verify` clean, no dead
+segments, one vector and one keyword entity per segment, `verify` clean, no dead
 letters, every distinct text once in the embedding cache. Texts embedded twice
 (two members briefly working the same partition during a rebalance) are
 wasted model calls, not wrong state; their number is printed (run with -s).
@@ -192,7 +192,7 @@ def test_pods_scaled_up_and_down_and_killed_mid_rebalance_lose_and_duplicate_not
         assert snap.status(doc_id) is IndexingStatus.COMPLETED, snap.docs[doc_id]
         assert snap.doc_segments(doc_id) == expected[doc_id], doc_id
         assert snap.doc_vectors(doc_id) == expected[doc_id], doc_id
-        assert snap.doc_postings(doc_id) == expected[doc_id], doc_id
+        assert snap.doc_texts(doc_id) == expected[doc_id], doc_id
     assert all(copies == 1 for _, copies in snap.vectors.values())
 
     report = retrying(lambda: verify(c.container, DATASET))

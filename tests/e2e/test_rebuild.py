@@ -67,7 +67,7 @@ def counts(c: Container) -> dict[str, int]:
         return {
             "segments": uow.segments.count(tenant, DS),
             "vectors": len(store.ids(tenant, DS)),
-            "postings": uow.postings.count(tenant, DS),
+            "keyword_entities": c.keyword_index.count(tenant, DS),
             "cache": uow.embeddings.count(),
         }
 
@@ -84,7 +84,7 @@ def test_rebuild_of_an_unchanged_dataset_calls_no_model(pipeline: Pipeline) -> N
     assert summary["in_place"] is True
     assert summary["embedded"] == 0 and summary["cache_hits"] == before["segments"]
     assert summary["segments"] == summary["vectors_written"] == before["segments"]
-    assert counts(c) == before  # vectors, postings and the cache alike
+    assert counts(c) == before  # vectors, keyword entities and the cache alike
     report = verify(c, DS)
     assert report.drift == [] and report.hint is None
 

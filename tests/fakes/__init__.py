@@ -5,7 +5,7 @@ tests: the adapters in ``adapters``, the unit of work and its repositories in
 from tests.fakes.adapters import (
     HashingEmbeddingDouble,
     InMemoryDocumentReader,
-    InMemoryKeywords,
+    InMemoryKeywordIndex,
     InMemoryVectorIndex,
 )
 from tests.fakes.repositories import _Segments
@@ -14,7 +14,7 @@ from tests.fakes.unit_of_work import InMemoryUnitOfWork, InMemoryUnitOfWorkFacto
 __all__ = [
     "HashingEmbeddingDouble",
     "InMemoryDocumentReader",
-    "InMemoryKeywords",
+    "InMemoryKeywordIndex",
     "InMemoryUnitOfWork",
     "InMemoryUnitOfWorkFactory",
     "InMemoryVectorIndex",

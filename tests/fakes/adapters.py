@@ -1,20 +1,18 @@
 """In-memory adapters beside the unit of work: a hashing double of the
-embedding model, the vector index, the document reader and keyword extraction."""
+embedding model, the vector index, the keyword (full-text) index and the
+document reader."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from domain.documents import DocKey
 from domain.errors import DocumentError
-from domain.ports import (
-    VectorRow,
-)
+from domain.ports import KeywordRow, VectorRow
 from domain.vector_indexes import IndexTarget
 
 MAX_ERROR_CHARS = 4000
@@ -99,6 +97,59 @@ class InMemoryVectorIndex:
         return out
 
 
+class InMemoryKeywordIndex:
+    """KeywordIndex in a dict: index_node_id -> (text, document). Search scores
+    a text by how many of the query's words (lower-cased) it holds."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, DocKey]] = {}
+        self.upserts = 0  # upsert calls, for tests
+
+    def upsert(self, rows: Sequence[KeywordRow]) -> int:
+        self.upserts += bool(rows)
+        for r in rows:
+            self.rows[r.index_node_id] = (r.text, r.key)
+        return len(rows)
+
+    def delete(self, index_node_ids: Sequence[str]) -> None:
+        for i in index_node_ids:
+            self.rows.pop(i, None)
+
+    def delete_document(self, key: DocKey) -> None:
+        for i in self.ids_for_document(key):
+            del self.rows[i]
+
+    def ids_for_document(self, key: DocKey) -> list[str]:
+        return sorted(i for i, (_, k) in self.rows.items() if k == key)
+
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        wanted = set(keys)
+        out: dict[DocKey, set[str]] = {k: set() for k in wanted}
+        for i, (_, k) in self.rows.items():
+            if k in wanted:
+                out[k].add(i)
+        return out
+
+    def search(
+        self, query: str, tenant_id: str, dataset_id: str, limit: int
+    ) -> list[tuple[str, float]]:
+        words = set(re.findall(r"\w+", query.lower()))
+        scores = {
+            i: float(len(words & set(re.findall(r"\w+", text.lower()))))
+            for i, (text, k) in self.rows.items()
+            if (k.tenant_id, k.dataset_id) == (tenant_id, dataset_id)
+        }
+        hits = [(i, s) for i, s in scores.items() if s > 0]
+        return sorted(hits, key=lambda h: (-h[1], h[0]))[:limit]
+
+    def count(self, tenant_id: str, dataset_id: str) -> int:
+        return sum(
+            1
+            for _, k in self.rows.values()
+            if (k.tenant_id, k.dataset_id) == (tenant_id, dataset_id)
+        )
+
+
 class InMemoryDocumentReader:
     """Test double for the document reader: inline content passes through
     (empty content is refused, as the real reader does); a uri is looked up
@@ -139,19 +190,3 @@ class InMemoryDocumentReader:
         if not text.strip():
             raise DocumentError("the document is empty")
         return text, mime_type or "text/plain"
-
-
-class InMemoryKeywords:
-    """Test double for the keyword extractor: the five most frequent words of
-    a text (lower-cased), weighted by their share; deterministic. Records the
-    texts it was given."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def extract(self, text: str) -> list[tuple[str, float]]:
-        self.texts.append(text)
-        words = Counter(re.findall(r"\w+", text.lower()))
-        total = sum(words.values()) or 1
-        top = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-        return [(w, n / total) for w, n in top]

@@ -242,7 +242,7 @@ class _Segments(_Repo):
         return sum(1 for r in self.uow.state.segments.values() if _of(r.key, tenant_id, dataset_id))
 
 
-# -- the embedding cache, postings, payloads, jobs -------------------------------------
+# -- the embedding cache, payloads, jobs -------------------------------------
 
 
 class _Embeddings(_Repo):
@@ -266,68 +266,6 @@ class _Embeddings(_Repo):
             for p, m, _ in self.uow.state.embeddings
             if (provider is None or p == provider) and (model is None or m == model)
         )
-
-
-class _Postings(_Repo):
-    def replace(
-        self, key_postings: Mapping[tuple[DocKey, str], Sequence[tuple[str, float]]]
-    ) -> None:
-        table = self.uow.writable().postings
-        nodes = {node for _, node in key_postings}
-        for k in [k for k in table if k[3] in nodes]:
-            del table[k]
-        for (key, node), keywords in key_postings.items():
-            for kw, weight in keywords:
-                table.setdefault(
-                    (key.tenant_id, key.dataset_id, kw, node), (key.document_id, float(weight))
-                )
-
-    def delete_nodes(self, index_node_ids: Sequence[str]) -> int:
-        table = self.uow.writable().postings
-        nodes = set(index_node_ids)
-        gone = [k for k in table if k[3] in nodes]
-        for k in gone:
-            del table[k]
-        return len(gone)
-
-    def delete_document_orphans(self, key: DocKey) -> int:
-        state = self.uow.writable()
-        alive = {i for i, r in state.segments.items() if r.key == key}
-        gone = [
-            k
-            for k, (doc, _) in state.postings.items()
-            if (k[0], k[1], doc) == (key.tenant_id, key.dataset_id, key.document_id)
-            and k[3] not in alive
-        ]
-        for k in gone:
-            del state.postings[k]
-        return len(gone)
-
-    def nodes_for_document(self, key: DocKey) -> set[str]:
-        return {
-            k[3]
-            for k, (doc, _) in self.uow.state.postings.items()
-            if (k[0], k[1], doc) == (key.tenant_id, key.dataset_id, key.document_id)
-        }
-
-    def nodes(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
-        return {
-            k[3]: doc
-            for k, (doc, _) in self.uow.state.postings.items()
-            if (k[0], k[1]) == (tenant_id, dataset_id)
-        }
-
-    def search(
-        self, tenant_id: str, dataset_id: str, keywords: Mapping[str, float], limit: int
-    ) -> list[tuple[str, float]]:
-        scores: dict[str, float] = {}
-        for (t, d, kw, node), (_, weight) in self.uow.state.postings.items():
-            if (t, d) == (tenant_id, dataset_id) and kw in keywords:
-                scores[node] = scores.get(node, 0.0) + weight * keywords[kw]
-        return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
-
-    def count(self, tenant_id: str, dataset_id: str) -> int:
-        return sum(1 for k in self.uow.state.postings if (k[0], k[1]) == (tenant_id, dataset_id))
 
 
 class _Payloads(_Repo):

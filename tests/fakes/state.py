@@ -73,8 +73,6 @@ class _State:
     documents: dict[DocKey, Document] = field(default_factory=dict)
     segments: dict[str, _SegmentRow] = field(default_factory=dict)
     embeddings: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
-    # (tenant, dataset, keyword, index_node_id) -> (document_id, weight)
-    postings: dict[tuple[str, str, str, str], tuple[str, float]] = field(default_factory=dict)
     payloads: dict[str, bytes] = field(default_factory=dict)
     jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # (tenant, dataset, provider, model) -> record
@@ -85,7 +83,6 @@ class _State:
         "documents",
         "segments",
         "embeddings",
-        "postings",
         "payloads",
         "jobs",
         "vector_indexes",

@@ -11,7 +11,6 @@ from domain.ports import (
     DocumentRepository,
     EmbeddingCache,
     ImportJobs,
-    KeywordPostings,
     PayloadStore,
     SegmentRepository,
     VectorIndexRegistry,
@@ -21,7 +20,6 @@ from tests.fakes.repositories import (
     _Embeddings,
     _Jobs,
     _Payloads,
-    _Postings,
     _Segments,
     _VectorIndexes,
 )
@@ -66,7 +64,6 @@ class InMemoryUnitOfWork:
         self.documents: DocumentRepository = _Documents(self)
         self.segments: SegmentRepository = _Segments(self)
         self.embeddings: EmbeddingCache = _Embeddings(self)
-        self.postings: KeywordPostings = _Postings(self)
         self.payloads: PayloadStore = _Payloads(self)
         self.jobs: ImportJobs = _Jobs(self)
         self.vector_indexes: VectorIndexRegistry = _VectorIndexes(self)

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import func, select, text
+from sqlalchemy import inspect as sa_inspect
 
 from domain.documents import DocKey, Document, IndexingStatus, SplitCounts
 from domain.errors import PermanentError, TransientError
@@ -28,7 +29,7 @@ from domain.model import ChunkText, Segment, SegmentDiff, build_segments, diff_s
 from domain.ports import UnitOfWorkFactory
 from infra.db.database import Database
 from infra.db.engine import create_db_engine, migrate
-from infra.db.models import DatasetRow, DocumentRow, EmbeddingRow, KeywordPostingRow, SegmentRow
+from infra.db.models import DatasetRow, DocumentRow, EmbeddingRow, SegmentRow
 from infra.db.unit_of_work import SqlUnitOfWorkFactory
 
 pytestmark = pytest.mark.integration
@@ -544,96 +545,6 @@ class TestEmbeddingCache:
         assert list(got[f"{1199:064x}"]) == [1199.0] * 4
 
 
-# --- keyword postings -------------------------------------------------------------
-
-D1, D2 = DocKey("t", "d", "doc-1"), DocKey("t", "d", "doc-2")
-POSTINGS: dict[tuple[DocKey, str], list[tuple[str, float]]] = {
-    (D1, "n1"): [("kafka", 0.5), ("stream", 0.2)],
-    (D1, "n2"): [("kafka", 0.9)],
-    (D2, "n3"): [("stream", 1.0), ("kafka", 0.1), ("知识库", 0.7)],
-}
-
-
-def post(uow: UnitOfWorkFactory, postings: Any) -> None:
-    with uow() as w:
-        w.postings.replace(postings)
-        w.commit()
-
-
-class TestKeywordPostings:
-    def test_replace_is_idempotent(self, uow_factory: UnitOfWorkFactory) -> None:
-        post(uow_factory, POSTINGS)
-        post(uow_factory, POSTINGS)
-        with uow_factory(readonly=True) as r:
-            assert r.postings.count("t", "d") == 6
-            assert r.postings.nodes("t", "d") == {"n1": "doc-1", "n2": "doc-1", "n3": "doc-2"}
-            assert r.postings.nodes_for_document(D1) == {"n1", "n2"}
-
-    def test_replace_swaps_a_nodes_keywords(self, uow_factory: UnitOfWorkFactory) -> None:
-        post(uow_factory, POSTINGS)
-        post(uow_factory, {(D1, "n1"): [("milvus", 0.4)], (D1, "n2"): []})
-        with uow_factory(readonly=True) as r:
-            assert r.postings.count("t", "d") == 4
-            assert r.postings.nodes("t", "d") == {"n1": "doc-1", "n3": "doc-2"}
-            assert [n for n, _ in r.postings.search("t", "d", {"stream": 1.0}, 10)] == ["n3"]
-            assert r.postings.search("t", "d", {"milvus": 1.0}, 10) == [("n1", pytest.approx(0.4))]
-
-    def test_search_ranks_by_summed_weights(self, uow_factory: UnitOfWorkFactory) -> None:
-        post(uow_factory, POSTINGS)
-        with uow_factory(readonly=True) as r:
-            hits = r.postings.search("t", "d", {"kafka": 1.0, "stream": 1.0}, 10)
-            assert [n for n, _ in hits] == ["n3", "n2", "n1"]
-            assert [s for _, s in hits] == pytest.approx([1.1, 0.9, 0.7])
-            hits = r.postings.search("t", "d", {"kafka": 2.0, "stream": 0.5}, 2)
-            assert hits == [("n2", pytest.approx(1.8)), ("n1", pytest.approx(1.1))]
-            assert r.postings.search("t", "d", {"知识库": 1.0}, 5) == [("n3", pytest.approx(0.7))]
-            assert r.postings.search("t", "d", {"absent": 1.0}, 5) == []
-            assert r.postings.search("t", "d", {}, 5) == []
-            assert r.postings.search("t", "d", {"kafka": 1.0}, 0) == []
-
-    def test_ties_rank_by_node_id(self, uow_factory: UnitOfWorkFactory) -> None:
-        post(uow_factory, {(D1, f"n{i}"): [("same", 0.5)] for i in (3, 1, 2)})
-        with uow_factory(readonly=True) as r:
-            assert [n for n, _ in r.postings.search("t", "d", {"same": 1.0}, 2)] == ["n1", "n2"]
-
-    def test_isolated_by_tenant_and_dataset(self, uow_factory: UnitOfWorkFactory) -> None:
-        post(uow_factory, POSTINGS)
-        post(uow_factory, {(DocKey("t2", "d", "doc-1"), "x1"): [("kafka", 5.0)]})
-        post(uow_factory, {(DocKey("t", "d2", "doc-1"), "x2"): [("kafka", 6.0)]})
-        with uow_factory(readonly=True) as r:
-            hits = r.postings.search("t", "d", {"kafka": 1.0}, 10)
-            assert [n for n, _ in hits] == ["n2", "n1", "n3"]
-            assert [n for n, _ in r.postings.search("t2", "d", {"kafka": 1.0}, 10)] == ["x1"]
-            assert [n for n, _ in r.postings.search("t", "d2", {"kafka": 1.0}, 10)] == ["x2"]
-            assert (r.postings.count("t", "d"), r.postings.count("t2", "d")) == (6, 1)
-
-    def test_delete_nodes(self, uow_factory: UnitOfWorkFactory) -> None:
-        post(uow_factory, POSTINGS)
-        with uow_factory() as w:
-            assert w.postings.delete_nodes(["n1", "n3", "n1", "missing"]) == 5
-            assert w.postings.delete_nodes([]) == 0
-            assert w.postings.delete_nodes(["n1"]) == 0
-            w.commit()
-        with uow_factory(readonly=True) as r:
-            assert r.postings.nodes("t", "d") == {"n2": "doc-1"}
-
-    def test_delete_document_orphans(self, uow_factory: UnitOfWorkFactory) -> None:
-        create(uow_factory, 1, KEY)
-        split(uow_factory, ["a", "b"])
-        a, b = ids("a", "b")
-        post(
-            uow_factory,
-            {(KEY, a): [("x", 1.0)], (KEY, b): [("y", 1.0)], (KEY, "gone"): [("z", 1.0)]},
-        )
-        post(uow_factory, {(OTHER, "elsewhere"): [("x", 1.0)]})
-        with uow_factory() as w:
-            assert w.postings.delete_document_orphans(KEY) == 1
-            w.commit()
-        with uow_factory(readonly=True) as r:
-            assert r.postings.nodes_for_document(KEY) == {a, b}
-            assert r.postings.nodes_for_document(OTHER) == {"elsewhere"}  # not KEY's
-
-
 # --- claim-check store ------------------------------------------------------------
 
 
@@ -853,32 +764,6 @@ class TestSqlDocuments:
         with pytest.raises(pickle.UnpicklingError):
             pickle.loads(blob)
 
-    def test_postings_are_one_row_each_and_searched_in_sql(self, sql: SqlUnitOfWorkFactory) -> None:
-        post(sql, POSTINGS)
-        with sql.database.engine.connect() as conn:
-            rows = conn.execute(
-                select(KeywordPostingRow.keyword, KeywordPostingRow.document_id).where(
-                    KeywordPostingRow.index_node_id == "n3"
-                )
-            ).all()
-        assert sorted(rows) == sorted(
-            [("stream", "doc-2"), ("kafka", "doc-2"), ("知识库", "doc-2")]
-        )
-        statements: list[str] = []
-        engine = sql.database.read_engine
-
-        def capture(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            statements.append(statement.upper())
-
-        event.listen(engine, "before_cursor_execute", capture)
-        try:
-            with sql(readonly=True) as r:
-                assert len(r.postings.search("t", "d", {"kafka": 1.0}, 2)) == 2
-        finally:
-            event.remove(engine, "before_cursor_execute", capture)
-        (query,) = [s for s in statements if "KEYWORD_POSTINGS" in s]
-        assert "GROUP BY" in query and "LIMIT" in query and "SUM(" in query
-
 
 class TestSqlSchema:
     def test_migrate_is_idempotent(self, sql: SqlUnitOfWorkFactory) -> None:
@@ -931,7 +816,15 @@ class TestSqlSchema:
                     " 1, 1, 1, 1, 1, 0, 1, 0, 0)"
                 )
             )
+            conn.execute(
+                text(
+                    "INSERT INTO keyword_postings (tenant_id, dataset_id, keyword, index_node_id,"
+                    " document_id, weight) VALUES ('tenant-a', 'ds_1', 'kafka', 'n1', 'doc-1', 1)"
+                )
+            )
         migrate(engine)
+        # 0005: keywords live in Milvus now; `kbstream rebuild` refills them
+        assert "keyword_postings" not in sa_inspect(engine).get_table_names()
         db = Database(engine)
         try:
             uow = SqlUnitOfWorkFactory(db)

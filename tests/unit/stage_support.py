@@ -29,7 +29,7 @@ from domain.model import StoredSegment
 from tests.fakes import (
     HashingEmbeddingDouble,
     InMemoryDocumentReader,
-    InMemoryKeywords,
+    InMemoryKeywordIndex,
     InMemoryUnitOfWorkFactory,
     InMemoryVectorIndex,
 )
@@ -112,7 +112,7 @@ class World:
     reader: InMemoryDocumentReader = field(default_factory=InMemoryDocumentReader)
     embedder: HashingEmbeddingDouble = field(default_factory=HashingEmbeddingDouble)
     vectors: InMemoryVectorIndex = field(default_factory=InMemoryVectorIndex)
-    keywords: InMemoryKeywords = field(default_factory=InMemoryKeywords)
+    keyword_index: InMemoryKeywordIndex = field(default_factory=InMemoryKeywordIndex)
     stage_config: StageConfig = field(
         default_factory=lambda: StageConfig(inline_text_bytes=1024, segments_per_event=2)
     )
@@ -189,9 +189,9 @@ class World:
             ids = sorted(uow.segments.ids_for_document(key))
             return uow.segments.by_ids(ids)
 
-    def postings(self, key: DocKey = KEY) -> set[str]:
-        with self.uow(readonly=True) as uow:
-            return uow.postings.nodes_for_document(key)
+    def texts(self, key: DocKey = KEY) -> set[str]:
+        """The document's ids in the keyword index."""
+        return set(self.keyword_index.ids_for_document(key))
 
     def payload(self, ref: str) -> bytes | None:
         with self.uow(readonly=True) as uow:
@@ -204,4 +204,4 @@ class World:
     def consistent(self, key: DocKey = KEY) -> bool:
         """Both indexes hold exactly the document's segments."""
         ids = set(self.segments(key))
-        return set(self.vectors.ids_for_document(key)) == ids == self.postings(key)
+        return set(self.vectors.ids_for_document(key)) == ids == self.texts(key)

@@ -84,3 +84,41 @@ def test_query_terms_of_an_english_query(extractor: JiebaKeywordExtractor) -> No
     terms = extractor.query_terms("How do I cancel an asyncio Task?")
     assert {"cancel", "asyncio", "task"} <= set(terms)
     assert "how" not in terms and "an" not in terms
+
+
+# -- terms: what the BM25 keyword index stores and a query asks for ---------------
+
+
+def jieba_terms(text: str) -> list[str]:
+    """terms() without its fast path: jieba's search-mode cut all the way."""
+    from infra.keywords import _is_term
+
+    words = (w.strip() for w in jieba.cut_for_search(text.lower()))
+    return [w for w in words if _is_term(w)]
+
+
+@pytest.mark.parametrize("text", ENGLISH)
+def test_terms_of_english_match_jiebas_cut(extractor: JiebaKeywordExtractor, text: str) -> None:
+    assert extractor.terms(text) == jieba_terms(text)
+
+
+def test_terms_of_random_latin_text_match_jiebas_cut(extractor: JiebaKeywordExtractor) -> None:
+    rng = random.Random(5)
+    alphabet = "abcxyzABC0129._-%+#&é ü\n\t()[]:;,'\"/\\=*<>!?@$~|Σж"
+    words = ["loop", "event", "3.14", "v1.0", "the", "a-b", "x_y", "api", "API", "c++"]
+    for _ in range(300):
+        text = "".join(
+            rng.choice(words) if rng.random() < 0.3 else rng.choice(alphabet)
+            for _ in range(rng.randint(1, 200))
+        )
+        assert extractor.terms(text) == jieba_terms(text), text
+
+
+def test_terms_cut_chinese_into_words_and_drop_stop_words(
+    extractor: JiebaKeywordExtractor,
+) -> None:
+    assert extractor.terms("如何移除文件") == ["如何", "移除", "文件"]
+    # search mode: the dictionary words inside a long word too
+    assert {"共和国", "中华人民共和国"} <= set(extractor.terms("中华人民共和国"))
+    assert extractor.terms("The Socket, and THE loop!") == ["socket", "loop"]
+    assert extractor.terms("... -- !!") == []

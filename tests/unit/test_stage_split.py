@@ -193,7 +193,7 @@ class TestDeleteDocument:
         assert removal.whole_document and removal.index_node_ids == []
         assert world.doc().segments_removed == 2  # the first delivery's count stays
         world.deliver(again)
-        assert world.vectors.rows == {} and world.postings() == set()
+        assert world.vectors.rows == {} and world.texts() == set()
 
     def test_delete_overtaken_by_a_newer_version_is_dropped(self) -> None:
         world = completed_world(*P[:2])
@@ -325,7 +325,7 @@ class TestCrashBetweenCommitAndPublish:
         assert world.doc().segments_removed == 1  # counters of the first delivery stay
         assert world.deliver(again) == []
         assert world.doc().status is S.COMPLETED and world.consistent()
-        assert gone not in world.vectors.rows and gone not in world.postings()
+        assert gone not in world.vectors.rows and gone not in world.texts()
 
         # completed: nothing is owed any more
         assert split.handle([parsed]).emits == []

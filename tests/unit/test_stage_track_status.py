@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from domain.documents import IndexingStatus
 from domain.events import SegmentsLoaded
-from domain.ports import VectorRow
+from domain.ports import KeywordRow, VectorRow
 from tests.unit.stage_support import (
     DATASET,
     DOC,
@@ -89,11 +89,15 @@ class TestNotYet:
         track(world)
         assert world.doc().status is S.INDEXING
 
-    def test_not_while_postings_hold_a_removed_segment(self) -> None:
+    def test_not_while_the_keyword_index_holds_a_removed_segment(self) -> None:
         world = indexed_world(*P[:2])
-        with world.uow() as uow:
-            uow.postings.replace({(KEY, "removed-but-still-there"): [("word", 1.0)]})
-            uow.commit()
+        world.keyword_index.upsert([KeywordRow("removed-but-still-there", KEY, "word")])
+        track(world)
+        assert world.doc().status is S.INDEXING
+
+    def test_not_while_the_keyword_index_misses_a_segment(self) -> None:
+        world = indexed_world(*P[:2])
+        world.keyword_index.delete([world.ids_by_text()["p0w0"]])
         track(world)
         assert world.doc().status is S.INDEXING
 
