@@ -135,9 +135,12 @@ class Bench:
         (w,) = self.cluster.live(stage)
         return w
 
-    def start(self, stage: str, **env: str) -> Worker:
+    def start(self, stage: str, may_die: bool = False, **env: str) -> Worker:
         w = self.cluster.start(stage, **{**self.env, **env})
-        self.cluster.wait_assigned([w])
+        if may_die:  # armed to die, it may do so as soon as it has joined
+            assert wait_until(lambda: w.assigned() or not w.alive, 180), w.log_text()[-3000:]
+        else:
+            self.cluster.wait_assigned([w])
         return w
 
     def arm(self, point: str) -> None:
@@ -254,13 +257,15 @@ def test_an_event_that_kills_its_worker_every_time_is_dead_lettered(bench: Bench
     deadly = {"KBSTREAM_FAILPOINTS_ALWAYS": f"{stage}.before_handle"}
     limit = {"KBSTREAM_MAX_DELIVERIES": str(MAX_DELIVERIES)}
     update, *rest = case.changes
-    victim = bench.start(stage, **deadly, **limit)
+    victim = bench.start(stage, may_die=True, **deadly, **limit)
     c.publish(update)
     for death in range(1, MAX_DELIVERIES + 1):
         rc = wait_exit(victim, 120)
         assert rc == -signal.SIGKILL, f"death {death}: rc={rc}\n{victim.log_text()[-3000:]}"
         deadly_again = death < MAX_DELIVERIES
-        victim = bench.start(stage, **(deadly if deadly_again else {}), **limit)
+        victim = bench.start(
+            stage, may_die=deadly_again, **(deadly if deadly_again else {}), **limit
+        )
     a = update.document_id
     assert wait_until(lambda: c.snapshot(case.dataset).status(a) is IndexingStatus.ERROR, 60), (
         victim.log_text()[-3000:]
