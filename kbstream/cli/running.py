@@ -27,7 +27,9 @@ from kbstream.cli.common import (
 
 if TYPE_CHECKING:
     from kbstream.bootstrap import Container
+    from kbstream.processes import EmbeddedStack
     from kbstream.settings import Settings
+    from kbstream.stack import WorkerPool
 
 
 @app.command()
@@ -119,7 +121,7 @@ def up(
         os.environ[MULTIPROC_ENV] = str(metrics_dir)
 
     from kbstream.observability import start_observability
-    from kbstream.stack import EmbeddedStack, StackError, WorkerPool
+    from kbstream.stack import EmbeddedStack, StackError
 
     stop = threading.Event()
     stop_on_signals(stop.set)
@@ -128,32 +130,48 @@ def up(
             EmbeddedStack(settings) as stack,
             cli_session(home, settings=stack.settings) as (_, c),
         ):
-            pool = WorkerPool(c, stack.bootstrap, threads).start()
-            supervisor = WorkerSupervisor(
-                counts, _worker_env(stack.settings), metrics_dir=metrics_dir
-            )
-            start_observability(stack.settings, c, stack.bootstrap, threads, supervisor)
-            try:
-                supervisor.start()
-                procs = ", ".join(f"{s}={n}" for s, n in counts.items())
-                err.print(
-                    f"kbstream up: broker {stack.bootstrap}, milvus {stack.milvus_uri}"
-                    + (f"; worker processes {procs}" if procs else "")
-                    + "; Ctrl-C stops"
+            pool = _start_pool(stack, c, threads)
+            if pool is None:  # a child died during start-up: that is the news
+                reason = stack.dead_child()
+            else:
+                supervisor = WorkerSupervisor(
+                    counts, _worker_env(stack.settings), metrics_dir=metrics_dir
                 )
+                start_observability(stack.settings, c, stack.bootstrap, threads, supervisor)
+                try:
+                    supervisor.start()
+                    procs = ", ".join(f"{s}={n}" for s, n in counts.items())
+                    err.print(
+                        f"kbstream up: broker {stack.bootstrap}, milvus {stack.milvus_uri}"
+                        + (f"; worker processes {procs}" if procs else "")
+                        + "; Ctrl-C stops"
+                    )
 
-                def healthy() -> bool:
-                    supervisor.poll()  # dead worker processes are restarted, not fatal
-                    return pool.alive()
+                    def healthy() -> bool:
+                        supervisor.poll()  # dead worker processes are restarted, not fatal
+                        return pool.alive()
 
-                reason = stack.wait(stop, healthy)
-            finally:
-                supervisor.stop()  # before the broker and Milvus server go
-                pool.stop()
+                    reason = stack.wait(stop, healthy)
+                finally:
+                    supervisor.stop()  # before the broker and Milvus server go
+                    pool.stop()
     except StackError as exc:
         _fail(str(exc))
     if reason:
         _fail(reason, 1)
+
+
+def _start_pool(stack: EmbeddedStack, c: Container, threads: list[str]) -> WorkerPool | None:
+    """The stage threads; None when starting them failed because the broker or
+    the Milvus server died meanwhile (the client error it causes is not news)."""
+    from kbstream.stack import WorkerPool
+
+    try:
+        return WorkerPool(c, stack.bootstrap, threads).start()
+    except Exception:
+        if stack.dead_child() is None:
+            raise
+        return None
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:
