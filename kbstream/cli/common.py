@@ -76,6 +76,10 @@ def setup_logging(settings: Settings, quiet: bool) -> None:
         handler.addFilter(ContextFilter())
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pymilvus logs every failed call with its traceback before raising it;
+    # kbstream classifies each error and logs what it does about it (e.g. two
+    # workers creating the same collection at once: the loser finds it exists)
+    logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
     # milvus-lite answers some pymilvus calls with "not implemented"; harmless
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     # librdkafka's connection chatter (e.g. the embedded broker stopping) goes to the file only
