@@ -17,7 +17,7 @@ client (milvus-lite serves one local file from one client per process)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pymilvus import DataType, Function, FunctionType, MilvusClient
@@ -26,7 +26,7 @@ from pymilvus.exceptions import MilvusException
 from domain.documents import DocKey
 from domain.ports import KeywordRow
 from infra.errors import classify_milvus
-from infra.vectors import MilvusVectorStore, _of_document, _q
+from infra.vectors import MilvusVectorStore, _of_document, _PerDocumentQueries, _q
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _clip(text: str) -> str:
     return data[:MAX_TEXT_BYTES].decode(errors="ignore")
 
 
-class MilvusKeywordIndex:
+class MilvusKeywordIndex(_PerDocumentQueries):
     def __init__(
         self,
         vectors: MilvusVectorStore,
@@ -220,36 +220,3 @@ class MilvusKeywordIndex:
             consistency_level="Strong",  # completion decisions read this
         )
         return [r["index_node_id"] for r in res]
-
-    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
-        out: dict[DocKey, set[str]] = {}
-        groups: dict[tuple[str, str], list[str]] = {}
-        for k in set(keys):
-            out[k] = set()
-            groups.setdefault((k.tenant_id, k.dataset_id), []).append(k.document_id)
-        for (tenant, dataset), docs in groups.items():
-            docs.sort()
-            for i in range(0, len(docs), 16):  # a query returns at most 16,384 rows
-                chunk = docs[i : i + 16]
-                expr = (
-                    f"tenant_id == {_q(tenant)} and dataset_id == {_q(dataset)} and "
-                    f"document_id in [{', '.join(_q(d) for d in chunk)}]"
-                )
-                res = self._call(
-                    "query",
-                    self.client.query,
-                    self.collection,
-                    filter=expr,
-                    output_fields=["index_node_id", "document_id"],
-                    consistency_level="Strong",
-                )
-                for r in res:
-                    out[DocKey(tenant, dataset, r["document_id"])].add(r["index_node_id"])
-        return out
-
-    def count(self, tenant_id: str, dataset_id: str) -> int:
-        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
-        res = self._call(
-            "count", self.client.query, self.collection, filter=expr, output_fields=["count(*)"]
-        )
-        return int(res[0]["count(*)"]) if res else 0

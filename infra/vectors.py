@@ -107,7 +107,53 @@ def _of_document(key: DocKey) -> str:
     )
 
 
-class MilvusVectorStore:
+class _PerDocumentQueries:
+    """Reads both Milvus collections (vectors, keywords) answer the same way:
+    they share the tenant/dataset/document fields. Needs ``_call``, ``client``
+    and ``collection``."""
+
+    _call: Any
+    client: Any
+    collection: str
+
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        """One query per (tenant, dataset) and chunk of documents instead of
+        one per document: track_status checks a whole batch at once."""
+        out: dict[DocKey, set[str]] = {}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for k in set(keys):
+            out[k] = set()
+            groups.setdefault((k.tenant_id, k.dataset_id), []).append(k.document_id)
+        for (tenant, dataset), docs in groups.items():
+            docs.sort()
+            # small chunks: a query returns at most 16,384 rows
+            for i in range(0, len(docs), 16):
+                chunk = docs[i : i + 16]
+                expr = (
+                    f"tenant_id == {_q(tenant)} and dataset_id == {_q(dataset)} and "
+                    f"document_id in [{', '.join(_q(d) for d in chunk)}]"
+                )
+                res = self._call(
+                    "query",
+                    self.client.query,
+                    self.collection,
+                    filter=expr,
+                    output_fields=["index_node_id", "document_id"],
+                    consistency_level="Strong",
+                )
+                for r in res:
+                    out[DocKey(tenant, dataset, r["document_id"])].add(r["index_node_id"])
+        return out
+
+    def count(self, tenant_id: str, dataset_id: str) -> int:
+        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
+        res = self._call(
+            "count", self.client.query, self.collection, filter=expr, output_fields=["count(*)"]
+        )
+        return int(res[0]["count(*)"]) if res else 0
+
+
+class MilvusVectorStore(_PerDocumentQueries):
     def __init__(
         self,
         uri: str,
@@ -366,42 +412,6 @@ class MilvusVectorStore:
             consistency_level="Strong",  # completion decisions read this
         )
         return [r["index_node_id"] for r in res]
-
-    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
-        """One query per (tenant, dataset) and chunk of documents instead of
-        one per document: track_status checks a whole batch at once."""
-        out: dict[DocKey, set[str]] = {}
-        groups: dict[tuple[str, str], list[str]] = {}
-        for k in set(keys):
-            out[k] = set()
-            groups.setdefault((k.tenant_id, k.dataset_id), []).append(k.document_id)
-        for (tenant, dataset), docs in groups.items():
-            docs.sort()
-            # small chunks: a query returns at most 16,384 rows
-            for i in range(0, len(docs), 16):
-                chunk = docs[i : i + 16]
-                expr = (
-                    f"tenant_id == {_q(tenant)} and dataset_id == {_q(dataset)} and "
-                    f"document_id in [{', '.join(_q(d) for d in chunk)}]"
-                )
-                res = self._call(
-                    "query",
-                    self.client.query,
-                    self.collection,
-                    filter=expr,
-                    output_fields=["index_node_id", "document_id"],
-                    consistency_level="Strong",
-                )
-                for r in res:
-                    out[DocKey(tenant, dataset, r["document_id"])].add(r["index_node_id"])
-        return out
-
-    def count(self, tenant_id: str, dataset_id: str) -> int:
-        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
-        res = self._call(
-            "count", self.client.query, self.collection, filter=expr, output_fields=["count(*)"]
-        )
-        return int(res[0]["count(*)"]) if res else 0
 
     def existing(self, index_node_ids: Sequence[str]) -> set[str]:
         if not index_node_ids:
