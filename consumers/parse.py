@@ -110,13 +110,15 @@ class ParseStage:
                 if isinstance(event, DocumentCreated | DocumentUpdated):
                     doc = load_or_create(uow, key, event.source)
                     # no version: a new version, after everything known of the document
-                    version = doc.resolve_version(event.version)
+                    # a copy of the event that claimed it: that version again
+                    version = doc.resolve_version(event.version, event.event_id)
                     if doc.start_parsing(
                         version,
                         event.source,
                         event.doc_form.value,
                         event.content_hash,
                         event.mime_type,
+                        event_id=event.event_id,
                     ):
                         claims.append(_Claim(i, _versioned(event, version), version))
                     else:

@@ -99,6 +99,10 @@ class Document:
     # the version whose split set the change counters: a redelivered split of
     # the same version must not overwrite them with an empty diff
     split_version: int | None = None
+    # the event_id of the lifecycle event that claimed the current version: a
+    # redelivered or re-published copy of an unversioned event is that same
+    # version again, not a newer one
+    claimed_by: str | None = None
     # why the last event for this document was dropped (stale version, ...)
     last_dropped: str | None = None
     updated_at: datetime | None = None
@@ -133,9 +137,15 @@ class Document:
 
     # -- version fencing -------------------------------------------------------
 
-    def resolve_version(self, version: int | None) -> int:
-        """An event without a version comes after everything known of this document."""
-        return self.version + 1 if version is None else version
+    def resolve_version(self, version: int | None, event_id: str | None = None) -> int:
+        """An event without a version comes after everything known of this
+        document, unless it is a copy of the event that claimed the current
+        version (a producer's retry, a redelivery): then it is that version."""
+        if version is not None:
+            return version
+        if event_id is not None and event_id == self.claimed_by:
+            return self.version
+        return self.version + 1
 
     def is_stale(self, version: int) -> bool:
         """Older than the current version, or not newer than a delete."""
@@ -163,8 +173,9 @@ class Document:
         content_hash: str | None = None,
         mime_type: str | None = None,
         now: datetime | None = None,
+        event_id: str | None = None,
     ) -> bool:
-        """Claim ``version`` for processing. False when the event is stale. A
+        """Claim ``version`` for processing (by the event ``event_id``). False when the event is stale. A
         redelivered event of the current version claims it again (its earlier
         attempt may have died half-way)."""
         if self.is_stale(version):
@@ -174,6 +185,8 @@ class Document:
             # a new version starts its own work counters
             self.embedded_texts = 0
             self.cache_hits = 0
+        if version > self.version or event_id is not None:
+            self.claimed_by = event_id
         self.version = version
         self.status = IndexingStatus.PARSING
         self.source = source

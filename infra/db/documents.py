@@ -40,6 +40,7 @@ _FIELDS = (
     "segments_kept",
     "segments_removed",
     "split_version",
+    "claimed_by",
     "last_dropped",
     "updated_at",
     "completed_at",

@@ -78,6 +78,8 @@ class DocumentRow(Base):
     # the version whose split set the three counters above: a redelivered split
     # of the same version must not overwrite them with a diff against itself
     split_version: Mapped[int | None] = mapped_column(BigInteger)
+    # the event_id that claimed the current version (copies of it are not newer)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
     # why the last event for this document was dropped (stale version, ...)
     last_dropped: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _ts()

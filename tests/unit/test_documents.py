@@ -51,6 +51,23 @@ class TestVersionFencing:
         assert doc.resolve_version(None) == 4
         assert doc.resolve_version(7) == 7
 
+    def test_a_copy_of_the_claiming_event_is_the_same_version(self) -> None:
+        doc = Document.new(KEY)
+        v = doc.resolve_version(None, "evt-1")
+        assert doc.start_parsing(v, "a.md", event_id="evt-1")
+        doc.embedded_texts = 5
+        assert doc.resolve_version(None, "evt-1") == v == 1
+        assert doc.resolve_version(None, "evt-2") == 2
+        assert doc.start_parsing(doc.resolve_version(None, "evt-1"), "a.md", event_id="evt-1")
+        assert (doc.version, doc.embedded_texts) == (1, 5)
+
+    def test_a_copy_of_a_deleted_claim_stays_deleted(self) -> None:
+        doc = Document.new(KEY)
+        assert doc.start_parsing(doc.resolve_version(None, "evt-1"), "a.md", event_id="evt-1")
+        assert doc.delete(doc.version)
+        assert not doc.start_parsing(doc.resolve_version(None, "evt-1"), "a.md", event_id="evt-1")
+        assert doc.status is S.DELETED
+
     def test_drop_records_why(self) -> None:
         doc = indexing(3)
         doc.drop("document.updated", 2)

@@ -288,6 +288,26 @@ class TestMissingVersions:
         assert (doc.version, doc.status, doc.segment_count) == (4, S.COMPLETED, 2)
         assert world.consistent() and len(world.vectors.ids_for_document(KEY)) == 2
 
+    def test_a_copy_of_a_versionless_create_in_a_later_batch_is_the_same_version(self) -> None:
+        """A producer's retry or a redelivery: the same event_id, so the same
+        version; the work counters of the first copy survive."""
+        world = World()
+        stage = parse_stage(world)
+        event = unversioned(DocumentCreated, content="a")
+        (first,) = of_type(stage.handle([event]), DocumentParsed)
+        with world.uow() as uow:
+            doc = uow.documents.get(KEY, for_update=True)
+            assert doc is not None
+            doc.embedded_texts = 3
+            uow.documents.save(doc)
+            uow.commit()
+        (again,) = of_type(stage.handle([event]), DocumentParsed)
+        assert first.version == again.version == 1
+        assert (world.doc().version, world.doc().embedded_texts) == (1, 3)
+        other = unversioned(DocumentCreated, content="a")  # a new event: a new version
+        (newer,) = of_type(stage.handle([other]), DocumentParsed)
+        assert newer.version == 2
+
     def test_a_redelivered_delete_without_version_stays_at_its_version(self) -> None:
         world = World()
         stage = parse_stage(world)
