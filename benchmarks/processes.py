@@ -111,13 +111,25 @@ def wait_joined(
 
 
 def run_mode(
-    name: str, workers: str | None, corpus: Path, warm: Path, device: str, root: Path
+    name: str,
+    workers: str | None,
+    corpus: Path,
+    warm: Path,
+    device: str,
+    root: Path,
+    up_args: Sequence[str] = (),
+    replay: bool = False,
 ) -> dict[str, Any]:
+    """One `kbstream up` (with ``up_args``): time `index CORPUS`, and with
+    ``replay`` also `index --force CORPUS` (every document through every
+    stage again, nothing embedded: the pipeline without the model)."""
     home = root / name / "home"
     home.mkdir(parents=True)
     env = base_env(device)
     log = root / name / "up.log"
-    argv = kbstream("up", "--home", str(home), *(["--workers", workers] if workers else []))
+    argv = kbstream(
+        "up", "--home", str(home), *(["--workers", workers] if workers else []), *up_args
+    )
     say(f"{name}: {' '.join(argv[2:])}")
     t0 = time.monotonic()
     with log.open("wb") as out:
@@ -146,6 +158,25 @@ def run_mode(
         )
         seconds = time.monotonic() - t1
         summary = json.loads(done.stdout)
+        replayed: dict[str, Any] = {}
+        if replay:
+            t2 = time.monotonic()
+            again = subprocess.run(
+                [*index, "--force", str(corpus), "--dataset", "bench"],
+                cwd=REPO,
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            replay_s = time.monotonic() - t2
+            r = json.loads(again.stdout)
+            replayed = {
+                "replay_s": round(replay_s, 2),
+                "replay_completed": r["completed"],
+                "replay_embedded": r["embedded"],
+                "replay_segments_per_s": round(r["segments"] / replay_s, 2),
+            }
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         try:
@@ -167,6 +198,7 @@ def run_mode(
         "database_locked": logs.count("database is locked"),
         "tracebacks": logs.count("Traceback"),
         "up_exit": rc,
+        **replayed,
     }
     say(f"{name}: {json.dumps(result)}")
     return result

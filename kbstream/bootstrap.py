@@ -192,15 +192,15 @@ class Container:
             linger=s.embed_linger_ms / 1000 if name == "embed" else 0.0,
         )
         publisher = EventPublisher(bootstrap, s.max_event_bytes, client_id=f"kbstream-{name}")
-        return StageRunner(
-            self.stage(name),
-            [self.topics.name(t) for t in spec.inputs],
-            self.topics,
-            config,
-            publisher,
-            on_give_up=FailureRecorder(self.uow),
-            deliveries=SqlDeliveryLog(self.database),
-        )
+        stage, inputs = self.stage(name), [self.topics.name(t) for t in spec.inputs]
+        give_up, deliveries = FailureRecorder(self.uow), SqlDeliveryLog(self.database)
+        if s.runtime == "faust":
+            from infra.kafka.faust_runner import FaustStageRunner
+
+            return FaustStageRunner(
+                stage, inputs, self.topics, config, publisher, give_up, deliveries, s.home / "faust"
+            )
+        return StageRunner(stage, inputs, self.topics, config, publisher, give_up, deliveries)
 
     def close(self) -> None:
         for provider in [

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     tokenizer: str | None = Field(
         default=None, description="tokenizer.json or model folder of the remote model"
     )
+    runtime: Literal["confluent", "faust"] = Field(
+        default="confluent",
+        description="what consumes the stages: a confluent-kafka loop or faust-streaming agents",
+    )
     embed_max_segments: int = Field(default=96, ge=1, description="segments one embed poll takes")
     embed_linger_ms: int = Field(
         default=20, ge=0, description="how long embed waits for more events to fill a batch"

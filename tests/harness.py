@@ -18,6 +18,10 @@ from kbstream.bootstrap import Container
 from kbstream.settings import Settings
 from kbstream.stack import WorkerPool
 
+# the stage runtimes a suite runs under (KBSTREAM_RUNTIME): the same stages
+# and expectations, consumed by a confluent-kafka loop or by faust agents
+RUNTIMES = ("confluent", "faust")
+
 
 @dataclass
 class DocSnapshot:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -33,6 +34,13 @@ out = Console()
 HomeOpt = Annotated[
     Path | None,
     typer.Option("--home", help="state directory (default ./.kbstream, or KBSTREAM_HOME)"),
+]
+RuntimeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--runtime",
+        help="confluent (default) or faust: what consumes the stages (or KBSTREAM_RUNTIME)",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="dataset name")]
@@ -111,6 +119,15 @@ def cli_session(
         yield settings, container
     finally:
         container.close()
+
+
+def use_runtime(runtime: str | None) -> None:
+    """``--runtime`` is KBSTREAM_RUNTIME for this process and the workers it starts."""
+    if runtime is None:
+        return
+    if runtime not in ("confluent", "faust"):
+        _fail(f"unknown runtime {runtime!r}; runtimes: confluent, faust")
+    os.environ["KBSTREAM_RUNTIME"] = runtime
 
 
 def _print_json(obj: Any) -> None:

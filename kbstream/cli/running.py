@@ -16,6 +16,7 @@ from consumers.pipeline import STAGES
 from domain.errors import KbstreamError
 from kbstream.cli.common import (
     HomeOpt,
+    RuntimeOpt,
     _fail,
     _print_json,
     app,
@@ -23,6 +24,7 @@ from kbstream.cli.common import (
     cli_settings,
     err,
     stop_on_signals,
+    use_runtime,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 def worker(
     stage: Annotated[str, typer.Argument(help=f"one of: {', '.join(STAGES)}")],
     home: HomeOpt = None,
+    runtime: RuntimeOpt = None,
 ) -> None:
     """Run one stage's consumer group (what a pod runs). Needs KBSTREAM_BROKERS."""
     from infra.kafka.runner import run_until_stopped
@@ -44,6 +47,7 @@ def worker(
 
     if stage not in STAGES:
         _fail(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    use_runtime(runtime)
     settings = cli_settings(home, quiet=False)
     if not settings.brokers:
         _fail("KBSTREAM_BROKERS is not set and no `kbstream up` is running for this home")
@@ -87,6 +91,7 @@ def up(
     workers: Annotated[
         str | None, typer.Option("--workers", metavar="STAGE=N,...|auto", help=WORKERS_HELP)
     ] = None,
+    runtime: RuntimeOpt = None,
 ) -> None:
     """Run the embedded stack until interrupted: broker, Milvus server, every stage.
 
@@ -104,6 +109,7 @@ def up(
         parse_workers,
     )
 
+    use_runtime(runtime)  # before the settings, and inherited by worker processes
     # not the running stack's settings: this command is the running stack
     settings = cli_settings(home, quiet=False, running_stack=False)
     wanted = [s.strip() for s in stages.split(",") if s.strip()]

@@ -46,6 +46,7 @@ from tests.e2e.procs import (
     terminate_connections,
     wait_until,
 )
+from tests.harness import RUNTIMES
 
 pytestmark = pytest.mark.e2e
 
@@ -152,8 +153,9 @@ def expected_segments(cluster: Cluster, dataset: str, doc: Doc) -> dict[str, str
     return {s.index_node_id: s.content for s in build_segments(dataset, doc.document_id, chunks)}
 
 
-@pytest.fixture
-def cluster_factory(tmp_path: Path, tansu: str) -> Iterator[object]:
+@pytest.fixture(params=RUNTIMES)
+def cluster_factory(request: pytest.FixtureRequest, tmp_path: Path, tansu: str) -> Iterator[object]:
+    """Clusters whose workers run under each runtime in turn (the test runs twice)."""
     clusters: list[Cluster] = []
     stack = []
 
@@ -161,6 +163,7 @@ def cluster_factory(tmp_path: Path, tansu: str) -> Iterator[object]:
         db = fresh_database()
         url, name = db.__enter__()
         stack.append(db)
+        settings = {"runtime": request.param, **settings}
         c = Cluster(tmp_path / f"c{len(clusters)}", tansu, url, db_name=name, **settings)
         clusters.append(c)
         return c
@@ -394,8 +397,10 @@ SHARED_PARAGRAPH = (
 )
 
 
-@pytest.fixture(scope="module")
-def duplicate_runs(tmp_path_factory: pytest.TempPathFactory, tansu: str) -> Iterator[dict]:
+@pytest.fixture(scope="module", params=RUNTIMES)
+def duplicate_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tansu: str
+) -> Iterator[dict]:
     """The same two phases (create 30 documents; then update 8 and delete 4)
     run twice in one pipeline: first into dataset `dup` with every lifecycle
     event published twice, every stage event delivered twice and documents
@@ -405,7 +410,7 @@ def duplicate_runs(tmp_path_factory: pytest.TempPathFactory, tansu: str) -> Iter
     rng = random.Random(77)
     root = tmp_path_factory.mktemp("dup")
     with fresh_database() as (url, _):
-        c = Cluster(root, tansu, url)
+        c = Cluster(root, tansu, url, runtime=request.param)
         try:
             port = free_port()
             c.start_all(env={"embed": {"KBSTREAM_METRICS_PORT": str(port)}})
@@ -699,8 +704,10 @@ CONSUMERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def poisoned(tmp_path_factory: pytest.TempPathFactory, tansu: str) -> Iterator[dict]:
+@pytest.fixture(scope="module", params=RUNTIMES)
+def poisoned(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tansu: str
+) -> Iterator[dict]:
     """One pipeline, good documents published in three waves with poison on
     every input topic between them."""
     from domain.events import (
@@ -717,7 +724,7 @@ def poisoned(tmp_path_factory: pytest.TempPathFactory, tansu: str) -> Iterator[d
     rng = random.Random(9)
     root = tmp_path_factory.mktemp("poison")
     with fresh_database() as (url, _):
-        c = Cluster(root, tansu, url)
+        c = Cluster(root, tansu, url, runtime=request.param)
         try:
             c.start_all()
             dataset = "poisoned"

@@ -42,7 +42,7 @@ from domain.splitting import split_document
 from infra.db.models import SegmentRow
 from kbstream.indexing import index_paths
 from kbstream.search import search
-from tests.harness import Pipeline, make_settings
+from tests.harness import RUNTIMES, Pipeline, make_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -138,11 +138,17 @@ class Env:
     home: Path
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, tansu: str, pg_server_url: str) -> Iterator[Env]:
+@pytest.fixture(scope="module", params=RUNTIMES)
+def env(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tansu: str,
+    pg_server_url: str,
+) -> Iterator[Env]:
+    """The whole suite runs once per runtime, with the same expectations."""
     home = tmp_path_factory.mktemp("lifecycle")
     prefix = f"lc{uuid.uuid4().hex[:8]}."
-    settings = make_settings(home, tansu, prefix, database_url=pg_server_url)
+    settings = make_settings(home, tansu, prefix, database_url=pg_server_url, runtime=request.param)
     pipeline = Pipeline(settings)
     spy = Spy(pipeline.container)
     pipeline.container.provider.warm_up()  # load the model once, before any timing

@@ -41,12 +41,12 @@ def scrubbed_env(**settings: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_up(home: Path) -> Iterator[StackInfo]:
-    """`kbstream up --home HOME` with every stage, in a session of its own."""
+def running_up(home: Path, *args: str) -> Iterator[StackInfo]:
+    """`kbstream up --home HOME [ARGS]` with every stage, in a session of its own."""
     log = home.parent / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [KBSTREAM, "up", "--home", str(home)],
+            [KBSTREAM, "up", "--home", str(home), *args],
             cwd=REPO,
             env=scrubbed_env(),
             stdout=out,
@@ -188,3 +188,30 @@ def test_index_beside_up_and_from_a_second_machine(tmp_path: Path) -> None:
             env=here,
         )
         assert hits and "vandelquist" in hits[0]["content"], hits
+
+
+def test_up_with_the_faust_runtime_and_pods_of_one_stage(tmp_path: Path) -> None:
+    """The same workflow under `--runtime faust`: stages as faust agents, two
+    parse pods side by side as worker processes (they inherit the runtime)."""
+    home = tmp_path / "home"
+    docs = tmp_path / "docs"
+    write_docs(docs, DOCS)
+    here = scrubbed_env()
+    with running_up(home, "--runtime", "faust", "--workers", "parse=2"):
+        summary = kb(
+            "index", str(docs), "--dataset", "notes", "--home", str(home), cwd=REPO, env=here
+        )
+        assert (summary["added"], summary["completed"], summary["failed"]) == (3, 3, 0), summary
+        hits = kb(
+            "search",
+            "quintaflor vectors",
+            "--dataset",
+            "notes",
+            "--home",
+            str(home),
+            cwd=REPO,
+            env=here,
+        )
+        assert hits and Path(hits[0]["document"]).name == "milvus.txt", hits
+    log = (home / "kbstream.log").read_text(errors="replace")
+    assert "(faust)" in log and "Traceback" not in log
