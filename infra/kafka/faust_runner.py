@@ -115,9 +115,9 @@ class _LagView:
 
 
 class FaustStageRunner(StageRunner):
-    """StageRunner's batch path, fed and committed by a faust agent."""
-
-    runtime = "faust"
+    """StageRunner's batch path, fed and committed by a faust agent. Always
+    a group member: ``RunnerConfig.exclusive`` (assign every partition without
+    joining) is the confluent loop's alone."""
 
     def __init__(
         self,
