@@ -4,7 +4,7 @@ searchable, with warm workers (`kbstream up`).
 One command, from the repository root:
 
     .venv/bin/python benchmarks/freshness.py [--publishes 50] [--gap 0.5] [--device cpu]
-        [--workers parse=2,...]
+        [--workers parse=2,...] [--runtime confluent|faust]
 
 On a fresh temporary home (tansu broker, SQLite, milvus-lite server, the
 bundled model on --device): start `kbstream up`, wait until every consumer has
@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--gap", type=float, default=0.5, help="idle seconds between publishes")
     ap.add_argument("--device", default=os.environ.get("KBSTREAM_EMBEDDING_DEVICE", "cpu"))
     ap.add_argument("--workers", default=None, help="as for `kbstream up --workers`")
+    ap.add_argument("--runtime", default="confluent", help="as for `kbstream up --runtime`")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up on one document after")
     args = ap.parse_args(argv)
 
@@ -100,7 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.update({k: v for k, v in env.items() if k.startswith(("HF_", "TRANSFORMERS_"))})
     log = root / "up.log"
     argv_up = kbstream(
-        "up", "--home", str(home), *(["--workers", args.workers] if args.workers else [])
+        "up",
+        "--home",
+        str(home),
+        "--runtime",
+        args.runtime,
+        *(["--workers", args.workers] if args.workers else []),
     )
     with log.open("wb") as out:
         up = subprocess.Popen(
@@ -165,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, embedding on {args.device}",
         "workers": args.workers or "threads",
+        "runtime": args.runtime,
         "publishes": args.publishes,
         "searchable": len(latencies),
         "not_searchable": misses,
