@@ -151,30 +151,23 @@ def run_mode(
             check=True,
             capture_output=True,
         )
-        t1 = time.monotonic()
-        done = subprocess.run(
-            [*index, str(corpus), "--dataset", "bench"],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        seconds = time.monotonic() - t1
-        summary = json.loads(done.stdout)
-        replayed: dict[str, Any] = {}
-        if replay:
-            t2 = time.monotonic()
-            again = subprocess.run(
-                [*index, "--force", str(corpus), "--dataset", "bench"],
+
+        def timed_index(*extra: str) -> tuple[float, dict[str, Any]]:
+            t = time.monotonic()
+            done = subprocess.run(
+                [*index, *extra, str(corpus), "--dataset", "bench"],
                 cwd=REPO,
                 env=env,
                 check=True,
                 capture_output=True,
                 text=True,
             )
-            replay_s = time.monotonic() - t2
-            r = json.loads(again.stdout)
+            return time.monotonic() - t, json.loads(done.stdout)
+
+        seconds, summary = timed_index()
+        replayed: dict[str, Any] = {}
+        if replay:
+            replay_s, r = timed_index("--force")
             replayed = {
                 "replay_s": round(replay_s, 2),
                 "replay_completed": r["completed"],

@@ -249,7 +249,7 @@ class FaustStageRunner(StageRunner):
 
     def _wait(self, seconds: float) -> None:
         # no consumer to pause: the agent takes nothing while this thread waits
-        if self._done.wait(seconds) or self.stop_event.is_set():
+        if self._done.wait(seconds):  # stop() sets it too
             raise _Stopping()
 
 

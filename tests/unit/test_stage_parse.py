@@ -53,6 +53,16 @@ def by_uri(uri: str, version: int, doc: str = DOC) -> DocumentCreated:
     )
 
 
+def set_embedded_texts(world: World, n: int) -> None:
+    """As if the embed stage had counted ``n`` texts for the document."""
+    with world.uow() as uow:
+        doc = uow.documents.get(KEY, for_update=True)
+        assert doc is not None
+        doc.embedded_texts = n
+        uow.documents.save(doc)
+        uow.commit()
+
+
 class TestCreateAndUpdate:
     def test_created_is_claimed_parsed_and_sent_on_inline(self) -> None:
         world = World()
@@ -74,12 +84,7 @@ class TestCreateAndUpdate:
     def test_update_carries_its_cleanup_and_resets_work_counters(self) -> None:
         world = World()
         parse_stage(world).handle([created("one", 1)])
-        with world.uow() as uow:
-            doc = uow.documents.get(KEY, for_update=True)
-            assert doc is not None
-            doc.embedded_texts = 7
-            uow.documents.save(doc)
-            uow.commit()
+        set_embedded_texts(world, 7)
         result = parse_stage(world).handle([updated("two", 2, cleanup="none")])
         (parsed,) = of_type(result, DocumentParsed)
         assert (parsed.version, parsed.text, parsed.cleanup) == (2, "two", "none")
@@ -295,12 +300,7 @@ class TestMissingVersions:
         stage = parse_stage(world)
         event = unversioned(DocumentCreated, content="a")
         (first,) = of_type(stage.handle([event]), DocumentParsed)
-        with world.uow() as uow:
-            doc = uow.documents.get(KEY, for_update=True)
-            assert doc is not None
-            doc.embedded_texts = 3
-            uow.documents.save(doc)
-            uow.commit()
+        set_embedded_texts(world, 3)
         (again,) = of_type(stage.handle([event]), DocumentParsed)
         assert first.version == again.version == 1
         assert (world.doc().version, world.doc().embedded_texts) == (1, 3)
