@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from domain.events import Event, Topic
 from domain.ports import (
@@ -72,6 +72,20 @@ class Stage(Protocol):
         """Do the stage's durable side effects for these events and say what
         to publish next. Raise TransientError to have the batch retried."""
         ...
+
+
+@runtime_checkable
+class Prefetches(Stage, Protocol):
+    """A stage whose slow part (a model call) can start on the next batch
+    while the runtime finishes the current one (infra/kafka/lookahead.py).
+
+    prefetch only warms the stage's memory: it writes nothing and decides
+    nothing, as its batch may never be handled (a stop, a rebalance), and
+    handle() must give the same result without it. It runs on another thread
+    while handle() runs on the previous batch, and never for two batches at
+    once."""
+
+    def prefetch(self, events: Sequence[Event]) -> None: ...
 
 
 @dataclass(frozen=True)

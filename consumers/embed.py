@@ -1,12 +1,20 @@
 """embed: segments -> vectors in the embedding cache. Looks up
 (provider, model, doc_hash) first and sends only misses to the model, each
-distinct text once per batch; forwards removals in order to load_vectors."""
+distinct text once per batch; forwards removals in order to load_vectors.
+
+prefetch() runs the model on the next batch's misses while this batch is
+written and published (infra/kafka/lookahead.py). Its vectors are kept in
+memory for the next two batches, keyed by doc_hash (the text's hash, so a
+kept vector is right for any segment with that hash); handle() takes misses
+from there before calling the model, and writes exactly what it would have
+written without them."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from consumers.contract import StageResult
 from domain.documents import DocKey
@@ -31,24 +39,30 @@ class EmbedStage:
     embedder: EmbeddingProvider
     max_batch: int = 3
     name: str = "embed"
+    # vectors prefetch() made for the batch being handled and the next one
+    _ahead: list[dict[str, Sequence[float]]] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def prefetch(self, events: Sequence[Event]) -> None:
+        misses, texts, _ = self._misses(events)
+        with self._lock:
+            known = {h for kept in self._ahead for h in kept}
+        # a text the batch before holds is in the cache by the time this one is handled
+        todo = [h for h in misses if h not in known]
+        vectors = self.embedder.embed([texts[h] for h in todo]) if todo else []
+        with self._lock:
+            self._ahead = [*self._ahead[-1:], dict(zip(todo, vectors, strict=True))]
 
     def handle(self, events: Sequence[Event]) -> StageResult:
         result = StageResult()
         provider, model = self.embedder.provider, self.embedder.model
-        splits = [e for e in events if isinstance(e, SegmentsSplit)]
-        with self.uow(readonly=True) as uow:
-            # segments superseded since they were split (update, delete) need no vectors
-            alive = uow.segments.alive([s.index_node_id for sp in splits for s in sp.segments])
-            texts: dict[str, str] = {}
-            first_doc: dict[str, DocVersion] = {}
-            for sp in splits:
-                for s in sp.segments:
-                    if s.index_node_id in alive and s.doc_hash not in texts:
-                        texts[s.doc_hash] = s.content
-                        first_doc[s.doc_hash] = (sp.doc_key, sp.version)
-            cached = uow.embeddings.get_many(provider, model, texts) if texts else {}
-        misses = [h for h in texts if h not in cached]
-        vectors = self.embedder.embed([texts[h] for h in misses]) if misses else []
+        misses, texts, (alive, first_doc) = self._misses(events)
+        with self._lock:
+            ready = {h: kept[h] for kept in self._ahead for h in misses if h in kept}
+        todo = [h for h in misses if h not in ready]
+        if todo:
+            ready.update(zip(todo, self.embedder.embed([texts[h] for h in todo]), strict=True))
+        vectors = [ready[h] for h in misses]
 
         counts: dict[DocVersion, list[int]] = {}  # [embedded here, cache hits]
         missed = set(misses)
@@ -89,6 +103,26 @@ class EmbedStage:
         if misses or counts:
             self._write(dict(zip(misses, vectors, strict=True)), counts)
         return result
+
+    def _misses(
+        self, events: Sequence[Event]
+    ) -> tuple[list[str], dict[str, str], tuple[set[str], dict[str, DocVersion]]]:
+        """The doc_hashes of alive segments the cache lacks, in order, with
+        every alive text and which document asked for it first."""
+        splits = [e for e in events if isinstance(e, SegmentsSplit)]
+        with self.uow(readonly=True) as uow:
+            # segments superseded since they were split (update, delete) need no vectors
+            alive = uow.segments.alive([s.index_node_id for sp in splits for s in sp.segments])
+            texts: dict[str, str] = {}
+            first_doc: dict[str, DocVersion] = {}
+            for sp in splits:
+                for s in sp.segments:
+                    if s.index_node_id in alive and s.doc_hash not in texts:
+                        texts[s.doc_hash] = s.content
+                        first_doc[s.doc_hash] = (sp.doc_key, sp.version)
+            provider, model = self.embedder.provider, self.embedder.model
+            cached = uow.embeddings.get_many(provider, model, texts) if texts else {}
+        return [h for h in texts if h not in cached], texts, (alive, first_doc)
 
     def _write(
         self, vectors: dict[str, Sequence[float]], counts: dict[DocVersion, list[int]]

@@ -190,6 +190,8 @@ class Container:
             exclusive=exclusive,
             # only the model gains from waiting for a fuller batch
             linger=s.embed_linger_ms / 1000 if name == "embed" else 0.0,
+            lookahead=s.embed_lookahead,
+            fetch_wait_ms=s.fetch_wait_ms,
         )
         publisher = EventPublisher(bootstrap, s.max_event_bytes, client_id=f"kbstream-{name}")
         stage, inputs = self.stage(name), [self.topics.name(t) for t in spec.inputs]

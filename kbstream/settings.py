@@ -72,6 +72,17 @@ class Settings(BaseSettings):
     embed_linger_ms: int = Field(
         default=20, ge=0, description="how long embed waits for more events to fill a batch"
     )
+    fetch_wait_ms: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="how long a stage's fetch may wait at the broker for new events",
+    )
+    embed_lookahead: bool = Field(
+        default=True,
+        description="start the model on the next batch while the current one is written "
+        "(confluent runtime)",
+    )
     # hybrid search (domain/fusion.py)
     embedding_scripts: str = Field(
         default="latin",

@@ -131,6 +131,8 @@ class FaustStageRunner(StageRunner):
         datadir: Path | None = None,
     ) -> None:
         super().__init__(stage, inputs, topics, config, publisher, on_give_up, deliveries)
+        # the agent takes its batches itself (noack_take): no lookahead here
+        self._ahead = None
         # faust keeps nothing there (memory store, no tables) but creates it
         self.datadir = datadir or Path(tempfile.gettempdir()) / "kbstream-faust"
         self._failure: BaseException | None = None

@@ -592,6 +592,62 @@ def test_batch_interrupted_during_transient_retry_is_redelivered_after_restart(
     assert set(first.handled_ids()) | set(second.handled_ids()) == {e.event_id for e in events}
 
 
+@dataclass
+class PrefetchingToy(ToyStage):
+    """A ToyStage that can prefetch (consumers/contract.py: Prefetches), as
+    the embedder does: it records what it was shown ahead, and when."""
+
+    ahead: list[list[str]] = field(default_factory=list)
+    log: list[tuple[str, str]] = field(default_factory=list)  # ("ahead"|"handle", event_id)
+
+    def prefetch(self, events: Sequence[Event]) -> None:
+        time.sleep(self.delay)  # the model call
+        with self.lock:
+            self.ahead.append([e.event_id for e in events])
+            self.log.extend(("ahead", e.event_id) for e in events)
+
+    def handle(self, events: Sequence[Event]) -> StageResult:
+        with self.lock:
+            self.log.extend(("handle", e.event_id) for e in events)
+        return super().handle(events)
+
+
+def test_lookahead_prefetches_the_next_batch_and_a_stop_while_one_is_held_loses_nothing(
+    tansu: str, topic_prefix: str, publisher: EventPublisher, runtime: str
+) -> None:
+    topics = Topics(topic_prefix)
+    ensure_topics(tansu, topics, partitions=3)
+    events = [created(f"doc-{i % 7}", i) for i in range(60)]
+    for ev in events:
+        publisher.publish(topics.lifecycle, ev)
+    publisher.flush()
+    cfg = config(tansu, topics, lookahead=True)
+
+    first = PrefetchingToy("toy-ahead", max_batch=4, delay=0.1)
+    with running(first, cfg):
+        assert wait_for(lambda: len(first.handled_ids()) >= 12, 15)
+    assert len(first.handled_ids()) < len(events)  # stopped with work left, maybe one held
+    second = PrefetchingToy("toy-ahead-2", max_batch=20)
+    all_ids = {e.event_id for e in events}
+    with running(second, cfg):
+        assert wait_for(
+            lambda: set(first.handled_ids()) | set(second.handled_ids()) >= all_ids, 15
+        ), f"lost {len(all_ids - set(first.handled_ids()) - set(second.handled_ids()))} events"
+    assert committed_offsets(tansu, cfg.group_id, topics.lifecycle) == end_offsets(
+        tansu, topics.lifecycle, len(events)
+    )
+    if runtime == "faust":  # the agent takes its own batches: no lookahead there
+        assert first.ahead == second.ahead == []
+        return
+    # every batch but a fresh one was prefetched before it was handled
+    assert len(first.ahead) >= 2
+    handled_at = {eid: i for i, (kind, eid) in enumerate(first.log) if kind == "handle"}
+    for batch in first.ahead:
+        for eid in batch:
+            ahead_at = first.log.index(("ahead", eid))
+            assert eid not in handled_at or ahead_at < handled_at[eid], eid
+
+
 # --- e. output keyed by document_id ------------------------------------------------------
 
 

@@ -143,3 +143,73 @@ def test_embed_writes_once_per_batch() -> None:
     commits = world.uow.commits
     embed(world, events)
     assert world.uow.commits == commits + 1
+
+
+class TestPrefetch:
+    """prefetch() runs the model ahead of handle() (infra/kafka/lookahead.py):
+    it writes nothing, handle() gives the same result with or without it, and
+    no text reaches the model twice because of it."""
+
+    def state(self, world: World) -> object:
+        with world.uow(readonly=True) as uow:
+            cache = uow.embeddings.count(world.embedder.provider, world.embedder.model)
+        docs = [world.doc(key(d)) for d in ("a", "b")]
+        return cache, [(d.embedded_texts, d.cache_hits) if d else None for d in docs]
+
+    def test_handle_after_prefetch_calls_no_model_and_ends_the_same(self) -> None:
+        plain, ahead = World(), World()
+        lifecycle = (created(text_of(P[0], P[1], P[0]), 1, doc="a"), created(P[2], 1, doc="b"))
+        expected = embed(plain, split_events(plain, *lifecycle))
+
+        events = split_events(ahead, *lifecycle)
+        stage = ahead.stage("embed")
+        assert isinstance(stage, EmbedStage)
+        stage.prefetch(events)
+        assert sorted(ahead.embedder.embedded_texts) == sorted(P[:3])
+        assert self.state(ahead) == (0, [(0, 0), (0, 0)])  # prefetch wrote nothing
+        ahead.embedder.calls.clear()
+        result = stage.handle(events)
+        assert ahead.embedder.calls == []
+        assert result.counts == expected.counts
+        assert [(e.document_id, e.segments) for e in of_type(result, SegmentsEmbedded)] == [
+            (e.document_id, e.segments) for e in of_type(expected, SegmentsEmbedded)
+        ]
+        assert self.state(ahead) == self.state(plain)
+
+    def test_the_next_batch_skips_texts_the_held_batch_embeds(self) -> None:
+        world = World()
+        stage = world.stage("embed")
+        assert isinstance(stage, EmbedStage)
+        first = split_events(world, created(text_of(P[0], P[1]), 1, doc="a"))
+        second = split_events(world, created(text_of(P[1], P[2]), 1, doc="b"))
+        stage.prefetch(first)
+        stage.prefetch(second)  # while the first batch is handled
+        first_result = stage.handle(first)
+        second_result = stage.handle(second)
+        assert sorted(world.embedder.embedded_texts) == sorted(P[:3])  # each once
+        assert first_result.counts == {"embedded_texts": 2, "cache_hits": 0}
+        assert second_result.counts == {"embedded_texts": 1, "cache_hits": 1}
+
+    def test_a_batch_never_handled_costs_nothing_later(self) -> None:
+        world = World()
+        stage = world.stage("embed")
+        assert isinstance(stage, EmbedStage)
+        dropped = split_events(world, created(text_of(P[0], P[1]), 1, doc="a"))
+        stage.prefetch(dropped)  # e.g. its partition was revoked
+        # two later batches push its vectors out of memory; nothing was written
+        for i, doc in ((2, "b"), (3, "c")):
+            stage.prefetch(split_events(world, created(P[i], 1, doc=doc)))
+        world.embedder.calls.clear()
+        result = stage.handle(dropped)  # redelivered
+        assert sorted(world.embedder.embedded_texts) == sorted(P[:2])
+        assert result.counts == {"embedded_texts": 2, "cache_hits": 0}
+
+    def test_handle_embeds_what_prefetch_could_not(self) -> None:
+        world = World()
+        stage = world.stage("embed")
+        assert isinstance(stage, EmbedStage)
+        events = split_events(world, created(text_of(P[0], P[1]), 1, doc="a"))
+        stage.prefetch(events[:0])  # a prefetch that saw none of the batch
+        result = stage.handle(events)
+        assert sorted(world.embedder.embedded_texts) == sorted(P[:2])
+        assert result.counts == {"embedded_texts": 2, "cache_hits": 0}

@@ -1,0 +1,138 @@
+"""Starting the next batch's slow work while the current batch is finished.
+
+A stage that calls a model spends most of a batch in that call, and the rest
+in writes, publishing and the commit, during which the model would sit idle.
+For a stage that can ``prefetch`` (consumers/contract.py: Prefetches), the
+runner takes the next batch from what the consumer has already fetched once
+the current batch is counted (infra/kafka/redelivery.py), and prefetches it on
+a side thread while the current batch is handled, published and committed;
+that batch is handled next, its model work done.
+
+Prefetching decides nothing and writes nothing: it only warms the stage's
+memory, and handle() gives the same result without it. So a prefetched batch
+that is never handled (a stop, a revoked partition) loses nothing; its
+messages are uncommitted and come again.
+
+A rebalance can happen in any later consume call while a batch is held (the
+take of the batch after it, or the polls of a retry's wait). Messages of a
+partition revoked after the call that returned them are dropped: the
+partition's next owner (maybe this consumer again) reads them from the
+committed offset. Messages returned by the call during which the revocation
+happened are kept, as the runner without lookahead keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from confluent_kafka import Message
+
+from consumers.contract import Prefetches
+from domain.events import Event, decode_event
+from infra.kafka import headers
+from infra.kafka.redelivery import TopicPartition, topic_partition
+
+log = logging.getLogger(__name__)
+
+# take(timeout, linger) -> a batch; the runner's take_batch over its consumer
+Take = Callable[[float, float], list[Message]]
+
+
+@dataclass
+class _Taken:
+    msgs: list[Message]
+    at: int  # revocations seen when the consume call returned
+
+
+class Lookahead:
+    def __init__(self, stage: Prefetches, name: str, max_event_bytes: int) -> None:
+        self.stage = stage
+        self.name = name
+        self.max_event_bytes = max_event_bytes
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{name}-ahead")
+        self._running: Future[None] | None = None
+        self._held: _Taken | None = None  # the next batch, taken and prefetching
+        self._revocations: list[tuple[int, set[TopicPartition]]] = []
+        self._seen = 0
+
+    def revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        """From the consumer's on_revoke (and on_lost) callback."""
+        self._seen += 1
+        self._revocations.append((self._seen, set(partitions)))
+
+    def next_batch(self, take: Take, poll_timeout: float, linger: float) -> list[Message]:
+        """The batch to handle now: the one taken ahead, its prefetch done,
+        or else a fresh one (which handle() embeds itself)."""
+        held, self._held = self._held, None
+        if held is None:
+            self._revocations = []  # only a batch taken ahead can outlive one
+            return take(poll_timeout, linger)
+        self._wait()
+        return self._still_ours(held)
+
+    def take_next(self, take: Take) -> None:
+        """Take the next batch from what the consumer already has and start
+        its prefetch. The runner calls this only once the current batch is
+        counted as a first delivery: after a worker died, batches are handled
+        one message at a time with nothing running beside them, so a message
+        that kills the worker in the model is the one counted for it
+        (infra/kafka/redelivery.py)."""
+        after = take(0.0, 0.0)
+        if after:
+            self._held = _Taken(after, self._seen)
+            self._start(after)
+
+    def close(self) -> None:
+        self._wait()
+        self._pool.shutdown(wait=True)
+
+    def _start(self, msgs: list[Message]) -> None:
+        self._running = self._pool.submit(self._prefetch, msgs)
+
+    def _wait(self) -> None:
+        if self._running is not None:
+            self._running.result()  # _prefetch never raises
+            self._running = None
+
+    def _still_ours(self, taken: _Taken) -> list[Message]:
+        revoked: set[TopicPartition] = set()
+        for seen, parts in self._revocations:
+            if seen > taken.at:
+                revoked |= parts
+        # no batch still held was taken before this one
+        self._revocations = [(s, p) for s, p in self._revocations if s > taken.at]
+        if not revoked:
+            return taken.msgs
+        kept = [m for m in taken.msgs if topic_partition(m) not in revoked]
+        if len(kept) < len(taken.msgs):
+            log.info(
+                "stage %s: dropped %d taken-ahead messages of revoked partitions; "
+                "they are read again from the committed offset",
+                self.name,
+                len(taken.msgs) - len(kept),
+            )
+        return kept
+
+    def _prefetch(self, msgs: list[Message]) -> None:
+        try:
+            self.stage.prefetch(self._events(msgs))
+        except Exception:  # handle() does the work itself and meets the error there
+            log.debug("stage %s: prefetch failed", self.name, exc_info=True)
+
+    def _events(self, msgs: list[Message]) -> list[Event]:
+        out: list[Event] = []
+        for m in msgs:
+            value = m.value() if m.error() is None else None
+            if not value or len(value) > self.max_event_bytes:
+                continue
+            target = headers.get(m.headers(), headers.REPLAY_FOR)
+            if target is not None and target != self.name:
+                continue
+            try:
+                out.append(decode_event(value))
+            except Exception:  # the runner dead-letters it when the batch is handled
+                continue
+        return out

@@ -1,0 +1,176 @@
+"""The runner's lookahead (infra/kafka/lookahead.py) with a scripted consumer:
+the next batch is prefetched while the current one is handed out, a failed
+prefetch is only a missed chance, and messages of a partition revoked after
+they were taken are dropped (their next owner reads them from the commit)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from consumers.contract import StageResult
+from domain.events import Event, SegmentsRemoved, encode_event
+from infra.kafka.lookahead import Lookahead
+
+
+class Msg:
+    def __init__(self, partition: int, offset: int, value: bytes | None = None) -> None:
+        self._p, self._o = partition, offset
+        self._v = value if value is not None else encode_event(removal(f"{partition}-{offset}"))
+
+    def topic(self) -> str:
+        return "segments"
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def value(self) -> bytes:
+        return self._v
+
+    def error(self) -> None:
+        return None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return []
+
+
+def removal(doc: str) -> Event:
+    return SegmentsRemoved(
+        tenant_id="t", dataset_id="d", document_id=doc, version=1, index_node_ids=["x"]
+    )
+
+
+class RecordingStage:
+    name = "embed"
+    max_batch = 10
+
+    def __init__(self, fail: bool = False) -> None:
+        self.prefetched: list[list[str]] = []
+        self.threads: set[str] = set()
+        self.fail = fail
+
+    def prefetch(self, events: Sequence[Event]) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.prefetched.append([e.document_id for e in events])
+        if self.fail:
+            raise RuntimeError("model down")
+
+    def handle(self, events: Sequence[Event]) -> StageResult:
+        raise AssertionError("the lookahead never handles")
+
+
+class Script:
+    """take(timeout, linger): hands out the scripted batches in turn; a
+    callable in the script runs instead (a rebalance inside a consume call)."""
+
+    def __init__(self, *steps: Any) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, timeout: float, linger: float) -> list[Any]:
+        while self.steps:
+            step = self.steps.pop(0)
+            if callable(step):
+                step()
+                continue
+            return list(step)
+        return []
+
+
+def ids(msgs: list[Any]) -> list[tuple[int, int]]:
+    return [(m.partition(), m.offset()) for m in msgs]
+
+
+def test_the_next_batch_is_prefetched_while_the_current_one_is_handled() -> None:
+    stage = RecordingStage()
+    ahead = Lookahead(stage, "embed", 1_000_000)
+    take = Script([Msg(0, 0), Msg(0, 1)], [Msg(0, 2)])
+    try:
+        first = ahead.next_batch(take, 0.5, 0.0)
+        assert ids(first) == [(0, 0), (0, 1)]
+        assert stage.prefetched == []  # a fresh batch: handle() embeds it itself
+        ahead.take_next(take)  # the runner counted `first` as a first delivery
+        assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 2)]  # the held one, prefetched
+        assert stage.prefetched == [["0-2"]]
+        assert all(t.startswith("stage-embed-ahead") for t in stage.threads)
+        assert ahead.next_batch(take, 0.5, 0.0) == []
+    finally:
+        ahead.close()
+
+
+def test_nothing_is_taken_ahead_unless_asked() -> None:
+    """After a worker died the runner handles one message at a time and does
+    not call take_next: nothing runs beside the message being counted."""
+    stage = RecordingStage()
+    ahead = Lookahead(stage, "embed", 1_000_000)
+    take = Script([Msg(0, 0)], [Msg(0, 1)])
+    try:
+        assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 0)]
+        assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 1)]
+        assert stage.prefetched == []
+    finally:
+        ahead.close()
+
+
+def test_a_failed_prefetch_still_hands_the_batch_out() -> None:
+    stage = RecordingStage(fail=True)
+    ahead = Lookahead(stage, "embed", 1_000_000)
+    take = Script([Msg(0, 0)], [Msg(0, 1)])
+    try:
+        ahead.next_batch(take, 0.5, 0.0)
+        ahead.take_next(take)
+        assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 1)]
+        assert stage.prefetched == [["0-1"]]
+    finally:
+        ahead.close()
+
+
+def test_undecodable_messages_are_left_to_the_runner() -> None:
+    stage = RecordingStage()
+    ahead = Lookahead(stage, "embed", 1_000_000)
+    take = Script([Msg(0, 0)], [Msg(0, 1, b"not json"), Msg(0, 2)])
+    try:
+        ahead.next_batch(take, 0.5, 0.0)
+        ahead.take_next(take)
+        batch = ahead.next_batch(take, 0.5, 0.0)
+        assert ids(batch) == [(0, 1), (0, 2)]  # the runner dead-letters the first
+        assert stage.prefetched == [["0-2"]]
+    finally:
+        ahead.close()
+
+
+def test_what_the_rebalancing_call_returns_is_kept() -> None:
+    stage = RecordingStage()
+    ahead = Lookahead(stage, "embed", 1_000_000)
+    take = Script(
+        [Msg(0, 4)],
+        # the consume call that takes ahead sees partition 0 revoked and assigned
+        # again, and returns what the consumer reads from the committed offset
+        lambda: ahead.revoked([("segments", 0)]),
+        [Msg(0, 4), Msg(0, 5)],
+    )
+    try:
+        assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 4)]
+        ahead.take_next(take)
+        assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 4), (0, 5)]
+    finally:
+        ahead.close()
+
+
+def test_a_held_batch_loses_only_its_revoked_partitions() -> None:
+    stage = RecordingStage()
+    ahead = Lookahead(stage, "embed", 1_000_000)
+    take = Script([Msg(0, 4)], [Msg(0, 5), Msg(1, 7)])
+    try:
+        ahead.next_batch(take, 0.5, 0.0)
+        ahead.take_next(take)
+        ahead.revoked([("segments", 0)])  # while the batch before it was handled
+        # (0, 5) was taken before the revocation: partition 0's owner reads it again
+        assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(1, 7)]
+        ahead.revoked([("segments", 1)])  # no batch held: nothing to drop
+        assert ahead.next_batch(take, 0.5, 0.0) == []
+    finally:
+        ahead.close()
