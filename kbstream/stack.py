@@ -33,6 +33,9 @@ from kbstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# how long the stage threads wait for a local model to load before starting anyway
+MODEL_LOAD_WAIT_S = 30.0
+
 __all__ = [
     "EmbeddedStack",
     "MilvusLiteServer",
@@ -64,11 +67,22 @@ class WorkerPool:
 
     def start(self) -> WorkerPool:
         s = self.container.settings
+        if "parse" in self.stages:
+            from infra.extract.isolated import start_forkserver
+
+            start_forkserver()
+        warm = None
         if "embed" in self.stages:
-            # load the model while the consumer groups join (~3 s) and the first
-            # documents are parsed and split: it is on the critical path otherwise
-            threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+            # the model is on the critical path: load it first
+            warm = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
+            warm.start()
         ensure_topics(self.bootstrap, self.container.topics, s.partitions, s.replication_factor)
+        if warm is not None and self.container.remote_embedding is None:
+            # Importing a local model is ~4 s of Python that needs the GIL; beside
+            # the parse, split and keyword threads it took 12-18 s (each file read
+            # hands the GIL to them), and no text can be embedded before it ends.
+            # The stages start after it: they have the first segments ready in <1 s.
+            warm.join(timeout=MODEL_LOAD_WAIT_S)
         for name in self.stages:
             runner = self.container.runner(name, self.bootstrap, exclusive=self.exclusive)
             t = threading.Thread(

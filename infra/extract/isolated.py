@@ -62,6 +62,15 @@ def _forkserver() -> ForkServerContext:
         return _context
 
 
+def start_forkserver() -> None:
+    """Start the forkserver now, so its imports run in their own process while
+    this one starts up, instead of on the first large document."""
+    import multiprocessing.forkserver
+
+    _forkserver()
+    multiprocessing.forkserver.ensure_running()
+
+
 def _in_process(data: bytes, filename: str, mime_type: str | None, limits: ExtractLimits) -> bool:
     """Cheap cases that need no child: refusals extract_text makes before parsing, and
     small documents of the text family."""
