@@ -34,7 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,27 @@ def run_mode(
     return result
 
 
+@contextmanager
+def workspace(prefix: str, corpus: Path | None, docs: int, keep: bool) -> Iterator[Path]:
+    """A temporary root holding corpus/ (the chosen pages) and warm/ (the
+    warm-up document); removed afterwards unless kept."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        pick_corpus(corpus, docs, root / "corpus")
+        (root / "warm").mkdir()
+        (root / "warm" / "warm-up.txt").write_text(WARM_UP)
+        yield root
+    finally:
+        if keep:
+            say(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:
+    return round(float(statistics.median(r[key] for r in runs)), 2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=int, default=40, help="first N pages of the corpus")
@@ -216,26 +238,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary homes")
     args = ap.parse_args(argv)
 
-    root = Path(tempfile.mkdtemp(prefix="kbstream-procs-"))
-    try:
-        corpus = root / "corpus"
-        pick_corpus(args.corpus, args.docs, corpus)
-        (root / "warm").mkdir()
-        (root / "warm" / "warm-up.txt").write_text(WARM_UP)
-        runs: dict[str, list[dict[str, Any]]] = {"threads": [], "processes": []}
+    runs: dict[str, list[dict[str, Any]]] = {"threads": [], "processes": []}
+    with workspace("kbstream-procs-", args.corpus, args.docs, args.keep) as root:
         for k in range(args.repeat):
             for mode, workers in (("threads", None), ("processes", args.workers)):
                 runs[mode].append(
-                    run_mode(f"{mode}-{k}", workers, corpus, root / "warm", args.device, root)
+                    run_mode(
+                        f"{mode}-{k}", workers, root / "corpus", root / "warm", args.device, root
+                    )
                 )
-    finally:
-        if args.keep:
-            say(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
     def med(mode: str, key: str) -> float:
-        return round(float(statistics.median(r[key] for r in runs[mode])), 2)
+        return median_of(runs[mode], key)
 
     t, p = med("threads", "index_s"), med("processes", "index_s")
     out = {

@@ -26,10 +26,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import statistics
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.processes import WARM_UP, pick_corpus, run_mode, say  # noqa: E402
+from benchmarks.processes import median_of, run_mode, workspace  # noqa: E402
 
 RUNTIMES = ("confluent", "faust")
 
@@ -52,20 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary homes")
     args = ap.parse_args(argv)
 
-    root = Path(tempfile.mkdtemp(prefix="kbstream-runtimes-"))
     runs: dict[str, list[dict[str, Any]]] = {r: [] for r in RUNTIMES}
-    try:
-        corpus = root / "corpus"
-        pick_corpus(args.corpus, args.docs, corpus)
-        (root / "warm").mkdir()
-        (root / "warm" / "warm-up.txt").write_text(WARM_UP)
+    with workspace("kbstream-runtimes-", args.corpus, args.docs, args.keep) as root:
         for k in range(args.repeat):
             for runtime in RUNTIMES:
                 runs[runtime].append(
                     run_mode(
                         f"{runtime}-{k}",
                         args.workers,
-                        corpus,
+                        root / "corpus",
                         root / "warm",
                         args.device,
                         root,
@@ -73,14 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         replay=True,
                     )
                 )
-    finally:
-        if args.keep:
-            say(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
     def med(runtime: str, key: str) -> float:
-        return round(float(statistics.median(r[key] for r in runs[runtime])), 2)
+        return median_of(runs[runtime], key)
 
     keys = ("startup_s", "index_s", "segments_per_s", "replay_s", "replay_segments_per_s")
     table = {r: {k: med(r, k) for k in keys} for r in RUNTIMES}

@@ -27,10 +27,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import statistics
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.processes import WARM_UP, pick_corpus, run_mode, say  # noqa: E402
+from benchmarks.processes import median_of, run_mode, workspace  # noqa: E402
 
 PG_URL = os.environ.get(
     "KBSTREAM_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -101,27 +98,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = [s for s in args.stage.split(",") if s]
     counts = [int(c) for c in args.counts.split(",")]
 
-    root = Path(tempfile.mkdtemp(prefix="kbstream-scaling-"))
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
-    try:
-        corpus = root / "corpus"
-        pick_corpus(args.corpus, args.docs, corpus)
-        (root / "warm").mkdir()
-        (root / "warm" / "warm-up.txt").write_text(WARM_UP)
+    with workspace("kbstream-scaling-", args.corpus, args.docs, args.keep) as root:
         for k in range(args.repeat):
             order = counts if k % 2 == 0 else counts[::-1]
             for n in order:
                 runs[n].append(
-                    one_run(n, stages, corpus, root / "warm", args.device, root, args.pg, k)
+                    one_run(
+                        n, stages, root / "corpus", root / "warm", args.device, root, args.pg, k
+                    )
                 )
-    finally:
-        if args.keep:
-            say(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
     def med(n: int, key: str) -> float:
-        return round(float(statistics.median(r[key] for r in runs[n])), 2)
+        return median_of(runs[n], key)
 
     base = counts[0]
     rows = {

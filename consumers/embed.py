@@ -34,6 +34,16 @@ DocVersion = tuple[DocKey, int]
 
 
 @dataclass
+class _Wanted:
+    """What a batch needs from the model, read before any model call."""
+
+    texts: dict[str, str]  # doc_hash -> text, for every alive segment
+    misses: list[str]  # the doc_hashes the cache lacks, in order
+    alive: set[str]  # index_node_ids not superseded since they were split
+    first_doc: dict[str, DocVersion]  # which document asked for each text first
+
+
+@dataclass
 class EmbedStage:
     uow: UnitOfWorkFactory
     embedder: EmbeddingProvider
@@ -44,24 +54,19 @@ class EmbedStage:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def prefetch(self, events: Sequence[Event]) -> None:
-        misses, texts, _ = self._misses(events)
-        with self._lock:
-            known = {h for kept in self._ahead for h in kept}
+        wanted = self._wanted(events)
         # a text the batch before holds is in the cache by the time this one is handled
-        todo = [h for h in misses if h not in known]
-        vectors = self.embedder.embed([texts[h] for h in todo]) if todo else []
+        new = self._embed(wanted, [h for h in wanted.misses if self._kept(h) is None])
         with self._lock:
-            self._ahead = [*self._ahead[-1:], dict(zip(todo, vectors, strict=True))]
+            self._ahead = [*self._ahead[-1:], new]
 
     def handle(self, events: Sequence[Event]) -> StageResult:
         result = StageResult()
         provider, model = self.embedder.provider, self.embedder.model
-        misses, texts, (alive, first_doc) = self._misses(events)
-        with self._lock:
-            ready = {h: kept[h] for kept in self._ahead for h in misses if h in kept}
-        todo = [h for h in misses if h not in ready]
-        if todo:
-            ready.update(zip(todo, self.embedder.embed([texts[h] for h in todo]), strict=True))
+        wanted = self._wanted(events)
+        misses, alive, first_doc = wanted.misses, wanted.alive, wanted.first_doc
+        ready = {h: v for h in misses if (v := self._kept(h)) is not None}
+        ready.update(self._embed(wanted, [h for h in misses if h not in ready]))
         vectors = [ready[h] for h in misses]
 
         counts: dict[DocVersion, list[int]] = {}  # [embedded here, cache hits]
@@ -104,11 +109,7 @@ class EmbedStage:
             self._write(dict(zip(misses, vectors, strict=True)), counts)
         return result
 
-    def _misses(
-        self, events: Sequence[Event]
-    ) -> tuple[list[str], dict[str, str], tuple[set[str], dict[str, DocVersion]]]:
-        """The doc_hashes of alive segments the cache lacks, in order, with
-        every alive text and which document asked for it first."""
+    def _wanted(self, events: Sequence[Event]) -> _Wanted:
         splits = [e for e in events if isinstance(e, SegmentsSplit)]
         with self.uow(readonly=True) as uow:
             # segments superseded since they were split (update, delete) need no vectors
@@ -122,7 +123,17 @@ class EmbedStage:
                         first_doc[s.doc_hash] = (sp.doc_key, sp.version)
             provider, model = self.embedder.provider, self.embedder.model
             cached = uow.embeddings.get_many(provider, model, texts) if texts else {}
-        return [h for h in texts if h not in cached], texts, (alive, first_doc)
+        return _Wanted(texts, [h for h in texts if h not in cached], alive, first_doc)
+
+    def _embed(self, wanted: _Wanted, hashes: list[str]) -> dict[str, Sequence[float]]:
+        if not hashes:
+            return {}
+        vectors = self.embedder.embed([wanted.texts[h] for h in hashes])
+        return dict(zip(hashes, vectors, strict=True))
+
+    def _kept(self, doc_hash: str) -> Sequence[float] | None:
+        with self._lock:
+            return next((kept[doc_hash] for kept in self._ahead if doc_hash in kept), None)
 
     def _write(
         self, vectors: dict[str, Sequence[float]], counts: dict[DocVersion, list[int]]

@@ -26,49 +26,43 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 from confluent_kafka import Message
 
 from consumers.contract import Prefetches
-from domain.events import Event, decode_event
-from infra.kafka import headers
+from domain.events import Event
 from infra.kafka.redelivery import TopicPartition, topic_partition
 
 log = logging.getLogger(__name__)
 
 # take(timeout, linger) -> a batch; the runner's take_batch over its consumer
 Take = Callable[[float, float], list[Message]]
-
-
-@dataclass
-class _Taken:
-    msgs: list[Message]
-    at: int  # revocations seen when the consume call returned
+# the runner's decoding: the event a message carries for this stage, or None
+Decode = Callable[[Message], Event | None]
 
 
 class Lookahead:
-    def __init__(self, stage: Prefetches, name: str, max_event_bytes: int) -> None:
+    def __init__(self, stage: Prefetches, name: str, decode: Decode) -> None:
         self.stage = stage
         self.name = name
-        self.max_event_bytes = max_event_bytes
+        self.decode = decode
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{name}-ahead")
         self._running: Future[None] | None = None
-        self._held: _Taken | None = None  # the next batch, taken and prefetching
-        self._revocations: list[tuple[int, set[TopicPartition]]] = []
-        self._seen = 0
+        self._held: list[Message] | None = None  # the next batch, taken and prefetching
+        self._revoked: set[TopicPartition] = set()  # since the held batch was taken
 
     def revoked(self, partitions: Sequence[TopicPartition]) -> None:
-        """From the consumer's on_revoke (and on_lost) callback."""
-        self._seen += 1
-        self._revocations.append((self._seen, set(partitions)))
+        """From the consumer's on_revoke (and on_lost) callback. A revocation
+        during the consume call that takes a batch ahead happens before the
+        batch is held: what that call returns is the new assignment's."""
+        if self._held is not None:
+            self._revoked.update(partitions)
 
     def next_batch(self, take: Take, poll_timeout: float, linger: float) -> list[Message]:
         """The batch to handle now: the one taken ahead, its prefetch done,
         or else a fresh one (which handle() embeds itself)."""
         held, self._held = self._held, None
         if held is None:
-            self._revocations = []  # only a batch taken ahead can outlive one
             return take(poll_timeout, linger)
         self._wait()
         return self._still_ours(held)
@@ -82,57 +76,33 @@ class Lookahead:
         (infra/kafka/redelivery.py)."""
         after = take(0.0, 0.0)
         if after:
-            self._held = _Taken(after, self._seen)
-            self._start(after)
+            self._held, self._revoked = after, set()
+            self._running = self._pool.submit(self._prefetch, after)
 
     def close(self) -> None:
         self._wait()
         self._pool.shutdown(wait=True)
-
-    def _start(self, msgs: list[Message]) -> None:
-        self._running = self._pool.submit(self._prefetch, msgs)
 
     def _wait(self) -> None:
         if self._running is not None:
             self._running.result()  # _prefetch never raises
             self._running = None
 
-    def _still_ours(self, taken: _Taken) -> list[Message]:
-        revoked: set[TopicPartition] = set()
-        for seen, parts in self._revocations:
-            if seen > taken.at:
-                revoked |= parts
-        # no batch still held was taken before this one
-        self._revocations = [(s, p) for s, p in self._revocations if s > taken.at]
-        if not revoked:
-            return taken.msgs
-        kept = [m for m in taken.msgs if topic_partition(m) not in revoked]
-        if len(kept) < len(taken.msgs):
+    def _still_ours(self, msgs: list[Message]) -> list[Message]:
+        revoked, self._revoked = self._revoked, set()
+        kept = [m for m in msgs if topic_partition(m) not in revoked]
+        if len(kept) < len(msgs):
             log.info(
                 "stage %s: dropped %d taken-ahead messages of revoked partitions; "
                 "they are read again from the committed offset",
                 self.name,
-                len(taken.msgs) - len(kept),
+                len(msgs) - len(kept),
             )
         return kept
 
     def _prefetch(self, msgs: list[Message]) -> None:
         try:
-            self.stage.prefetch(self._events(msgs))
+            events = [e for e in map(self.decode, msgs) if e is not None]
+            self.stage.prefetch(events)
         except Exception:  # handle() does the work itself and meets the error there
             log.debug("stage %s: prefetch failed", self.name, exc_info=True)
-
-    def _events(self, msgs: list[Message]) -> list[Event]:
-        out: list[Event] = []
-        for m in msgs:
-            value = m.value() if m.error() is None else None
-            if not value or len(value) > self.max_event_bytes:
-                continue
-            target = headers.get(m.headers(), headers.REPLAY_FOR)
-            if target is not None and target != self.name:
-                continue
-            try:
-                out.append(decode_event(value))
-            except Exception:  # the runner dead-letters it when the batch is handled
-                continue
-        return out

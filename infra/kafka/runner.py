@@ -124,7 +124,7 @@ class StageRunner:
         self.dead_lettered = 0
         self._consumer: Consumer | None = None
         self._ahead = (
-            Lookahead(stage, stage.name, config.max_event_bytes)
+            Lookahead(stage, stage.name, self._decode_quietly)
             if config.lookahead and isinstance(stage, Prefetches)
             else None
         )
@@ -279,6 +279,16 @@ class StageRunner:
             except InvalidEvent as exc:
                 self._dead_letter(msg, exc, attempts=1)
         return out
+
+    def _decode_quietly(self, msg: Message) -> Event | None:
+        """For a look ahead: the event, or None where _decode will dead-letter
+        or skip the message when the batch is handled."""
+        if msg.error() is not None or not self._meant_for_me(msg):
+            return None
+        try:
+            return self._decode_one(msg)
+        except InvalidEvent:
+            return None
 
     def _decode_one(self, msg: Message) -> Event:
         size = len(msg.value() or b"")

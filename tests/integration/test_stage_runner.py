@@ -533,33 +533,54 @@ def test_permanent_error_is_dead_lettered_without_retrying(
 # --- d. at-least-once across a stop ---------------------------------------------------------
 
 
-def test_no_event_is_lost_when_a_runner_is_stopped_midway(
-    tansu: str, topic_prefix: str, publisher: EventPublisher
-) -> None:
+def stopped_midway_then_finished(
+    tansu: str,
+    topic_prefix: str,
+    publisher: EventPublisher,
+    first: ToyStage,
+    second: ToyStage,
+    first_does: int,
+    **cfg: object,
+) -> list[Event]:
+    """60 events on 3 partitions; `first` runs until it has handled `first_does`
+    and is stopped, `second` takes over until every event was handled by one
+    of them. Asserts that nothing was lost and every offset is committed."""
     topics = Topics(topic_prefix)
     ensure_topics(tansu, topics, partitions=3)
     events = [created(f"doc-{i % 7}", i) for i in range(60)]
     for ev in events:
         publisher.publish(topics.lifecycle, ev)
     publisher.flush()
-    cfg = config(tansu, topics)
+    config_ = config(tansu, topics, **cfg)
 
-    first = ToyStage("toy-first", max_batch=4, delay=0.15)
-    with running(first, cfg):
-        assert wait_for(lambda: len(first.handled_ids()) >= 8, 15)
+    with running(first, config_):
+        assert wait_for(lambda: len(first.handled_ids()) >= first_does, 15)
     # stopped mid-way: it did some, not all
-    assert 8 <= len(first.handled_ids()) < len(events)
+    assert first_does <= len(first.handled_ids()) < len(events)
 
-    second = ToyStage("toy-second", max_batch=20)
     all_ids = {e.event_id for e in events}
-    with running(second, cfg):
+    with running(second, config_):
         assert wait_for(
             lambda: set(first.handled_ids()) | set(second.handled_ids()) >= all_ids, 15
         ), f"lost {len(all_ids - set(first.handled_ids()) - set(second.handled_ids()))} events"
     seen = Counter(first.handled_ids()) + Counter(second.handled_ids())
     assert set(seen) == all_ids
-    assert committed_offsets(tansu, cfg.group_id, topics.lifecycle) == end_offsets(
+    assert committed_offsets(tansu, config_.group_id, topics.lifecycle) == end_offsets(
         tansu, topics.lifecycle, len(events)
+    )
+    return events
+
+
+def test_no_event_is_lost_when_a_runner_is_stopped_midway(
+    tansu: str, topic_prefix: str, publisher: EventPublisher
+) -> None:
+    stopped_midway_then_finished(
+        tansu,
+        topic_prefix,
+        publisher,
+        ToyStage("toy-first", max_batch=4, delay=0.15),
+        ToyStage("toy-second", max_batch=20),
+        first_does=8,
     )
 
 
@@ -615,26 +636,11 @@ class PrefetchingToy(ToyStage):
 def test_lookahead_prefetches_the_next_batch_and_a_stop_while_one_is_held_loses_nothing(
     tansu: str, topic_prefix: str, publisher: EventPublisher, runtime: str
 ) -> None:
-    topics = Topics(topic_prefix)
-    ensure_topics(tansu, topics, partitions=3)
-    events = [created(f"doc-{i % 7}", i) for i in range(60)]
-    for ev in events:
-        publisher.publish(topics.lifecycle, ev)
-    publisher.flush()
-    cfg = config(tansu, topics, lookahead=True)
-
     first = PrefetchingToy("toy-ahead", max_batch=4, delay=0.1)
-    with running(first, cfg):
-        assert wait_for(lambda: len(first.handled_ids()) >= 12, 15)
-    assert len(first.handled_ids()) < len(events)  # stopped with work left, maybe one held
     second = PrefetchingToy("toy-ahead-2", max_batch=20)
-    all_ids = {e.event_id for e in events}
-    with running(second, cfg):
-        assert wait_for(
-            lambda: set(first.handled_ids()) | set(second.handled_ids()) >= all_ids, 15
-        ), f"lost {len(all_ids - set(first.handled_ids()) - set(second.handled_ids()))} events"
-    assert committed_offsets(tansu, cfg.group_id, topics.lifecycle) == end_offsets(
-        tansu, topics.lifecycle, len(events)
+    # stopped with work left, maybe with a batch held
+    stopped_midway_then_finished(
+        tansu, topic_prefix, publisher, first, second, first_does=12, lookahead=True
     )
     if runtime == "faust":  # the agent takes its own batches: no lookahead there
         assert first.ahead == second.ahead == []

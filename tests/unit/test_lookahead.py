@@ -6,11 +6,13 @@ they were taken are dropped (their next owner reads them from the commit)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from consumers.contract import StageResult
-from domain.events import Event, SegmentsRemoved, encode_event
+from domain.errors import InvalidEvent
+from domain.events import Event, SegmentsRemoved, decode_event, encode_event
 from infra.kafka.lookahead import Lookahead
 
 
@@ -42,6 +44,23 @@ def removal(doc: str) -> Event:
     return SegmentsRemoved(
         tenant_id="t", dataset_id="d", document_id=doc, version=1, index_node_ids=["x"]
     )
+
+
+def decode_or_none(msg: Any) -> Event | None:
+    """As the runner's: None for what it dead-letters when the batch is handled."""
+    try:
+        return decode_event(msg.value())
+    except InvalidEvent:
+        return None
+
+
+@contextmanager
+def looking_ahead(stage: RecordingStage) -> Iterator[Lookahead]:
+    ahead = Lookahead(stage, "embed", decode_or_none)
+    try:
+        yield ahead
+    finally:
+        ahead.close()
 
 
 class RecordingStage:
@@ -86,9 +105,8 @@ def ids(msgs: list[Any]) -> list[tuple[int, int]]:
 
 def test_the_next_batch_is_prefetched_while_the_current_one_is_handled() -> None:
     stage = RecordingStage()
-    ahead = Lookahead(stage, "embed", 1_000_000)
-    take = Script([Msg(0, 0), Msg(0, 1)], [Msg(0, 2)])
-    try:
+    with looking_ahead(stage) as ahead:
+        take = Script([Msg(0, 0), Msg(0, 1)], [Msg(0, 2)])
         first = ahead.next_batch(take, 0.5, 0.0)
         assert ids(first) == [(0, 0), (0, 1)]
         assert stage.prefetched == []  # a fresh batch: handle() embeds it itself
@@ -97,74 +115,59 @@ def test_the_next_batch_is_prefetched_while_the_current_one_is_handled() -> None
         assert stage.prefetched == [["0-2"]]
         assert all(t.startswith("stage-embed-ahead") for t in stage.threads)
         assert ahead.next_batch(take, 0.5, 0.0) == []
-    finally:
-        ahead.close()
 
 
 def test_nothing_is_taken_ahead_unless_asked() -> None:
     """After a worker died the runner handles one message at a time and does
     not call take_next: nothing runs beside the message being counted."""
     stage = RecordingStage()
-    ahead = Lookahead(stage, "embed", 1_000_000)
-    take = Script([Msg(0, 0)], [Msg(0, 1)])
-    try:
+    with looking_ahead(stage) as ahead:
+        take = Script([Msg(0, 0)], [Msg(0, 1)])
         assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 0)]
         assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 1)]
         assert stage.prefetched == []
-    finally:
-        ahead.close()
 
 
 def test_a_failed_prefetch_still_hands_the_batch_out() -> None:
     stage = RecordingStage(fail=True)
-    ahead = Lookahead(stage, "embed", 1_000_000)
-    take = Script([Msg(0, 0)], [Msg(0, 1)])
-    try:
+    with looking_ahead(stage) as ahead:
+        take = Script([Msg(0, 0)], [Msg(0, 1)])
         ahead.next_batch(take, 0.5, 0.0)
         ahead.take_next(take)
         assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 1)]
         assert stage.prefetched == [["0-1"]]
-    finally:
-        ahead.close()
 
 
 def test_undecodable_messages_are_left_to_the_runner() -> None:
     stage = RecordingStage()
-    ahead = Lookahead(stage, "embed", 1_000_000)
-    take = Script([Msg(0, 0)], [Msg(0, 1, b"not json"), Msg(0, 2)])
-    try:
+    with looking_ahead(stage) as ahead:
+        take = Script([Msg(0, 0)], [Msg(0, 1, b"not json"), Msg(0, 2)])
         ahead.next_batch(take, 0.5, 0.0)
         ahead.take_next(take)
         batch = ahead.next_batch(take, 0.5, 0.0)
         assert ids(batch) == [(0, 1), (0, 2)]  # the runner dead-letters the first
         assert stage.prefetched == [["0-2"]]
-    finally:
-        ahead.close()
 
 
 def test_what_the_rebalancing_call_returns_is_kept() -> None:
     stage = RecordingStage()
-    ahead = Lookahead(stage, "embed", 1_000_000)
-    take = Script(
-        [Msg(0, 4)],
-        # the consume call that takes ahead sees partition 0 revoked and assigned
-        # again, and returns what the consumer reads from the committed offset
-        lambda: ahead.revoked([("segments", 0)]),
-        [Msg(0, 4), Msg(0, 5)],
-    )
-    try:
+    with looking_ahead(stage) as ahead:
+        take = Script(
+            [Msg(0, 4)],
+            # the consume call that takes ahead sees partition 0 revoked and assigned
+            # again, and returns what the consumer reads from the committed offset
+            lambda: ahead.revoked([("segments", 0)]),
+            [Msg(0, 4), Msg(0, 5)],
+        )
         assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 4)]
         ahead.take_next(take)
         assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 4), (0, 5)]
-    finally:
-        ahead.close()
 
 
 def test_a_held_batch_loses_only_its_revoked_partitions() -> None:
     stage = RecordingStage()
-    ahead = Lookahead(stage, "embed", 1_000_000)
-    take = Script([Msg(0, 4)], [Msg(0, 5), Msg(1, 7)])
-    try:
+    with looking_ahead(stage) as ahead:
+        take = Script([Msg(0, 4)], [Msg(0, 5), Msg(1, 7)])
         ahead.next_batch(take, 0.5, 0.0)
         ahead.take_next(take)
         ahead.revoked([("segments", 0)])  # while the batch before it was handled
@@ -172,5 +175,3 @@ def test_a_held_batch_loses_only_its_revoked_partitions() -> None:
         assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(1, 7)]
         ahead.revoked([("segments", 1)])  # no batch held: nothing to drop
         assert ahead.next_batch(take, 0.5, 0.0) == []
-    finally:
-        ahead.close()
