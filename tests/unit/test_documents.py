@@ -29,6 +29,15 @@ class TestVersionFencing:
         doc = parsing(3)
         assert (doc.version, doc.status, doc.source) == (3, S.PARSING, "a.md")
 
+    def test_a_claim_records_what_the_version_is_read_from(self) -> None:
+        doc = Document.new(KEY)
+        assert (doc.uri, doc.inline_content) == (None, None)  # unknown until claimed
+        assert doc.start_parsing(1, "/etc/shown-name", uri="kbstream-upload:upload/t/ds/doc/h")
+        assert (doc.uri, doc.inline_content) == ("kbstream-upload:upload/t/ds/doc/h", False)
+        # the next version came inline: the earlier reference is not kept
+        assert doc.start_parsing(2, "/etc/shown-name")
+        assert (doc.uri, doc.inline_content) == (None, True)
+
     def test_newer_version_wins_and_resets_work_counters(self) -> None:
         doc = indexing(3)
         doc.embedded_texts, doc.cache_hits = 5, 2
