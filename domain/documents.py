@@ -305,13 +305,22 @@ class Document:
             self.updated_at = now or utcnow()
         return True
 
-    def segment_deleted(self, version: int, tokens: int, words: int) -> bool:
+    def segment_deleted(
+        self, version: int, tokens: int, words: int, now: datetime | None = None
+    ) -> bool:
+        """One segment removed by upstream. Its removal is owed to both indexes,
+        so a completed document is indexing again until they have followed."""
         if self.deleted or version < self.version:
             return False
+        now = now or utcnow()
         self.segment_count = max(0, self.segment_count - 1)
         self.tokens = max(0, self.tokens - tokens)
         self.word_count = max(0, self.word_count - words)
-        self.updated_at = utcnow()
+        if self.status is IndexingStatus.COMPLETED:
+            self.status = IndexingStatus.INDEXING
+            self.completed_at = None
+            self.indexing_started_at = now
+        self.updated_at = now
         return True
 
     def segments_purged(self, version: int, removed: int) -> bool:

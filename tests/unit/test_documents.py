@@ -188,6 +188,18 @@ class TestCompletion:
         assert doc.segments_imported(4, added=2, tokens=10, words=8)
         assert doc.status is S.INDEXING and doc.segment_count == 4
 
+    def test_a_segment_delete_reopens_a_completed_document_until_the_indexes_follow(
+        self,
+    ) -> None:
+        doc = indexing(3)
+        doc.complete(3, 0, True)
+        assert doc.segment_deleted(3, tokens=20, words=15)
+        assert (doc.status, doc.segment_count, doc.completed_at) == (S.INDEXING, 1, None)
+        assert doc.complete(3, 0, True)
+        assert doc.fail(3, "broken")
+        assert doc.segment_deleted(3, tokens=20, words=15)
+        assert doc.status is S.ERROR  # an error stays for a person to see
+
     def test_imports_older_than_the_document_are_refused(self) -> None:
         doc = indexing(3)
         assert not doc.segments_imported(2, added=1, tokens=1, words=1)
