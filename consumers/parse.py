@@ -119,6 +119,7 @@ class ParseStage:
                         event.content_hash,
                         event.mime_type,
                         event_id=event.event_id,
+                        uri=event.uri,
                     ):
                         claims.append(_Claim(i, _versioned(event, version), version))
                     else:

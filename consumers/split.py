@@ -223,15 +223,19 @@ class SplitStage:
                 event.index_node_id or event.segment_id,
                 event.document_id,
             )
+            # maybe a redelivery after the commit whose publish was lost: send
+            # the removals still owed again (a delete by segment_id names no
+            # index_node_id; the owed list is what remembers it). Repeating a
+            # removal is harmless: the indexes reconcile by id.
+            again = set(_still_owed(uow, key))
             if event.index_node_id:
-                # maybe a redelivery after the commit whose publish was lost: the
-                # removal is harmless to repeat (the indexes reconcile by id)
-                result.emit(
-                    Topic.SEGMENTS,
-                    _removed(event, [event.index_node_id]),
-                )
+                again.add(event.index_node_id)
+            if again:
+                result.emit(Topic.SEGMENTS, _removed(event, sorted(again)))
             return
         doc.segment_deleted(resolved_version(event), gone.tokens, gone.word_count)
+        # owed in the same transaction as the delete, until the document completes
+        _owed_removals(uow, key, [gone.index_node_id])
         uow.documents.save(doc)
         result.emit(
             Topic.SEGMENTS,
@@ -331,6 +335,12 @@ def _drop(uow: UnitOfWork, doc: Document | None, event: Event) -> None:
     doc.drop(event.type, resolved_version(event))
     uow.documents.save(doc)
     log.info("split: %s", doc.last_dropped)
+
+
+def _still_owed(uow: UnitOfWork, key: DocKey) -> list[str]:
+    """The removals the document still owes the indexes (see _owed_removals)."""
+    data = uow.payloads.get(_removals_key(key))
+    return list(json.loads(data)) if data else []
 
 
 def _owed_removals(uow: UnitOfWork, key: DocKey, removed: Sequence[str]) -> list[str]:

@@ -1,6 +1,8 @@
-"""Writes the Kubernetes manifests (deploy/k8s/) and the compose Prometheus
-config (deploy/prometheus/prometheus.yml) from the pipeline table, so stage,
-consumer group and input topic names cannot drift from consumers/pipeline.py.
+"""Writes the Kubernetes manifests (deploy/k8s/, and the SASL overlay
+deploy/k8s/sasl/), the compose Prometheus config
+(deploy/prometheus/prometheus.yml) and the Kafka ACL script
+(deploy/kafka/acls.sh, docs/security.md) from the pipeline table, so stage,
+consumer group and topic names cannot drift from consumers/pipeline.py.
 
     .venv/bin/python deploy/generate.py          # rewrite the files
     .venv/bin/python deploy/generate.py --check  # exit 1 if a committed file is stale
@@ -9,6 +11,7 @@ tests/unit/test_deploy_manifests.py fails when the committed files differ."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 import yaml
 
 from consumers.pipeline import PIPELINE, StageSpec
+from domain.events import Topic
 from infra.kafka.topics import Topics
 from kbstream.settings import Settings
 
@@ -45,6 +49,19 @@ CONFIG = {
     "KBSTREAM_ALLOWED_ROOTS": "/data",
     "KBSTREAM_LOG_LEVEL": "INFO",
 }
+
+
+# SASL settings of a secured Kafka (docs/security.md), from an optional Secret:
+# without it the workers connect in plaintext, as before
+KAFKA_SECRET = "kbstream-kafka"
+KAFKA_SECRET_KEYS = {
+    "KBSTREAM_KAFKA_SECURITY_PROTOCOL": "security-protocol",
+    "KBSTREAM_KAFKA_SASL_MECHANISM": "sasl-mechanism",
+    "KBSTREAM_KAFKA_SASL_USERNAME": "username",
+    "KBSTREAM_KAFKA_SASL_PASSWORD": "password",
+}
+# KEDA's names for the same mechanisms (its kafka scaler's `sasl` parameter)
+KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,15 @@ def deployment(spec: StageSpec) -> dict[str, Any]:
                     "secretKeyRef": {"name": "kbstream-milvus", "key": "token", "optional": True}
                 },
             },
+            *(
+                {
+                    "name": name,
+                    "valueFrom": {
+                        "secretKeyRef": {"name": KAFKA_SECRET, "key": key, "optional": True}
+                    },
+                }
+                for name, key in KAFKA_SECRET_KEYS.items()
+            ),
         ],
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         # startup covers connecting, migrations and (embed) loading the model
@@ -213,6 +239,96 @@ def config_map() -> dict[str, Any]:
     }
 
 
+def sasl_overlay() -> dict[str, Any]:
+    """deploy/k8s/sasl: the stage manifests plus KEDA's credentials for the
+    lag it scales on (the workers read theirs from the same Secret)."""
+    return {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["..", "trigger-authentication.yaml"],
+        "patches": [
+            {
+                "target": {"kind": "ScaledObject", "name": k8s_name(spec.name)},
+                "patch": json.dumps(
+                    [
+                        {
+                            "op": "add",
+                            "path": f"/spec/triggers/{i}/authenticationRef",
+                            "value": {"name": KAFKA_SECRET},
+                        }
+                        for i, _ in enumerate(input_topics(spec))
+                    ]
+                ),
+            }
+            for spec in PIPELINE
+        ],
+    }
+
+
+def trigger_authentication() -> dict[str, Any]:
+    # KEDA wants its own names in the Secret: `sasl` (plaintext, scram_sha256,
+    # scram_sha512) and `tls` (enable, disable), beside username and password
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": {"name": KAFKA_SECRET, "labels": {"app.kubernetes.io/name": "kbstream"}},
+        "spec": {
+            "secretTargetRef": [
+                {"parameter": parameter, "name": KAFKA_SECRET, "key": key}
+                for parameter, key in (
+                    ("sasl", "keda-sasl"),
+                    ("username", "username"),
+                    ("password", "password"),
+                    ("tls", "keda-tls"),
+                )
+            ]
+        },
+    }
+
+
+def kafka_acls() -> str:
+    """A shell script of kafka-acls commands: kbstream's principal alone
+    reads and writes the internal topics and its consumer groups; upstream
+    producers may only write the lifecycle topic."""
+    topics = Topics("${P}")
+    internal = [topics.name(t) for t in Topic if t is not Topic.LIFECYCLE]
+    lines = [
+        "#!/bin/sh",
+        HEADER.rstrip(),
+        "# Kafka ACLs for kbstream (docs/security.md). Run with an admin's client config:",
+        "#   BOOTSTRAP=kafka:9092 COMMAND_CONFIG=admin.properties sh deploy/kafka/acls.sh",
+        "# KBSTREAM_TOPIC_PREFIX, KBSTREAM_PRINCIPAL and PRODUCER_PRINCIPAL change the names.",
+        "set -eu",
+        f'P="${{KBSTREAM_TOPIC_PREFIX:-{TOPIC_PREFIX}}}"',
+        'KB="User:${KBSTREAM_PRINCIPAL:-kbstream}"',
+        'PRODUCER="User:${PRODUCER_PRINCIPAL:-producer}"',
+        "acl() {",
+        '  "${KAFKA_ACLS:-kafka-acls.sh}" --bootstrap-server "${BOOTSTRAP:-kafka:9092}" \\',
+        '    --command-config "${COMMAND_CONFIG:-/etc/kafka/admin.properties}" --add "$@"',
+        "}",
+        "",
+        "# kbstream's own principal: creates and uses every topic of the pipeline table;",
+        "# the internal ones are written by nobody else (no ACL = denied)",
+    ]
+    for topic in [topics.lifecycle, *internal]:
+        lines.append(
+            f'acl --allow-principal "$KB" --topic "{topic}" --operation Create '
+            "--operation Describe --operation Read --operation Write"
+        )
+    lines += [
+        "# its consumer groups: <prefix><stage> for the stages, <prefix>dlq-replay and",
+        "# <prefix>dlq-list-* for `kbstream dlq`, kbstream-top for `kbstream top`",
+        'acl --allow-principal "$KB" --group "$P" --resource-pattern-type prefixed '
+        "--operation Read --operation Describe",
+        'acl --allow-principal "$KB" --group kbstream-top --operation Read --operation Describe',
+        "",
+        "# upstream producers: the lifecycle topic, write only",
+        f'acl --allow-principal "$PRODUCER" --topic "{topics.lifecycle}" '
+        "--operation Write --operation Describe",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _dump(*docs: dict[str, Any]) -> str:
     return HEADER + "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
 
@@ -251,7 +367,10 @@ def rendered() -> dict[Path, str]:
             "images": [{"name": "kbstream", "newTag": "latest"}],
         }
     )
+    files[DEPLOY / "k8s" / "sasl" / "kustomization.yaml"] = _dump(sasl_overlay())
+    files[DEPLOY / "k8s" / "sasl" / "trigger-authentication.yaml"] = _dump(trigger_authentication())
     files[DEPLOY / "prometheus" / "prometheus.yml"] = _dump(prometheus_config())
+    files[DEPLOY / "kafka" / "acls.sh"] = kafka_acls()
     return files
 
 

@@ -87,6 +87,12 @@ class Document:
     error: str | None = None
     content_hash: str | None = None
     mime_type: str | None = None
+    # what the current version was read from: the event's uri (a file
+    # reference or an upload), or inline content, which kbstream does not
+    # keep. None for both: claimed before this was recorded (migration 0007).
+    # `verify --repair` reads only this, never ``source`` (a display name).
+    uri: str | None = None
+    inline_content: bool | None = None
     chars: int = 0
     segment_count: int = 0
     tokens: int = 0
@@ -174,10 +180,12 @@ class Document:
         mime_type: str | None = None,
         now: datetime | None = None,
         event_id: str | None = None,
+        uri: str | None = None,
     ) -> bool:
-        """Claim ``version`` for processing (by the event ``event_id``). False when the event is stale. A
-        redelivered event of the current version claims it again (its earlier
-        attempt may have died half-way)."""
+        """Claim ``version`` for processing (by the event ``event_id``), read
+        from ``uri`` or, without one, from inline content. False when the event
+        is stale. A redelivered event of the current version claims it again
+        (its earlier attempt may have died half-way)."""
         if self.is_stale(version):
             return False
         now = now or utcnow()
@@ -193,6 +201,8 @@ class Document:
         self.doc_form = doc_form
         self.content_hash = content_hash
         self.mime_type = mime_type
+        self.uri = uri
+        self.inline_content = uri is None
         self.error = None
         self.error_at = None
         self.completed_at = None
@@ -295,13 +305,22 @@ class Document:
             self.updated_at = now or utcnow()
         return True
 
-    def segment_deleted(self, version: int, tokens: int, words: int) -> bool:
+    def segment_deleted(
+        self, version: int, tokens: int, words: int, now: datetime | None = None
+    ) -> bool:
+        """One segment removed by upstream. Its removal is owed to both indexes,
+        so a completed document is indexing again until they have followed."""
         if self.deleted or version < self.version:
             return False
+        now = now or utcnow()
         self.segment_count = max(0, self.segment_count - 1)
         self.tokens = max(0, self.tokens - tokens)
         self.word_count = max(0, self.word_count - words)
-        self.updated_at = utcnow()
+        if self.status is IndexingStatus.COMPLETED:
+            self.status = IndexingStatus.INDEXING
+            self.completed_at = None
+            self.indexing_started_at = now
+        self.updated_at = now
         return True
 
     def segments_purged(self, version: int, removed: int) -> bool:

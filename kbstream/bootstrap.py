@@ -32,6 +32,7 @@ from infra.extract import ExtractLimits
 from infra.extract.reader import FileReader
 from infra.kafka.producer import EventPublisher
 from infra.kafka.runner import RunnerConfig, StageRunner
+from infra.kafka.security import register as register_kafka_security
 from infra.kafka.topics import Topics
 from infra.keyword_index import MilvusKeywordIndex
 from infra.keywords import JiebaKeywordExtractor
@@ -43,10 +44,18 @@ from kbstream.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def configure_kafka_clients(settings: Settings) -> None:
+    """Every Kafka client of KBSTREAM_BROKERS in this process gets its
+    security settings (SASL/TLS), whichever module builds it."""
+    if settings.brokers:
+        register_kafka_security(settings.brokers, settings.kafka_client_properties())
+
+
 class Container:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
+        configure_kafka_clients(settings)
 
     # -- state -----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from infra.kafka import headers as h
 from infra.kafka.producer import EventPublisher
+from infra.kafka.security import client_config
 from infra.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,15 @@ def _letter(m: Message) -> DeadLetter:
 
 def _consumer(bootstrap: str, group: str) -> Consumer:
     return Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-        },
+        client_config(
+            bootstrap,
+            **{
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": 6000,
+            },
+        ),
         logger=logging.getLogger("rdkafka"),
     )
 

@@ -19,6 +19,7 @@ from confluent_kafka import OFFSET_END, Consumer
 from confluent_kafka import TopicPartition as TP
 
 from infra.kafka.observe import high_watermark
+from infra.kafka.security import client_config
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,15 @@ class GroupLag:
 
 def _consumer(bootstrap: str, group: str, **extra: object) -> Consumer:
     return Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            **extra,
-        },
+        client_config(
+            bootstrap,
+            **{
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                **extra,
+            },
+        ),
         logger=logging.getLogger("rdkafka"),
     )
 

@@ -88,7 +88,9 @@ def _readiness(
     from confluent_kafka.admin import AdminClient
     from sqlalchemy import text
 
-    admin = AdminClient({"bootstrap.servers": brokers})
+    from infra.kafka.security import client_config
+
+    admin = AdminClient(client_config(brokers))
 
     def broker() -> None:
         admin.list_topics(timeout=3)

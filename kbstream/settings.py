@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     )
     milvus_token: str | None = None
     tenant: str = "default"
+
+    # a secured Kafka cluster (docs/security.md): librdkafka's names, also
+    # mapped onto faust's aiokafka; they apply to KBSTREAM_BROKERS (leave them
+    # unset with the embedded broker, which has no authentication)
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = Field(
+        default=None, description="CA certificate file for SSL/SASL_SSL; unset = system CAs"
+    )
 
     topic_prefix: str = "kbstream."
     partitions: int = Field(default=4, ge=1)
@@ -134,6 +145,18 @@ class Settings(BaseSettings):
         default=None, description="/metrics, /healthz and /readyz on this port"
     )
 
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> Settings:
+        protocol = self.kafka_security_protocol
+        if protocol.startswith("SASL_") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"KBSTREAM_KAFKA_SECURITY_PROTOCOL={protocol} needs "
+                "KBSTREAM_KAFKA_SASL_USERNAME and KBSTREAM_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
     @field_validator("home")
     @classmethod
     def _abs_home(cls, v: Path) -> Path:
@@ -150,6 +173,22 @@ class Settings(BaseSettings):
     @property
     def roots(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.allowed_roots.split(os.pathsep) if p]
+
+    def kafka_client_properties(self) -> dict[str, str]:
+        """The librdkafka security properties for KBSTREAM_BROKERS (empty for
+        a plaintext cluster)."""
+        protocol = self.kafka_security_protocol
+        if protocol == "PLAINTEXT":
+            return {}
+        props = {"security.protocol": protocol}
+        if protocol.startswith("SASL_"):
+            assert self.kafka_sasl_username and self.kafka_sasl_password  # validated
+            props["sasl.mechanism"] = self.kafka_sasl_mechanism
+            props["sasl.username"] = self.kafka_sasl_username
+            props["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_ca_location and protocol.endswith("SSL"):
+            props["ssl.ca.location"] = self.kafka_ssl_ca_location
+        return props
 
     def group(self, stage: str) -> str:
         return f"{self.topic_prefix}{stage}"

@@ -2,8 +2,10 @@
 keyword (full-text) index agree, document by document? With repair, converge
 them: orphans are deleted directly; missing vectors or texts are re-indexed by
 republishing their segments (the embedding cache makes that cheap); documents
-stuck mid-pipeline are republished from their source file (uploaded again)
-or, failing that, from their last upload in the database."""
+stuck mid-pipeline are republished from their own reference: their upload in
+the database, or their file reference if it is under the allowed roots. Never
+from ``source``, a display name the publisher chose: an inline document cannot
+be re-read, and the report says to publish it again."""
 
 from __future__ import annotations
 
@@ -11,15 +13,17 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from consumers.contract import Emit
 from domain.documents import DocKey, Document, IndexingStatus
+from domain.errors import DocumentError
 from domain.events import DocForm, DocumentUpdated, Topic, split_batches
+from domain.uploads import upload_payload_key
+from infra.extract import resolve_file_reference
 from kbstream.bootstrap import Container
 from kbstream.publishing import publish_and_wait
-from producers.uploads import UploadError, existing_upload, upload_files
+from producers.uploads import existing_upload
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ class VerifyReport:
     keyword_segments: int = 0
     drift: list[Drift] = field(default_factory=list)
     repaired: list[Drift] = field(default_factory=list)
+    # stuck documents repair could not republish: (drift, why, what to do)
+    not_repaired: list[tuple[Drift, str]] = field(default_factory=list)
     # one line for a lost or mostly empty vector index: rebuild it
     hint: str | None = None
 
@@ -68,6 +74,7 @@ class VerifyReport:
             "clean": not self.drift,
             "drift": [d.to_dict() for d in self.drift],
             "repaired": [d.to_dict() for d in self.repaired],
+            "not_repaired": [{**d.to_dict(), "reason": why} for d, why in self.not_repaired],
             "by_problem": dict(Counter(d.problem for d in self.drift)),
             "hint": self.hint,
         }
@@ -172,18 +179,23 @@ def repair(
     emits: list[Emit] = []
     for doc_id, nodes in sorted(redo.items()):
         emits.extend(_reindex(c, DocKey(tenant, dataset, doc_id), sorted(nodes)))
-    stuck = [d.document_id for d in before.drift if d.problem == "stuck"]
+    stuck = {d.document_id: d for d in before.drift if d.problem == "stuck"}
+    not_repaired: list[tuple[Drift, str]] = []
     if stuck:
         with c.uow(readonly=True) as uow:
             found = uow.documents.get_many(DocKey(tenant, dataset, i) for i in stuck)
         for doc in found.values():
             ev = _republish_source(c, doc)
-            if ev is not None:
+            if isinstance(ev, str):
+                log.warning("repair: stuck document %s not republished: %s", doc.key, ev)
+                not_repaired.append((stuck[doc.document_id], ev))
+            else:
                 emits.append(Emit(Topic.LIFECYCLE, ev))
     if emits:
         publish_and_wait(c, emits, timeout=timeout, client_id="kbstream-verify")
     after = verify(c, dataset, stuck_after)
     after.repaired = [d for d in before.drift if d not in after.drift]
+    after.not_repaired = [(d, why) for d, why in not_repaired if d in after.drift]
     return after
 
 
@@ -214,34 +226,50 @@ def _reindex(c: Container, key: DocKey, nodes: list[str]) -> list[Emit]:
     return [Emit(Topic.SEGMENTS, e) for e in batches]
 
 
-def _republish_source(c: Container, doc: Document) -> DocumentUpdated | None:
-    """The document's next version, from its source file uploaded again or,
-    without one here (another machine indexed it), from its last upload."""
-    path = Path(doc.source)
-    uri, content_hash = None, doc.content_hash
-    if path.is_file():
-        try:
-            done = upload_files(c.uow, [(doc.key, path)], c.settings.max_document_bytes)
-        except UploadError as exc:
-            log.warning("stuck document %s cannot be uploaded again: %s", doc.document_id, exc)
-            return None
-        uri, content_hash = done[doc.key].uri, done[doc.key].content_hash
-    else:
-        uri = existing_upload(c.uow, doc.key, doc.content_hash)
-    if uri is None:
-        log.warning(
-            "stuck document %s has neither a readable source file nor an upload; "
-            "publish it again upstream",
-            doc.document_id,
+def _republish_source(c: Container, doc: Document) -> DocumentUpdated | str:
+    """The document's next version, read again from what its current version
+    was read from: its upload in the database, or its file reference if this
+    process's KBSTREAM_ALLOWED_ROOTS cover it (parse's own check). Otherwise
+    why not, in one line saying what to do. Reads nothing else: ``source`` is a
+    display name the publisher chose, and may name any file."""
+    if doc.inline_content:
+        return (
+            "it was published with inline content, which kbstream does not keep, so it "
+            "cannot be read again: publish the document again with its content"
         )
-        return None
+    uri = doc.uri
+    if uri is None:
+        # claimed before the reference was recorded: only its own upload of
+        # the content hash it recorded can be trusted to be the document
+        uri = existing_upload(c.uow, doc.key, doc.content_hash)
+        if uri is None:
+            return (
+                "kbstream did not record what it was read from and it has no upload "
+                "in the database: publish the document again"
+            )
+    try:
+        payload_key = upload_payload_key(uri, doc.key)
+        if payload_key is None:
+            requested, resolved = resolve_file_reference(uri, c.settings.roots)
+            if not resolved.is_file():
+                return f"its file {requested} is gone: publish the document again"
+        else:
+            with c.uow(readonly=True) as uow:
+                if uow.payloads.get(payload_key) is None:
+                    return (
+                        "its upload is no longer in the database: index the file again "
+                        "(kbstream index)"
+                    )
+    except DocumentError as exc:
+        return f"its reference {uri} cannot be read here: {exc}"
     return DocumentUpdated(
         tenant_id=doc.tenant_id,
         dataset_id=doc.dataset_id,
         document_id=doc.document_id,
         version=doc.version + 1,  # explicit: publish_and_wait waits for it
-        source=doc.source,
+        source=doc.source or doc.document_id,
         uri=uri,
-        content_hash=content_hash,
+        content_hash=doc.content_hash,
+        mime_type=doc.mime_type,
         doc_form=DocForm(doc.doc_form),
     )

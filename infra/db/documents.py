@@ -30,6 +30,8 @@ _FIELDS = (
     "error",
     "content_hash",
     "mime_type",
+    "uri",
+    "inline_content",
     "chars",
     "segment_count",
     "tokens",

@@ -65,6 +65,10 @@ class DocumentRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     content_hash: Mapped[str | None] = mapped_column(String(128))
     mime_type: Mapped[str | None] = mapped_column(String(128))
+    # what the current version was read from (the event's uri), or inline
+    # content; both NULL for rows claimed before migration 0007
+    uri: Mapped[str | None] = mapped_column(String(4096))
+    inline_content: Mapped[bool | None] = mapped_column(Boolean)
     chars: Mapped[int] = mapped_column(BigInteger, default=0)
     segment_count: Mapped[int] = mapped_column(Integer, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from domain.errors import UnparseableDocument
 
-from .files import read_file_reference
+from .files import read_file_reference, resolve_file_reference
 from .formats import SUPPORTED_EXTENSIONS, choose_format
 from .markup import declared_html_charset, html_to_text, markdown_to_text
 from .model import ExtractedText, ExtractLimits, normalize_output, too_large
@@ -25,6 +25,7 @@ __all__ = [
     "ExtractedText",
     "extract_text",
     "read_file_reference",
+    "resolve_file_reference",
 ]
 
 _NOTHING_FOUND = {

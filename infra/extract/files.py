@@ -40,16 +40,10 @@ def _path_from_uri(uri: str) -> Path:
     return Path(path)
 
 
-def read_file_reference(
-    uri: str, allowed_roots: Sequence[Path], max_bytes: int
-) -> tuple[bytes, str]:
-    """Resolve a file:// URI (or plain absolute path), refuse paths outside allowed_roots
-    (after resolving symlinks and '..'), refuse files larger than max_bytes BEFORE reading
-    them, and return (bytes, filename).
-
-    The filename is the last component as the reference names it, so a symlink named
-    ``report.pdf`` pointing into content-addressed storage keeps its extension.
-    """
+def resolve_file_reference(uri: str, allowed_roots: Sequence[Path]) -> tuple[Path, Path]:
+    """The path a file:// URI (or plain absolute path) names and where it resolves
+    (symlinks and '..' followed); UnparseableDocument unless that is under one of
+    ``allowed_roots``. Reads nothing: parse and `verify --repair` share this check."""
     requested = _path_from_uri(uri)
     if "\x00" in str(requested):
         raise UnparseableDocument(f"cannot read document reference {uri!r}: NUL in path")
@@ -69,7 +63,20 @@ def read_file_reference(
             f"path {requested}{via} is outside the allowed roots (KBSTREAM_ALLOWED_ROOTS); "
             "move the file under an allowed root or ask the operator to add its folder"
         )
+    return requested, resolved
 
+
+def read_file_reference(
+    uri: str, allowed_roots: Sequence[Path], max_bytes: int
+) -> tuple[bytes, str]:
+    """Resolve a file:// URI (or plain absolute path), refuse paths outside allowed_roots
+    (after resolving symlinks and '..'), refuse files larger than max_bytes BEFORE reading
+    them, and return (bytes, filename).
+
+    The filename is the last component as the reference names it, so a symlink named
+    ``report.pdf`` pointing into content-addressed storage keeps its extension.
+    """
+    requested, resolved = resolve_file_reference(uri, allowed_roots)
     try:
         info = os.stat(resolved)
     except FileNotFoundError as exc:

@@ -47,6 +47,7 @@ from infra.kafka import observe
 from infra.kafka.producer import EventPublisher
 from infra.kafka.redelivery import DeliveryLog
 from infra.kafka.runner import OnGiveUp, RunnerConfig, StageRunner, _Stopping
+from infra.kafka.security import client_config, faust_credentials
 from infra.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class _LagView:
     def __init__(self, app: Any, bootstrap: str, group_id: str) -> None:
         self.app = app
         self.client = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False},
+            client_config(bootstrap, **{"group.id": group_id, "enable.auto.commit": False}),
             logger=logging.getLogger("rdkafka"),
         )
 
@@ -172,6 +173,7 @@ class FaustStageRunner(StageRunner):
         return App(
             c.group_id,
             broker=[f"kafka://{b.strip()}" for b in c.bootstrap.split(",") if b.strip()],
+            broker_credentials=faust_credentials(c.bootstrap),
             loop=loop,
             store="memory://",
             datadir=str(self.datadir / c.group_id),

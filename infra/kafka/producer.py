@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from domain.errors import PermanentError, TransientError
 from domain.events import Event, encode_event
 from infra.errors import classify_kafka
+from infra.kafka.security import client_config
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,16 @@ class EventPublisher:
         self.max_event_bytes = max_event_bytes
         self.max_message_bytes = max(max_event_bytes + _FRAMING_BYTES, 1_000_000)
         self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "client.id": client_id,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.max.bytes": self.max_message_bytes,
-            },
+            client_config(
+                bootstrap,
+                **{
+                    "client.id": client_id,
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 5,
+                    "message.max.bytes": self.max_message_bytes,
+                },
+            ),
             logger=logging.getLogger("rdkafka"),
         )
         self._errors: list[tuple[str, KafkaError]] = []

@@ -47,6 +47,7 @@ from infra.kafka.redelivery import (
     topic_partition,
 )
 from infra.kafka.retry import Action, RetryPolicy
+from infra.kafka.security import client_config
 from infra.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -218,19 +219,21 @@ class StageRunner:
     def _connect(self) -> Consumer:
         c = self.config
         consumer = Consumer(
-            {
-                "bootstrap.servers": c.bootstrap,
-                "group.id": c.group_id,
-                "client.id": f"{c.group_id}-{threading.get_ident()}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": c.session_timeout_ms,
-                "heartbeat.interval.ms": max(500, c.session_timeout_ms // 3),
-                "max.poll.interval.ms": c.max_poll_interval_ms,
-                "fetch.wait.max.ms": c.fetch_wait_ms,
-                **c.extra,
-            },
+            client_config(
+                c.bootstrap,
+                **{
+                    "group.id": c.group_id,
+                    "client.id": f"{c.group_id}-{threading.get_ident()}",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "auto.offset.reset": "earliest",
+                    "session.timeout.ms": c.session_timeout_ms,
+                    "heartbeat.interval.ms": max(500, c.session_timeout_ms // 3),
+                    "max.poll.interval.ms": c.max_poll_interval_ms,
+                    "fetch.wait.max.ms": c.fetch_wait_ms,
+                    **c.extra,
+                },
+            ),
             logger=logging.getLogger("rdkafka"),
         )
         self._consumer = consumer

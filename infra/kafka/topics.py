@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from domain.events import Topic
+from infra.kafka.security import client_config
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Topics:
 
 
 def ensure_topics(bootstrap: str, topics: Topics, partitions: int, replication: int = 1) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=logging.getLogger("rdkafka"))
+    admin = AdminClient(client_config(bootstrap), logger=logging.getLogger("rdkafka"))
     existing = set(admin.list_topics(timeout=15).topics)
     missing = [t for t in topics.all() if t not in existing]
     if not missing:

@@ -52,7 +52,11 @@ NOISY_LOGGERS = ("pymilvus", "urllib3", "httpx", "sentence_transformers", "trans
 def load_cli_settings(home: Path | None, running_stack: bool = True) -> Settings:
     """Settings for a command; beside a running `kbstream up` (``running_stack``)
     they point at its broker and Milvus server."""
+    from infra.kafka.security import register
+
     settings = load_settings(home=home)
+    if settings.brokers:  # verbs that build no container (publish, dlq, top) too
+        register(settings.brokers, settings.kafka_client_properties())
     if not running_stack:  # `up`: kbstream.stack imports prometheus_client, too early for it
         return settings
     from domain.errors import KbstreamError

@@ -205,6 +205,8 @@ def verify(
             out.print(
                 f"[red]{d.problem}[/red] {d.document or d.document_id} {d.index_node_id or ''}"
             )
+        for d, why in report.not_repaired:
+            out.print(f"[yellow]not repaired[/yellow] {d.document or d.document_id}: {why}")
         if report.hint:
             out.print(f"[yellow]{report.hint}[/yellow]")
     if report.drift:

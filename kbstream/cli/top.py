@@ -27,15 +27,19 @@ class DeadLetterTally:
     def __init__(self, bootstrap: str, topic: str) -> None:
         from confluent_kafka import Consumer
 
+        from infra.kafka.security import client_config
+
         self.topic = topic
         self.counts: dict[str, int] = {}
         self._consumer: Consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "kbstream-top",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-            }
+            client_config(
+                bootstrap,
+                **{
+                    "group.id": "kbstream-top",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                },
+            )
         )
         self._assigned = False
 

@@ -15,6 +15,9 @@ once), then an update that removes segments, a delete, a segment delete and a
 create, published in that order to single-partition topics, so the first
 batch the armed stage handles holds the update.
 
+Then a segment.deleted by segment_id (it names no index_node_id) with split
+SIGKILLed after its commit: the redelivery re-sends the removal it owes.
+
 Last, the durable delivery counter: a split worker SIGKILLed by the same
 event every time it handles it is restarted until the event is dead-lettered
 instead, its document ends in `error`, and the worker moves on.
@@ -31,10 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from consumers.pipeline import STAGES
 from domain.documents import IndexingStatus
 from domain.events import DocumentDeleted, DocumentUpdated, Event, SegmentDeleted
+from infra.db.models import SegmentRow
 from infra.kafka import headers as h
 from kbstream.dlq import DeadLetter, list_dead_letters
 from kbstream.verify import verify
@@ -56,6 +61,7 @@ pytestmark = pytest.mark.e2e
 BOUNDARIES = ("after_handle", "after_publish")
 POINTS = ("parse.after_claim", *(f"{s}.{b}" for s in STAGES for b in BOUNDARIES))
 CRASHER_STAGE = "split"  # the delivery counter's case
+BY_SEGMENT_ID = "split.after_handle, segment.deleted by segment_id"
 MAX_DELIVERIES = 2
 
 
@@ -163,6 +169,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory, tansu: str) -> Iterator[Benc
         try:
             cases = {p: make_case(c, f"fp{i:02d}", rng) for i, p in enumerate(POINTS)}
             cases["crasher"] = make_case(c, "crash", rng)
+            cases[BY_SEGMENT_ID] = make_case(c, "fpseg", rng)
             texts = {
                 t
                 for case in cases.values()
@@ -244,6 +251,42 @@ def test_a_sigkill_at_the_boundary_leaves_the_exact_state(bench: Bench, point: s
     assert (bench.markers / point).exists()  # fired once; disarmed again
     bench.start(stage)
     check_exact(bench, case)
+    assert dead_letters(c, case.dataset) == []
+
+
+def test_a_sigkill_after_split_deleted_a_segment_by_segment_id(bench: Bench) -> None:
+    """Issue 20, item 4: split commits a segment.deleted that names only the
+    segment's row id and dies before publishing the removal. The redelivered
+    event finds no row; the removal owed since the commit is sent again, so
+    no orphan vector or keyword entity remains and the document completes
+    with the right count."""
+    c, case = bench.cluster, bench.cases[BY_SEGMENT_ID]
+    (by_node,) = [e for e in case.changes if isinstance(e, SegmentDeleted)]
+    doc_id, gone = by_node.document_id, by_node.index_node_id
+    assert gone is not None
+    s = SegmentRow.__table__
+    with c.container.database.connect() as conn:
+        row_id = conn.execute(select(s.c.id).where(s.c.index_node_id == gone)).scalar_one()
+    by_id = SegmentDeleted(dataset_id=case.dataset, document_id=doc_id, segment_id=row_id)
+    # the only change: the armed split's first batch is this delete
+    case.changes, case.deleted, case.final = [by_id], set(), dict(case.docs)
+    case.expected = {i: expected_segments(c, case.dataset, x) for i, x in case.docs.items()}
+    case.expected[doc_id].pop(gone)
+    case.removed = {gone}
+
+    wait_quiet(c)
+    victim = bench.worker("split")
+    bench.arm("split.after_handle")
+    c.publish(by_id)
+    rc = wait_exit(victim, 120)
+    assert rc == -signal.SIGKILL, f"did not fire (rc={rc}):\n{victim.log_text()[-3000:]}"
+    bench.start("split")
+    check_exact(bench, case)
+    doc = c.snapshot(case.dataset).docs[doc_id]
+    assert (doc.status, doc.segment_count) == (
+        IndexingStatus.COMPLETED,
+        len(case.expected[doc_id]),
+    )
     assert dead_letters(c, case.dataset) == []
 
 

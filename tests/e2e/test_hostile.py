@@ -11,11 +11,13 @@ import os
 import random
 import zipfile
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import docx
 import pytest
 from pypdf import PdfWriter
+from sqlalchemy import text
 
 from domain.documents import DocKey, IndexingStatus
 from domain.events import DocumentCreated
@@ -332,6 +334,57 @@ def test_a_fixed_document_replayed_from_the_dlq_completes(pipeline: Pipeline) ->
     snap = p.snapshot("fixme", draft)
     assert snap.segments and snap.consistent and snap.texts == snap.segments
     assert len(list_dead_letters(brokers, p.container.topics)) == 1
+
+
+def test_repair_never_reads_the_file_an_events_source_names(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """Issue 20, item 1: a document published inline whose ``source`` names a
+    real file outside the allowed roots, stuck mid-pipeline, then
+    `verify --repair`: the file is not read (its text is nowhere: not in the
+    database, not searchable) and the report says why and what to do. A stuck
+    document with a file reference under the allowed roots is repaired."""
+    from kbstream.search import search
+    from kbstream.verify import repair
+
+    p = pipeline
+    secret = tmp_path / "private" / "payroll.txt"  # the allowed root is the home
+    secret.parent.mkdir()
+    secret.write_text("The quokkaberry salary table lists every executive bonus.")
+    ids = publish_files(p, "rep", {"fine.txt": b"High tide at the harbour comes at noon."})
+    p.publish(
+        DocumentCreated(
+            dataset_id="rep",
+            document_id="inline",
+            source=str(secret),
+            content="A harmless note about the harbour pilots.",
+        )
+    )
+    p.wait_for("rep", ["inline", *ids], timeout=180)
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    for doc_id in ["inline", *ids]:  # stuck: as if a stage had lost them
+        with p.container.uow() as uow:
+            doc = uow.documents.get(DocKey(p.tenant, "rep", doc_id), for_update=True)
+            assert doc is not None
+            doc.status, doc.updated_at = IndexingStatus.SPLITTING, an_hour_ago
+            uow.documents.save(doc)
+            uow.commit()
+
+    report = repair(p.container, "rep", stuck_after=60, timeout=180).to_dict()
+
+    hits = search(p.container, "rep", "quokkaberry salary table executive bonus", "hybrid", 10)
+    assert hits and all("quokkaberry" not in h.content for h in hits), hits
+    with p.container.database.engine.connect() as conn:
+        contents = conn.execute(text("SELECT content FROM segments")).scalars()
+        assert not any("quokkaberry" in v for v in contents)
+        payloads = conn.execute(text("SELECT data FROM payloads")).scalars()
+        assert not any(b"quokkaberry" in bytes(v) for v in payloads)
+    (left,) = report["not_repaired"]
+    assert (left["problem"], left["document_id"]) == ("stuck", "inline"), report
+    assert "inline content" in left["reason"] and "publish the document again" in left["reason"]
+    assert [(d["problem"], d["document_id"]) for d in report["repaired"]] == [("stuck", "h00")]
+    fine = p.state("rep", "h00")
+    assert fine is not None and (fine.version, fine.status) == (2, IndexingStatus.COMPLETED)
 
 
 def _finished(p: Pipeline, key: DocKey) -> bool:

@@ -171,6 +171,8 @@ class TestDocuments:
             error="bad table on page 3",
             content_hash="c" * 64,
             mime_type="text/markdown",
+            uri="file:///srv/docs/" + "x" * 4000,  # the event's limit is 4096
+            inline_content=False,
             chars=10**10,
             segment_count=12,
             tokens=3 * 10**9,

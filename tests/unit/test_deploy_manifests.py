@@ -343,3 +343,122 @@ def test_every_panel_queries_only_contract_metrics() -> None:
 def test_every_contract_metric_is_on_the_dashboard() -> None:
     shown = set().union(*dashboard_metrics().values())
     assert set(CONTRACT_METRICS) <= shown, set(CONTRACT_METRICS) - shown
+
+
+# --- a secured Kafka: SASL settings and ACLs (docs/security.md) ---------------
+
+KAFKA_ENV = (
+    "KBSTREAM_KAFKA_SECURITY_PROTOCOL",
+    "KBSTREAM_KAFKA_SASL_MECHANISM",
+    "KBSTREAM_KAFKA_SASL_USERNAME",
+    "KBSTREAM_KAFKA_SASL_PASSWORD",
+)
+
+
+def test_kafka_settings_named_by_the_deployment_files_exist() -> None:
+    fields = {f"KBSTREAM_{name.upper()}" for name in Settings.model_fields}
+    assert set(KAFKA_ENV) <= fields
+
+
+def test_stage_pods_may_take_sasl_settings_from_an_optional_secret() -> None:
+    for stage, deployment in of_kind("Deployment").items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        for name in KAFKA_ENV:
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            # without the Secret the pod starts in plaintext, as before
+            assert (ref["name"], ref["optional"]) == ("kbstream-kafka", True), (stage, name)
+        assert not set(KAFKA_ENV) & set(config()), "credentials belong in the Secret"
+
+
+def test_the_sasl_overlay_gives_keda_the_same_credentials() -> None:
+    overlay = yaml.safe_load((K8S / "sasl" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["..", "trigger-authentication.yaml"]
+    (auth,) = yaml.safe_load_all((K8S / "sasl" / "trigger-authentication.yaml").read_text())
+    assert auth["kind"] == "TriggerAuthentication"
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert set(refs) == {"sasl", "username", "password", "tls"}
+    assert {r["name"] for r in refs.values()} == {"kbstream-kafka"}
+    patched = {}
+    for patch in overlay["patches"]:
+        ops = json.loads(patch["patch"])
+        patched[patch["target"]["name"]] = {
+            (op["op"], op["path"], op["value"]["name"]) for op in ops
+        }
+    for so in of_kind("ScaledObject").values():
+        n = len(so["spec"]["triggers"])
+        assert patched[so["metadata"]["name"]] == {
+            ("add", f"/spec/triggers/{i}/authenticationRef", auth["metadata"]["name"])
+            for i in range(n)
+        }
+
+
+def acl_lines(prefix: str = "kbstream.") -> list[tuple[str, str, set[str]]]:
+    """(principal, topic, operations) of each topic ACL in deploy/kafka/acls.sh."""
+    script = (DEPLOY / "kafka" / "acls.sh").read_text()
+    principals = {"$KB": "User:kbstream", "$PRODUCER": "User:producer"}
+    out = []
+    for line in script.splitlines():
+        m = re.match(r'acl --allow-principal "(\$\w+)" --topic "([^"]+)" (.*)', line)
+        if m:
+            ops = set(re.findall(r"--operation (\w+)", m[3]))
+            out.append((principals[m[1]], m[2].replace("${P}", prefix), ops))
+    return out
+
+
+def test_only_kbstream_writes_the_internal_topics_producers_the_lifecycle_topic() -> None:
+    topics = Topics("kbstream.")
+    writers: dict[str, set[str]] = {}
+    for principal, topic, ops in acl_lines():
+        if "Write" in ops:
+            writers.setdefault(topic, set()).add(principal)
+    assert set(writers) == set(topics.all())
+    for topic, who in writers.items():
+        allowed = (
+            {"User:kbstream", "User:producer"} if topic == topics.lifecycle else {"User:kbstream"}
+        )
+        assert who == allowed, topic
+    script = (DEPLOY / "kafka" / "acls.sh").read_text()
+    # kbstream's groups (<prefix><stage>, dlq tools) by prefix
+    assert re.search(
+        r'acl --allow-principal "\$KB" --group "\$P" --resource-pattern-type prefixed', script
+    )
+
+
+def sasl_compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.sasl.yml").read_text())
+    return data
+
+
+def test_the_sasl_compose_override_validates_and_secures_every_stage() -> None:
+    override = sasl_compose()
+    compose_validator().validate(override)
+    services = override["services"]
+    assert set(STAGES) | {"cli"} <= set(services)
+    admin = (DEPLOY / "kafka" / "admin.properties").read_text()
+    for name in [*STAGES, "cli"]:
+        env = {**compose()["services"][name]["environment"], **services[name]["environment"]}
+        settings = Settings(
+            **{
+                k[len("KBSTREAM_") :].lower(): v
+                for k, v in env.items()
+                if k.startswith("KBSTREAM_KAFKA_")
+            }
+        )
+        props = settings.kafka_client_properties()
+        assert (
+            props["security.protocol"] == "SASL_PLAINTEXT" and props["sasl.username"] == "kbstream"
+        )
+        assert f'password="{props["sasl.password"]}"' in admin
+        assert services[name]["depends_on"]["kafka-acls"]["condition"] == (
+            "service_completed_successfully"
+        )
+    kafka = services["kafka"]["environment"]
+    assert kafka["KAFKA_SUPER_USERS"] == "User:kbstream"
+    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert kafka["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    jaas = kafka["KAFKA_LISTENER_NAME_SASL_PLAIN_SASL_JAAS_CONFIG"]
+    assert 'user_kbstream="kbstream-secret"' in jaas and 'user_producer="' in jaas
+    acls = services["kafka-acls"]
+    assert acls["entrypoint"] == ["sh", "/etc/kbstream-kafka/acls.sh"]
+    assert "./deploy/kafka:/etc/kbstream-kafka:ro" in acls["volumes"]

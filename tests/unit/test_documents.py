@@ -29,6 +29,15 @@ class TestVersionFencing:
         doc = parsing(3)
         assert (doc.version, doc.status, doc.source) == (3, S.PARSING, "a.md")
 
+    def test_a_claim_records_what_the_version_is_read_from(self) -> None:
+        doc = Document.new(KEY)
+        assert (doc.uri, doc.inline_content) == (None, None)  # unknown until claimed
+        assert doc.start_parsing(1, "/etc/shown-name", uri="kbstream-upload:upload/t/ds/doc/h")
+        assert (doc.uri, doc.inline_content) == ("kbstream-upload:upload/t/ds/doc/h", False)
+        # the next version came inline: the earlier reference is not kept
+        assert doc.start_parsing(2, "/etc/shown-name")
+        assert (doc.uri, doc.inline_content) == (None, True)
+
     def test_newer_version_wins_and_resets_work_counters(self) -> None:
         doc = indexing(3)
         doc.embedded_texts, doc.cache_hits = 5, 2
@@ -178,6 +187,18 @@ class TestCompletion:
         doc.complete(3, 0, True)
         assert doc.segments_imported(4, added=2, tokens=10, words=8)
         assert doc.status is S.INDEXING and doc.segment_count == 4
+
+    def test_a_segment_delete_reopens_a_completed_document_until_the_indexes_follow(
+        self,
+    ) -> None:
+        doc = indexing(3)
+        doc.complete(3, 0, True)
+        assert doc.segment_deleted(3, tokens=20, words=15)
+        assert (doc.status, doc.segment_count, doc.completed_at) == (S.INDEXING, 1, None)
+        assert doc.complete(3, 0, True)
+        assert doc.fail(3, "broken")
+        assert doc.segment_deleted(3, tokens=20, words=15)
+        assert doc.status is S.ERROR  # an error stays for a person to see
 
     def test_imports_older_than_the_document_are_refused(self) -> None:
         doc = indexing(3)

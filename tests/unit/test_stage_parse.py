@@ -203,6 +203,10 @@ class TestRejection:
         world.reader.files["file:///a.txt"] = "text of a"
         (parsed,) = of_type(parse_stage(world).handle([by_uri("file:///a.txt", 1)]), DocumentParsed)
         assert parsed.text == "text of a"
+        # what `verify --repair` may read again: the reference, never the source
+        assert (world.doc().uri, world.doc().inline_content) == ("file:///a.txt", False)
+        parse_stage(world).handle([created("inline text", 2)])
+        assert (world.doc().uri, world.doc().inline_content) == (None, True)
 
 
 class TestForwarding:

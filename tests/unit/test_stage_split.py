@@ -233,6 +233,25 @@ class TestDeleteSegment:
         world.deliver(again)
         assert world.consistent() and target not in world.vectors.rows
 
+    def test_lost_publish_of_a_delete_by_segment_id_is_repaired_by_redelivery(self) -> None:
+        """Issue 20, item 4: the redelivered event finds no row and names no
+        index_node_id; the removal owed since the delete's commit is sent again."""
+        world = completed_world(*P[:3])
+        target = world.ids_by_text()["p1w0"]
+        event = segment_deleted(segment_id=world.uow.state.segments[target].id)
+        split = world.stage("split")
+        split.handle([event])  # committed; SIGKILL before the publish
+        # owed to the indexes: not completed while they still hold it
+        assert world.doc().status is S.INDEXING and target in world.vectors.rows
+        again = split.handle([event])
+        assert removed_ids(again) == [[target]]
+        assert world.doc().segment_count == 2  # counted once
+        assert world.deliver(again) == []
+        assert target not in world.vectors.rows and target not in world.texts()
+        assert world.consistent() and world.doc().status is S.COMPLETED
+        # completed: nothing is owed any more, a later copy sends nothing
+        assert split.handle([event]).emits == []
+
     def test_unknown_segment_id_and_other_documents_are_no_ops(self) -> None:
         world = completed_world(*P[:2])
         split = world.stage("split")
