@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     embedding_rpm: int = Field(default=3000, ge=0, description="requests per minute; 0 = no limit")
     embedding_tpm: int = Field(default=1_000_000, ge=0, description="tokens per minute; 0 = none")
     embedding_timeout_seconds: float = Field(default=60.0, gt=0)
+    embedding_max_retry_after_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="the longest a 429's Retry-After pauses the remote service's calls; "
+        "a longer one fails the batch as transient (the stage's retry policy backs off)",
+    )
     embedding_max_input_tokens: int = Field(
         default=8191, ge=8, description="the remote model's input limit, in its tokens"
     )
