@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=900_000, ge=10_000)
     inline_text_bytes: int = Field(default=256 * 1024, ge=1024)
     segments_per_event: int = Field(default=32, ge=1)
+    max_segments_per_document: int = Field(
+        default=10_000,
+        ge=1,
+        description="a document that would split into more segments ends in error",
+    )
 
     retry_attempts: int = Field(default=6, ge=1)
     retry_max_seconds: float = Field(default=30.0, gt=0)
