@@ -95,6 +95,7 @@ class StageConfig:
     inline_text_bytes: int = 256 * 1024
     segments_per_event: int = 32
     embed_max_segments: int = 256
+    max_segments_per_document: int = 10_000
 
 
 class StageDeps(Protocol):

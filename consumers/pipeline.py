@@ -100,7 +100,12 @@ PIPELINE: tuple[StageSpec, ...] = (
         "Cleans and splits text into segments, diffs them against the stored set.",
         (Topic.PARSED,),
         (Topic.SEGMENTS,),
-        lambda d: SplitStage(d.uow, d.tokens, d.stage_config.segments_per_event),
+        lambda d: SplitStage(
+            d.uow,
+            d.tokens,
+            d.stage_config.segments_per_event,
+            max_segments=d.stage_config.max_segments_per_document,
+        ),
     ),
     StageSpec(
         "embed",

@@ -62,6 +62,7 @@ class SplitStage:
     segments_per_event: int = 32
     name: str = "split"
     max_batch: int = 4
+    max_segments: int | None = 10_000  # per document; more is a document error
 
     def handle(self, events: Sequence[Event]) -> StageResult:
         result = StageResult()
@@ -133,11 +134,22 @@ class SplitStage:
                 f"parsed text {event.text_ref} is no longer in the claim-check store; "
                 "publish the document again"
             )
-        return data.decode()
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:  # retrying cannot change the bytes
+            raise DocumentError(
+                f"parsed text {event.text_ref} is not UTF-8 ({exc.reason}); publish the "
+                "document again"
+            ) from exc
 
     def _segments(self, event: DocumentParsed, text: str) -> list[Segment]:
         chunks = split_document(
-            text, event.doc_form, event.process_rule, self.tokens, self.tokens.max_input_tokens
+            text,
+            event.doc_form,
+            event.process_rule,
+            self.tokens,
+            self.tokens.max_input_tokens,
+            self.max_segments,
         )
         if not chunks:
             raise DocumentError("splitting produced no segments")

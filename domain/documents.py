@@ -13,6 +13,12 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from domain.errors import DocumentError
+
+# Versions are stored as signed 64-bit integers (BIGINT); events are refused past
+# this at decode time, and no version is ever resolved beyond it.
+MAX_VERSION = 2**63 - 1
+
 
 class IndexingStatus(StrEnum):
     WAITING = "waiting"
@@ -151,6 +157,12 @@ class Document:
             return version
         if event_id is not None and event_id == self.claimed_by:
             return self.version
+        if self.version >= MAX_VERSION:
+            raise DocumentError(
+                f"the document is at version {self.version}, the last one a version can "
+                "hold; an event without a version cannot come after it (send a delete, "
+                "then publish the document under a new document_id)"
+            )
         return self.version + 1
 
     def is_stale(self, version: int) -> bool:

@@ -8,6 +8,7 @@ in order in every partition of every topic.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -16,13 +17,57 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from domain.documents import DocKey
+from domain.documents import MAX_VERSION, DocKey
 from domain.errors import InvalidEvent
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+=-]+$")]
+# what the database's columns hold: a version is a BIGINT, a segment id, position
+# or token count an INTEGER (32-bit on PostgreSQL); past that a write fails on
+# every retry, so such an event is refused when it is decoded
+Version = Annotated[int, Field(ge=0, le=MAX_VERSION)]
+Int32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Count = Annotated[int, Field(ge=0, le=MAX_VERSION)]
+
+# A UTF-16 surrogate that json.loads left unpaired (a pair is joined into one
+# code point): not Unicode, so no database, tokenizer or JSON encoder takes it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_IN_STR = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+
+# chunk_overlap is at most this share of max_tokens: each chunk then brings at
+# least half new text, so a document makes at most about twice the chunks (and
+# embeds at most twice the tokens) it would without overlap. LangChain and
+# LlamaIndex only require overlap < size, which lets 15 of 16 tokens repeat
+# (9,267 segments from 61,000 characters); Dify's default is 50 of 500.
+MAX_OVERLAP_RATIO = 0.5
+
+
+def max_overlap(max_tokens: int) -> int:
+    """The largest chunk_overlap allowed with chunks of ``max_tokens``."""
+    return int(max_tokens * MAX_OVERLAP_RATIO)
+
+
+def decode_separator(separator: str) -> str:
+    """A custom separator as the splitter uses it: ``"\\n\\n"`` typed in JSON or a
+    shell means two newlines. ValueError if the escapes do not decode or leave
+    nothing to split on."""
+    decoded = separator
+    if "\\" in separator and separator.isascii():
+        try:
+            decoded = separator.encode().decode("unicode_escape")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"separator {separator!r} has an escape that does not decode ({exc.reason}); "
+                "write it as the characters themselves or a valid escape like \\n"
+            ) from None
+    if not decoded:
+        raise ValueError(f"separator {separator!r} decodes to nothing")
+    if _LONE_SURROGATE.search(decoded):
+        raise ValueError(f"separator {separator!r} decodes to a lone UTF-16 surrogate")
+    return decoded
 
 
 def _now() -> datetime:
@@ -63,7 +108,9 @@ class ProcessRule(BaseModel):
     remove_urls_emails: bool = False
     separator: str | None = Field(default=None, max_length=32)
     max_tokens: int | None = Field(default=None, ge=16, le=8192)
-    chunk_overlap: int | None = Field(default=None, ge=0, le=4096)
+    chunk_overlap: int | None = Field(
+        default=None, ge=0, le=4096, description="at most half of max_tokens"
+    )
     # parent-child documents: the parent chunk size (child uses max_tokens)
     parent_max_tokens: int | None = Field(default=None, ge=32, le=32768)
 
@@ -72,10 +119,20 @@ class ProcessRule(BaseModel):
         if (
             self.max_tokens is not None
             and self.chunk_overlap is not None
-            and self.chunk_overlap >= self.max_tokens
+            and self.chunk_overlap > max_overlap(self.max_tokens)
         ):
-            raise ValueError("chunk_overlap must be smaller than max_tokens")
+            raise ValueError(
+                f"chunk_overlap {self.chunk_overlap} is more than half of max_tokens "
+                f"{self.max_tokens} (at most {max_overlap(self.max_tokens)}): so much "
+                "repeated text multiplies the segments; lower chunk_overlap"
+            )
+        if self.separator:
+            decode_separator(self.separator)
         return self
+
+    @property
+    def decoded_separator(self) -> str | None:
+        return decode_separator(self.separator) if self.separator else None
 
 
 class _Envelope(BaseModel):
@@ -102,7 +159,7 @@ class _Event(_Envelope):
     """A stage event: it always carries the version parse resolved, and stages
     drop anything older than the document's current version."""
 
-    version: int = Field(ge=0)
+    version: Version
 
 
 # --- upstream lifecycle ------------------------------------------------------
@@ -117,6 +174,7 @@ class _Lifecycle(_Envelope):
     version: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_VERSION,
         description="the document's revision (a small integer); omit it to mean "
         "'after the latest known version' (created/updated) or 'the current "
         "version' (deleted, segment.deleted, segments.batch_imported)",
@@ -166,7 +224,7 @@ class DocumentDeleted(_Lifecycle):
 class SegmentDeleted(_Lifecycle):
     type: Literal["segment.deleted"] = "segment.deleted"
     index_node_id: str | None = Field(default=None, max_length=64)
-    segment_id: int | None = None
+    segment_id: Int32 | None = None
 
     @model_validator(mode="after")
     def _one_target(self) -> SegmentDeleted:
@@ -200,7 +258,7 @@ class DocumentParsed(_Event):
     process_rule: ProcessRule = Field(default_factory=ProcessRule)
     text: str | None = None
     text_ref: str | None = None
-    chars: int = Field(ge=0)
+    chars: Count
     mime_type: str | None = None
     cleanup: Literal["incremental", "none"] = "incremental"
 
@@ -209,10 +267,10 @@ class SegmentPayload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     index_node_id: str
     doc_hash: str
-    position: int
+    position: Int32
     content: str
     answer: str | None = None
-    tokens: int = 0
+    tokens: Int32 = 0
 
 
 class SegmentsSplit(_Event):
@@ -221,8 +279,8 @@ class SegmentsSplit(_Event):
 
     type: Literal["segments.split"] = "segments.split"
     segments: list[SegmentPayload]
-    batch: int = 0
-    batches: int = 1
+    batch: Int32 = 0
+    batches: Int32 = 1
 
 
 class _SegmentLike(Protocol):
@@ -370,6 +428,11 @@ def decode_event(raw: bytes | str | None) -> Event:
         raise InvalidEvent(f"not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(obj, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(obj).__name__}")
+    if _may_hold_surrogates(raw) and (where := _lone_surrogate(obj)) is not None:
+        raise InvalidEvent(
+            f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+            "which is not Unicode text; fix the producer's encoding"
+        )
     version = obj.get("schema_version", SCHEMA_VERSION)
     if (
         isinstance(version, bool)
@@ -391,8 +454,37 @@ def decode_event(raw: bytes | str | None) -> Event:
     return event
 
 
+def _may_hold_surrogates(raw: bytes | str) -> bool:
+    """Cheap pre-check (a regex scans several times faster than ``in`` here): JSON
+    can carry a surrogate only as a \\uD800-\\uDFFF escape (UTF-8 bytes of one do
+    not decode), or as itself in a str. Valid pairs match too: the walk decides."""
+    if isinstance(raw, bytes):
+        return _SURROGATE_ESCAPE.search(raw) is not None
+    return _SURROGATE_IN_STR.search(raw) is not None
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The path of the first string (key or value) holding a lone surrogate."""
+    stack: list[tuple[str, Any]] = [("event", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _LONE_SURROGATE.search(k):
+                    return f"a key of {path}"
+                stack.append((f"{path}.{k}" if path != "event" else k, v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
+
+
 def decode_lifecycle_event(raw: bytes | str | dict[str, Any]) -> Event:
     """For producers: validate what an upstream system wants to publish."""
+    if isinstance(raw, dict) and (where := _lone_surrogate(raw)) is not None:
+        raise InvalidEvent(f"invalid lifecycle event: {where} holds a lone UTF-16 surrogate")
     try:
         if isinstance(raw, dict):
             event: Event = _LIFECYCLE.validate_python(raw)

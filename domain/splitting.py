@@ -20,7 +20,7 @@ from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 from domain.cleaning import clean_text
 from domain.errors import DocumentError, SplitRuleError
-from domain.events import DocForm, ProcessRule
+from domain.events import DocForm, ProcessRule, max_overlap
 from domain.model import ChunkText
 from domain.ports import TokenCounter
 
@@ -83,13 +83,14 @@ def resolve_rule(rule: ProcessRule, model_max_tokens: int) -> SplitSettings:
         )
     default_overlap = max_tokens // 10
     overlap = default_overlap if automatic or rule.chunk_overlap is None else rule.chunk_overlap
-    if overlap >= max_tokens:
-        raise SplitRuleError(f"chunk_overlap {overlap} must be below max_tokens {max_tokens}")
-    separator = None
-    if not automatic and rule.separator:
-        separator = rule.separator
-        if "\\" in separator and separator.isascii():  # "\\n\\n" typed in JSON or a shell
-            separator = separator.encode().decode("unicode_escape")
+    if overlap > max_overlap(max_tokens):
+        raise SplitRuleError(
+            f"chunk_overlap {overlap} is more than half of max_tokens {max_tokens} "
+            f"(at most {max_overlap(max_tokens)}): so much repeated text multiplies the "
+            "segments; lower chunk_overlap"
+        )
+    # validated when the event was decoded ("\\n\\n" typed in JSON or a shell)
+    separator = None if automatic else rule.decoded_separator
     parent = rule.parent_max_tokens or max(max_tokens * 4, 512)
     return SplitSettings(
         max_tokens=max_tokens,
@@ -107,22 +108,34 @@ def split_document(
     rule: ProcessRule,
     tokens: TokenCounter,
     model_max_tokens: int,
+    max_segments: int | None = None,
 ) -> list[ChunkText]:
-    """Clean and split one document's text into chunks ready for build_segments."""
+    """Clean and split one document's text into chunks ready for build_segments;
+    more than ``max_segments`` chunks is a SplitRuleError (every one is embedded,
+    stored and indexed twice)."""
     settings = resolve_rule(rule, model_max_tokens)
     cleaned = clean_text(text, rule)
     if not cleaned:
         raise DocumentError("the document has no text left after cleaning")
     counter = _Counter(tokens)
     if doc_form is DocForm.QA:
-        return _qa_chunks(cleaned, counter, settings)
-    if doc_form is DocForm.PARENT_CHILD:
-        return _parent_child_chunks(cleaned, counter, settings)
-    return [
-        ChunkText(content=c, tokens=n)
-        for piece in _pieces(cleaned, settings)
-        for c, n in _split(piece, counter, settings.max_tokens, settings.chunk_overlap)
-    ]
+        chunks = _qa_chunks(cleaned, counter, settings)
+    elif doc_form is DocForm.PARENT_CHILD:
+        chunks = _parent_child_chunks(cleaned, counter, settings)
+    else:
+        chunks = [
+            ChunkText(content=c, tokens=n)
+            for piece in _pieces(cleaned, settings)
+            for c, n in _split(piece, counter, settings.max_tokens, settings.chunk_overlap)
+        ]
+    if max_segments is not None and len(chunks) > max_segments:
+        raise SplitRuleError(
+            f"splitting would make {len(chunks)} segments of at most {settings.max_tokens} "
+            f"tokens (overlap {settings.chunk_overlap}), above the limit of {max_segments} "
+            "per document (KBSTREAM_MAX_SEGMENTS_PER_DOCUMENT); raise max_tokens or lower "
+            "chunk_overlap, or split the file into smaller documents"
+        )
+    return chunks
 
 
 def _pieces(text: str, settings: SplitSettings) -> list[str]:

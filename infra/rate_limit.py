@@ -12,6 +12,7 @@ floats) under one lock.
 from __future__ import annotations
 
 import email.utils
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +73,11 @@ class RateLimiter:
         tokens_per_minute: int,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        max_pause: float = 60.0,
     ) -> None:
+        if not 0 <= max_pause < math.inf:
+            raise ValueError("max_pause must be a finite number of seconds")
+        self.max_pause = max_pause
         self.clock = clock
         self.sleep = sleep
         now = clock()
@@ -104,11 +109,15 @@ class RateLimiter:
             self.sleep(wait)
             waited += wait
 
-    def pause_for(self, seconds: float) -> None:
-        """No request starts for ``seconds`` (a server's Retry-After); a longer
-        pause already in force stays."""
+    def pause_for(self, seconds: float) -> float:
+        """No request starts for ``seconds`` (a server's Retry-After), at most
+        ``max_pause``: one server's hour-long (or infinite) Retry-After must not hold
+        every later call of the process that long. A longer pause already in force
+        stays. Returns the pause applied."""
+        seconds = min(max(seconds, 0.0), self.max_pause) if seconds == seconds else 0.0
         with self._lock:
             self._resume_at = max(self._resume_at, self.clock() + seconds)
+        return seconds
 
     @property
     def paused_for(self) -> float:
@@ -118,7 +127,9 @@ class RateLimiter:
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds from a Retry-After header: delta-seconds (fractions accepted, as some
-    servers send them) or an HTTP date; None if absent or unreadable."""
+    servers send them) or an HTTP date; a past date or a negative number is 0, "inf"
+    is ``math.inf`` (longer than any cap: the caller fails the request rather than
+    wait). None if absent or unreadable ("nan" included)."""
     if not value:
         return None
     value = value.strip()
@@ -127,11 +138,11 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if seconds != seconds:  # NaN
+    if math.isnan(seconds):
         return None
     return max(0.0, seconds)

@@ -58,7 +58,9 @@ class RemoteConfig:
     max_attempts: int = 8
     backoff_seconds: float = 0.5  # first backoff's scale; doubles up to max_backoff
     max_backoff_seconds: float = 20.0
-    max_retry_after_seconds: float = 60.0  # a longer Retry-After fails the call at once
+    # a longer Retry-After fails the call at once (TransientError: the stage's retry
+    # policy backs off); the shared pause it puts on every request is cut to this
+    max_retry_after_seconds: float = 60.0
 
     @property
     def endpoint(self) -> str:
@@ -94,6 +96,7 @@ def remote_config(settings: Any) -> RemoteConfig:
         tokens_per_minute=s.embedding_tpm,
         timeout_seconds=s.embedding_timeout_seconds,
         send_dimensions=s.embedding_send_dimensions,
+        max_retry_after_seconds=s.embedding_max_retry_after_seconds,
     )
 
 
@@ -169,7 +172,11 @@ class OpenAICompatibleProvider:
         self.dim = config.dimensions
         self.max_input_tokens = counter.max_input_tokens
         self._counter = counter
-        self.limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self.limiter = RateLimiter(
+            config.requests_per_minute,
+            config.tokens_per_minute,
+            max_pause=config.max_retry_after_seconds,
+        )
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         n = config.max_concurrency
         self._http = httpx.Client(
@@ -284,11 +291,15 @@ class OpenAICompatibleProvider:
                 if retry_after is None:
                     # no hint: everyone backs off a little (jittered), not just this batch
                     retry_after = min(self.config.max_backoff_seconds, 1.0 + random.random())
+                # capped: an hour-long (or infinite) Retry-After must not hold every
+                # later call of the process that long
                 self.limiter.pause_for(retry_after)
             if retry_after is not None and retry_after > self.config.max_retry_after_seconds:
                 raise TransientError(
                     f"embedding service asks to wait {retry_after:.0f} s (HTTP {status} "
-                    "Retry-After); the stage retries the event later"
+                    f"Retry-After), above the {self.config.max_retry_after_seconds:g} s cap "
+                    "(KBSTREAM_EMBEDDING_MAX_RETRY_AFTER_SECONDS); the stage retries the "
+                    "event later"
                 )
             raise _Retryable(f"HTTP {status}: {excerpt}", retry_after)
         raise PermanentError(

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
@@ -71,6 +72,26 @@ _LOCAL_LOCK = threading.Lock()
 
 def _is_local(uri: str) -> bool:
     return not uri.startswith(("http://", "https://", "tcp://", "unix:", "grpc://"))
+
+
+# gRPC keepalive that milvus-lite's server (a grpcio server on its defaults) accepts.
+# pymilvus pings every 10 s, idle channels included; that server allows no ping on an
+# idle connection and one per 5 minutes during calls, and answers more with GOAWAY
+# too_many_pings, which gRPC core prints on stderr. A server on this machine needs no
+# keepalive to be found dead: its connection is refused or reset at once.
+_LOOPBACK_KEEPALIVE = {
+    "grpc.keepalive_time_ms": 300_000,
+    "grpc.keepalive_permit_without_calls": 0,
+}
+
+
+def grpc_options(uri: str) -> dict[str, int]:
+    """Channel options for a Milvus at ``uri``: the loopback keepalive for a local
+    file (milvus-lite in this process) or a server on this machine (`kbstream up`'s
+    milvus-lite); pymilvus's own for a remote Milvus."""
+    if _is_local(uri) or urlsplit(uri).hostname in ("127.0.0.1", "localhost", "::1"):
+        return dict(_LOOPBACK_KEEPALIVE)
+    return {}
 
 
 def _retain_local(uri: str) -> None:
@@ -271,7 +292,10 @@ class MilvusVectorStore(_PerDocumentQueries):
             with self._lock:
                 if self._client is None:
                     try:
-                        kwargs: dict[str, Any] = {"uri": self.uri}
+                        kwargs: dict[str, Any] = {
+                            "uri": self.uri,
+                            "grpc_options": grpc_options(self.uri),
+                        }
                         if self._token:
                             kwargs["token"] = self._token
                         self._client = MilvusClient(**kwargs)

@@ -176,6 +176,7 @@ class Container:
             inline_text_bytes=s.inline_text_bytes,
             segments_per_event=s.segments_per_event,
             embed_max_segments=s.embed_max_segments,
+            max_segments_per_document=s.max_segments_per_document,
         )
 
     # -- stages and their runtime -------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from consumers.contract import Emit
 from domain.documents import Document, IndexingStatus
+from domain.errors import PermanentError
 from domain.events import (
     DocForm,
     DocumentCreated,
@@ -38,6 +39,8 @@ from domain.events import (
 from domain.splitting import resolve_rule
 from kbstream.bootstrap import Container
 from kbstream.publishing import publish_and_wait
+from kbstream.serving import dataset_indexes
+from kbstream.stack import runs_own_workers
 from producers.files import FileDocument, discover
 from producers.uploads import upload_files
 
@@ -129,6 +132,35 @@ def plan(
     return events, unchanged
 
 
+def check_model(container: Container, dataset: str) -> None:
+    """Refuse, before anything is uploaded or published, to index a dataset with
+    workers this process starts itself when its embedding model neither serves
+    the dataset nor is being built for it: load_vectors would hold the events
+    for a worker with the right model, and this process is that worker.
+
+    Beside `kbstream up` or KBSTREAM_BROKERS the workers are elsewhere and embed
+    with their own model: nothing is checked here (a worker with the wrong model
+    says so in its log, and the events wait for one with the right model)."""
+    if not runs_own_workers(container.settings):
+        return
+    rules = dataset_indexes(container, dataset)
+    if rules.may_load(container.model_identity[1]):
+        return
+    serving = rules.serving or rules.building
+    assert serving is not None  # may_load allows a dataset without either
+    spec = serving.target.model_spec
+    raise ModelMismatch(
+        f"dataset {dataset!r} is served by embedding model {spec}, not {container.model_spec} "
+        f"(KBSTREAM_EMBEDDING_MODEL): index it with KBSTREAM_EMBEDDING_MODEL={spec}, or "
+        f"switch it first with `kbstream rebuild --dataset {dataset} --model "
+        f"{container.model_spec}`"
+    )
+
+
+class ModelMismatch(PermanentError):
+    """The model this process would embed with does not serve the dataset."""
+
+
 def _next_version(state: Document | None) -> int:
     return (state.version if state is not None else 0) + 1
 
@@ -174,6 +206,8 @@ def index_paths(
         resolve_rule(rule, container.token_counter.max_input_tokens)
     events, unchanged = plan(container, dataset, files, force, cleanup, rule, doc_form)
     summary.skipped = len(unchanged)
+    if events:
+        check_model(container, dataset)
     if not by_reference:
         events = upload_sources(container, events, files)
     if events:

@@ -206,6 +206,8 @@ class MilvusLiteServer:
             self._proc = children.spawn(cmd, stdout=out, stderr=out)
         from pymilvus import MilvusClient
 
+        from infra.vectors import grpc_options
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rc = self._proc.poll()
@@ -215,7 +217,11 @@ class MilvusLiteServer:
                     f"{self._last_log_line()} (see {self.log_file})"
                 )
             try:
-                MilvusClient(uri=self.uri, timeout=2).list_collections()
+                probe = MilvusClient(uri=self.uri, timeout=2, grpc_options=grpc_options(self.uri))
+                try:
+                    probe.list_collections()
+                finally:
+                    probe.close()
                 return self
             except Exception:
                 time.sleep(0.3)

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     embedding_rpm: int = Field(default=3000, ge=0, description="requests per minute; 0 = no limit")
     embedding_tpm: int = Field(default=1_000_000, ge=0, description="tokens per minute; 0 = none")
     embedding_timeout_seconds: float = Field(default=60.0, gt=0)
+    embedding_max_retry_after_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="the longest a 429's Retry-After pauses the remote service's calls; "
+        "a longer one fails the batch as transient (the stage's retry policy backs off)",
+    )
     embedding_max_input_tokens: int = Field(
         default=8191, ge=8, description="the remote model's input limit, in its tokens"
     )
@@ -126,6 +133,11 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=900_000, ge=10_000)
     inline_text_bytes: int = Field(default=256 * 1024, ge=1024)
     segments_per_event: int = Field(default=32, ge=1)
+    max_segments_per_document: int = Field(
+        default=10_000,
+        ge=1,
+        description="a document that would split into more segments ends in error",
+    )
 
     retry_attempts: int = Field(default=6, ge=1)
     retry_max_seconds: float = Field(default=30.0, gt=0)

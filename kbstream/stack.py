@@ -120,6 +120,13 @@ class Runtime:
     embedded: bool  # True: this process must run the workers itself
 
 
+def runs_own_workers(settings: Settings) -> bool:
+    """Will a one-shot verb start its own broker and stage workers (no
+    KBSTREAM_BROKERS, no live `kbstream up`)? Then this process's settings, its
+    embedding model included, are the workers'."""
+    return not settings.brokers and StackInfo.read_live(settings.home) is None
+
+
 @contextlib.contextmanager
 def broker_for(settings: Settings) -> Iterator[Runtime]:
     """The broker this command talks to; starts an embedded one if none."""

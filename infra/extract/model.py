@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from domain.errors import UnparseableDocument
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -60,7 +63,8 @@ def too_large(size: int, limit: int) -> UnparseableDocument:
 
 
 def normalize_output(text: str) -> str:
-    """One newline convention and no NULs, whatever the source format produced.
+    """One newline convention, no NULs and no lone surrogates, whatever the source
+    format produced.
 
     NULs are stripped because PostgreSQL text columns reject them and they carry no meaning.
     """
@@ -68,4 +72,8 @@ def normalize_output(text: str) -> str:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if "\x00" in text:
         text = text.replace("\x00", "")
+    if _LONE_SURROGATE.search(text):
+        # a format's own UTF-16 (a PDF string, say) with half a pair: replaced as
+        # invalid UTF-8 is, since no database, tokenizer or JSON encoder takes it
+        text = _LONE_SURROGATE.sub("\ufffd", text)
     return text.removeprefix("\ufeff")

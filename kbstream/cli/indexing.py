@@ -33,7 +33,10 @@ MaxTokensOpt = Annotated[
     int | None, typer.Option("--max-tokens", help="custom rule: chunk size in model tokens")
 ]
 OverlapOpt = Annotated[
-    int | None, typer.Option("--chunk-overlap", help="custom rule: overlap in tokens")
+    int | None,
+    typer.Option(
+        "--chunk-overlap", help="custom rule: overlap in tokens, at most half of --max-tokens"
+    ),
 ]
 SeparatorOpt = Annotated[
     str | None, typer.Option("--separator", help="custom rule: hard chunk boundary, e.g. '\\n\\n'")
@@ -105,6 +108,8 @@ def sync(
 def _rule(
     max_tokens: int | None, overlap: int | None, separator: str | None, urls: bool
 ) -> ProcessRule:
+    from pydantic import ValidationError
+
     from domain.events import ProcessRule
 
     custom = any(v is not None for v in (max_tokens, overlap, separator))
@@ -116,8 +121,9 @@ def _rule(
             separator=separator,
             remove_urls_emails=urls,
         )
-    except ValueError as exc:
-        _fail(f"invalid processing rule: {exc}")
+    except ValidationError as exc:  # one line per problem, as the options name them
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        _fail(f"invalid processing rule: {problems}")
 
 
 def _run_indexing(

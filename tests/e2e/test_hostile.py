@@ -20,7 +20,7 @@ from pypdf import PdfWriter
 from sqlalchemy import text
 
 from domain.documents import DocKey, IndexingStatus
-from domain.events import DocumentCreated
+from domain.events import DocumentCreated, ProcessRule
 from kbstream.dlq import list_dead_letters
 from tests.e2e.procs import fresh_database, wait_until
 from tests.harness import Pipeline, make_settings
@@ -290,6 +290,122 @@ def test_nul_in_an_event_field_is_dead_lettered_at_once(pipeline: Pipeline) -> N
     ]
     assert letter.headers["kb-error-class"] == "InvalidEvent", letter.to_dict()
     assert letter.headers["kb-attempts"] == "1", letter.to_dict()
+
+
+def test_schema_valid_poison_is_dead_lettered_at_once_with_its_reason(
+    pipeline: Pipeline,
+) -> None:
+    """Issue 20 items 9 and 10: events the schema took that a stage then failed on
+    every retry (a lone surrogate the database and tokenizer refuse, a separator
+    whose escapes do not decode, a version no BIGINT holds, an overlap that
+    multiplies the segments) were retried as transient for about 10 s, then
+    dead-lettered raw. Each is now one dead letter with its reason, after one
+    attempt, and the consumers go on."""
+    import json
+
+    p = pipeline
+    created = {
+        "type": "document.created",
+        "dataset_id": "poison",
+        "source": "p.txt",
+        "content": "Some text about the tides.",
+    }
+    custom = {"mode": "custom"}
+    lifecycle = {
+        "surrogate": ({**created, "content": "half a pair \ud800 here"}, "surrogate"),
+        "separator": (
+            {**created, "process_rule": {**custom, "separator": "\\x"}},
+            "does not decode",
+        ),
+        "version": ({**created, "version": 2**63}, "version"),
+        "overlap": (
+            {**created, "process_rule": {**custom, "max_tokens": 16, "chunk_overlap": 15}},
+            "more than half of max_tokens 16",
+        ),
+    }
+    parsed = {  # a stage topic: split, not parse, meets it
+        "type": "document.parsed",
+        "dataset_id": "poison",
+        "document_id": "parsed-surrogate",
+        "version": 1,
+        "source": "p.txt",
+        "text": "tail \udfff",
+        "chars": 6,
+    }
+    topics = p.container.topics
+    for doc_id, (obj, _) in lifecycle.items():
+        p.publish_raw(
+            topics.lifecycle, json.dumps({**obj, "document_id": doc_id}).encode(), doc_id.encode()
+        )
+    p.publish_raw(topics.parsed, json.dumps(parsed).encode(), b"parsed-surrogate")
+    ids = publish_files(p, "poison", GOOD)
+    states = p.wait_for("poison", ids, timeout=180)
+    assert all(st.status is IndexingStatus.COMPLETED for st in states.values()), states
+
+    brokers = p.settings.brokers or ""
+    wanted = {
+        **{d: ("parse", r) for d, (_, r) in lifecycle.items()},
+        "parsed-surrogate": ("split", "surrogate"),
+    }
+    assert wait_until(
+        lambda: {d.key for d in list_dead_letters(brokers, topics)} >= set(wanted), 120, 1
+    )
+    letters = [d for d in list_dead_letters(brokers, topics) if d.key in wanted]
+    assert sorted(d.key or "" for d in letters) == sorted(wanted)  # one each
+    for d in letters:
+        stage, reason = wanted[d.key or ""]
+        assert d.headers["kb-stage"] == stage, d.to_dict()
+        assert d.headers["kb-error-class"] == "InvalidEvent", d.to_dict()
+        assert d.headers["kb-attempts"] == "1", d.to_dict()  # no retries as transient
+        assert reason in d.headers["kb-error"], d.to_dict()
+        assert p.state("poison", d.key or "") is None  # nothing was written for it
+
+
+def test_a_document_over_the_segment_cap_ends_in_error(
+    tmp_path: Path, tansu: str, topic_prefix: str
+) -> None:
+    """Issue 20 item 10: the segment cap is a document error with the count and what
+    to change, dead-lettered once; a document under it completes."""
+    many = "\n\n".join(f"Paragraph {i} about the harbour tides and the moon." for i in range(12))
+    with fresh_database() as (url, _):
+        settings = make_settings(
+            tmp_path / "home", tansu, topic_prefix, database_url=url, max_segments_per_document=5
+        )
+        with Pipeline(settings) as p:
+            rule = ProcessRule(mode="custom", separator="\n\n", max_tokens=32, chunk_overlap=0)
+            p.publish(
+                DocumentCreated(
+                    dataset_id="cap",
+                    document_id="big",
+                    source="big.txt",
+                    content=many,
+                    process_rule=rule,
+                ),
+                DocumentCreated(
+                    dataset_id="cap",
+                    document_id="small",
+                    source="small.txt",
+                    content=GOOD["tides.txt"].decode(),
+                    process_rule=rule,
+                ),
+            )
+            states = p.wait_for("cap", ["big", "small"], timeout=180)
+            assert states["small"].status is IndexingStatus.COMPLETED
+            big = states["big"]
+            assert big.status is IndexingStatus.ERROR and big.error, big
+            assert "would make 12 segments" in big.error
+            assert "above the limit of 5 per document" in big.error
+            assert not p.snapshot("cap", "big").segments
+            brokers = p.settings.brokers or ""
+            assert wait_until(
+                lambda: any(d.key == "big" for d in list_dead_letters(brokers, p.container.topics)),
+                60,
+                1,
+            )
+            (letter,) = [
+                d for d in list_dead_letters(brokers, p.container.topics) if d.key == "big"
+            ]
+            assert letter.headers["kb-stage"] == "split" and letter.headers["kb-attempts"] == "1"
 
 
 def test_a_fixed_document_replayed_from_the_dlq_completes(pipeline: Pipeline) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from domain.documents import DocKey
 from domain.errors import PermanentError, TransientError
-from infra.vectors import MilvusVectorStore, VectorRow, collection_name
+from infra.vectors import MilvusVectorStore, VectorRow, collection_name, grpc_options
 
 pytestmark = pytest.mark.integration
 
@@ -287,3 +287,31 @@ def test_ids_for_documents_in_one_call(store: MilvusVectorStore) -> None:
     assert len(got[DocKey("t1", "ds1", "doc-1")]) == 3
     assert len(got[DocKey("t1", "ds2", "doc-1")]) == 2
     assert got[DocKey("t1", "ds1", "doc-7")] == set()
+
+
+@pytest.mark.parametrize(
+    ("uri", "loopback"),
+    [
+        ("/tmp/kb/milvus.db", True),  # milvus-lite in this process
+        ("http://127.0.0.1:19530", True),  # `kbstream up`'s milvus-lite
+        ("http://localhost:19530", True),
+        ("https://milvus.example.com:443", False),
+        ("http://10.0.0.7:19530", False),
+    ],
+)
+def test_keepalive_the_milvus_lite_server_accepts(uri: str, loopback: bool) -> None:
+    """Issue 20 item 11: pymilvus pings every 10 s, idle or not; milvus-lite's grpcio
+    server allows no ping on an idle connection and one per 5 minutes during calls,
+    and answers more with GOAWAY too_many_pings, which gRPC core prints on stderr."""
+    options = grpc_options(uri)
+    if not loopback:
+        assert options == {}  # a remote Milvus keeps pymilvus's keepalive
+        return
+    assert options["grpc.keepalive_time_ms"] >= 300_000  # the server's minimum interval
+    assert options["grpc.keepalive_permit_without_calls"] == 0
+
+
+def test_the_store_opens_its_channel_with_those_options(store: MilvusVectorStore) -> None:
+    store.ids("t", "d")  # opens the client
+    handler = store.client._handler  # type: ignore[attr-defined]
+    assert handler._grpc_options == grpc_options(store.uri)

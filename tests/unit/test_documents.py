@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from domain.documents import TRANSITIONS, DocKey, Document, IndexingStatus, SplitCounts
+from domain.documents import (
+    MAX_VERSION,
+    TRANSITIONS,
+    DocKey,
+    Document,
+    IndexingStatus,
+    SplitCounts,
+)
+from domain.errors import DocumentError
 
 S = IndexingStatus
 KEY = DocKey("t", "ds", "doc")
@@ -59,6 +67,12 @@ class TestVersionFencing:
         doc = indexing(3)
         assert doc.resolve_version(None) == 4
         assert doc.resolve_version(7) == 7
+
+    def test_no_version_is_resolved_past_what_the_database_holds(self) -> None:
+        doc = Document.new(KEY, version=MAX_VERSION)
+        assert doc.resolve_version(MAX_VERSION) == MAX_VERSION
+        with pytest.raises(DocumentError, match="the last one a version can hold"):
+            doc.resolve_version(None)
 
     def test_a_copy_of_the_claiming_event_is_the_same_version(self) -> None:
         doc = Document.new(KEY)

@@ -254,6 +254,107 @@ class TestMalformed:
             decode_event(b"[]")
 
 
+class TestSchemaValidPoison:
+    """Issue 20 item 9: events the schema took that then failed in a stage on every
+    retry (a database, tokenizer or JSON encoder refusing them), ~10 s of retries
+    each before a raw dead letter. Now they are InvalidEvent, with the reason."""
+
+    @pytest.mark.parametrize("text", ["a\ud800b", "tail\udfff", "\udc00\ud800 reversed"])
+    def test_a_lone_surrogate_in_content(self, text: str) -> None:
+        raw = json.dumps(_created(content=text))  # ensure_ascii: as a \\udXXX escape
+        reason = _reason(raw)
+        assert "content" in reason and "surrogate" in reason
+        assert "surrogate" in _reason(raw.encode())
+
+    @pytest.mark.parametrize(
+        ("obj", "where"),
+        [
+            (_created(event_id="id-\ud800"), "event_id"),
+            (_created(source="a\udbff.txt"), "source"),
+            (
+                _wire(SegmentsBatchImported(**COMMON, job_id="j", segments=[{"content": "x"}]))
+                | {"segments": [{"content": "ok"}, {"content": "q", "answer": "\ud800"}]},
+                "segments[1].answer",
+            ),
+            (
+                _wire(DocumentParsed(**COMMON, source="s", text="t", chars=1))
+                | {"text": "x\udc80"},
+                "text",
+            ),
+        ],
+    )
+    def test_a_lone_surrogate_anywhere_is_named(self, obj: dict[str, Any], where: str) -> None:
+        reason = _reason(json.dumps(obj))
+        assert reason.startswith(where) and "surrogate" in reason
+
+    def test_a_lone_surrogate_in_a_str_or_dict_given_directly(self) -> None:
+        assert "surrogate" in _reason(json.dumps(_created(content="a\ud800"), ensure_ascii=False))
+        with pytest.raises(InvalidEvent, match="surrogate"):
+            decode_lifecycle_event(_created(content="a\ud800"))
+
+    def test_surrogate_pairs_and_escaped_backslashes_are_text(self) -> None:
+        emoji = "smile \U0001f600 and a literal \\ud800"  # a pair; a backslash, then text
+        raw = json.dumps(_created(content=emoji))
+        assert "\\ud83d\\ude00" in raw
+        assert decode_event(raw).content == emoji  # type: ignore[union-attr]
+
+    @pytest.mark.parametrize("separator", ["\\x", "\\u12", "\\", "a\\N{NO SUCH NAME}", "\\ud800"])
+    def test_a_separator_that_does_not_decode(self, separator: str) -> None:
+        obj = _created(process_rule={"mode": "custom", "separator": separator})
+        assert "separator" in _reason(json.dumps(obj))
+
+    def test_a_separator_that_decodes_to_nothing(self) -> None:
+        obj = _created(process_rule={"mode": "custom", "separator": "\\\n"})
+        assert "decodes to nothing" in _reason(json.dumps(obj))
+
+    @pytest.mark.parametrize(
+        ("typed", "meant"), [("\\n\\n", "\n\n"), ("###", "###"), ("\\t|", "\t|")]
+    )
+    def test_separators_that_decode(self, typed: str, meant: str) -> None:
+        assert ProcessRule(mode="custom", separator=typed).decoded_separator == meant
+
+    @pytest.mark.parametrize("version", [2**63, 2**64, 10**30])
+    def test_a_version_the_database_cannot_hold(self, version: int) -> None:
+        assert "version" in _reason(json.dumps(_created(version=version)))
+        stage = _wire(DocumentParsed(**COMMON, source="s", text="t", chars=1)) | {
+            "version": version
+        }
+        assert "version" in _reason(json.dumps(stage))
+
+    def test_the_largest_version_is_accepted(self) -> None:
+        assert decode_event(json.dumps(_created(version=2**63 - 1))).version == 2**63 - 1
+
+    @pytest.mark.parametrize(
+        ("obj", "field"),
+        [
+            (_wire(SegmentDeleted(**COMMON, segment_id=1)) | {"segment_id": 2**31}, "segment_id"),
+            (
+                _wire(DocumentParsed(**COMMON, source="s", text="t", chars=1)) | {"chars": 2**63},
+                "chars",
+            ),
+        ],
+    )
+    def test_other_integers_past_their_columns(self, obj: dict[str, Any], field: str) -> None:
+        assert field in _reason(json.dumps(obj))
+
+
+class TestOverlap:
+    """Issue 20 item 10: max_tokens 16 with chunk_overlap 15 made 9,267 segments
+    from 61,000 characters."""
+
+    def test_overlap_above_half_of_max_tokens_is_refused(self) -> None:
+        obj = _created(process_rule={"mode": "custom", "max_tokens": 16, "chunk_overlap": 15})
+        reason = _reason(json.dumps(obj))
+        assert "chunk_overlap 15 is more than half of max_tokens 16 (at most 8)" in reason
+
+    @pytest.mark.parametrize(("size", "overlap"), [(16, 8), (17, 8), (512, 256), (16, 0)])
+    def test_up_to_half_is_accepted(self, size: int, overlap: int) -> None:
+        obj = _created(
+            process_rule={"mode": "custom", "max_tokens": size, "chunk_overlap": overlap}
+        )
+        assert decode_event(json.dumps(obj)).process_rule.chunk_overlap == overlap  # type: ignore[union-attr]
+
+
 class TestLifecycleDecoding:
     def test_accepts_lifecycle_events_from_dict_and_json(self) -> None:
         obj = _created()

@@ -632,3 +632,13 @@ def test_reference_without_configured_roots(roots: tuple[Path, Path]) -> None:
     root, _ = roots
     with pytest.raises(UnparseableDocument, match="KBSTREAM_ALLOWED_ROOTS"):
         read_file_reference(str(root / "docs" / "x.txt"), [], 100)
+
+
+def test_lone_surrogates_from_a_format_are_replaced() -> None:
+    """A format's own UTF-16 with half a pair (a PDF string, say) must not reach the
+    database, the tokenizer or the JSON encoder, which all refuse it on every retry
+    (issue 20 item 9); a real pair stays."""
+    from infra.extract.model import normalize_output
+
+    assert normalize_output("a\ud800b \udfff c \U0001f600") == "a\ufffdb \ufffd c \U0001f600"
+    assert normalize_output("plain\r\ntext") == "plain\ntext"

@@ -3,6 +3,7 @@ through in any 60-second window, and the pause a 429's Retry-After puts on it.""
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from datetime import UTC, datetime, timedelta
@@ -117,6 +118,12 @@ def test_threads_share_the_budget() -> None:
         ("0.2", 0.2),
         (" 12 ", 12.0),
         ("-4", 0.0),
+        ("inf", math.inf),
+        ("+Infinity", math.inf),
+        ("-inf", 0.0),
+        ("nan", None),
+        ("1e400", math.inf),
+        ("Mon, 99 Foo 99999 99:99:99 GMT", None),
         ("soon", None),
         ("", None),
         (None, None),
@@ -132,3 +139,26 @@ def test_retry_after_http_date() -> None:
     earlier = format_datetime(now - timedelta(seconds=30), usegmt=True)
     assert parse_retry_after(later, now=now) == pytest.approx(30.0)
     assert parse_retry_after(earlier, now=now) == 0.0
+
+
+@pytest.mark.parametrize("seconds", [3600.0, math.inf, -5.0, math.nan])
+def test_a_pause_is_capped_and_finite(seconds: float) -> None:
+    """However long a server asks (an hour, inf), no caller waits past max_pause."""
+    now = [100.0]
+    slept: list[float] = []
+    limiter = RateLimiter(0, 0, clock=lambda: now[0], sleep=slept.append, max_pause=30.0)
+    applied = limiter.pause_for(seconds)
+    assert 0.0 <= applied <= 30.0 and limiter.paused_for == applied
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    limiter.sleep = sleep
+    assert limiter.acquire(1) == applied
+    assert all(s <= 30.0 for s in slept)
+
+
+def test_the_cap_must_be_finite() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        RateLimiter(0, 0, max_pause=math.inf)

@@ -111,13 +111,34 @@ def test_gives_up_transiently_and_keeps_what_it_got(server: EmbeddingServer) -> 
     assert server.stats.texts == {t: 1 for t in TEXTS[:12]}
 
 
-def test_a_retry_after_beyond_the_cap_fails_at_once_and_pauses(server: EmbeddingServer) -> None:
-    server.set_faults(status=429, fraction=1.0, count=1, retry_after="3600")
-    provider = provider_for(server, max_concurrency=1)
-    with pytest.raises(TransientError, match="3600"):
+@pytest.mark.parametrize("header", ["3600", "inf", "Infinity", "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_a_retry_after_beyond_the_cap_fails_at_once_and_pauses_only_up_to_the_cap(
+    server: EmbeddingServer, header: str
+) -> None:
+    """Issue 20 item 8: a 429 with ``Retry-After: 3600`` paused every later call for
+    an hour, and ``inf`` raised OverflowError on every call until restart."""
+    server.set_faults(status=429, fraction=1.0, count=1, retry_after=header)
+    provider = provider_for(server, max_concurrency=1, max_retry_after_seconds=0.05)
+    slept: list[float] = []
+    provider.limiter.sleep = slept.append  # waits are recorded, not taken
+    with pytest.raises(TransientError, match=r"above the 0.05 s cap"):
         provider.embed(["one"])
-    assert server.stats.requests == 1
-    assert provider.limiter.paused_for > 3000
+    assert server.stats.requests == 1  # not retried in the call: the stage backs off
+    assert 0 < provider.limiter.paused_for <= 0.05
+    # the next call waits out at most the capped pause, then goes through
+    assert np.allclose(provider.embed(["one"]), expected(["one"]), atol=1e-6)
+    assert slept and max(slept) <= 0.05
+
+
+def test_the_cap_comes_from_settings(tmp_path: Path) -> None:
+    settings = Settings(
+        home=tmp_path,
+        embedding_provider="openai",
+        embedding_model="m",
+        embedding_dimensions=16,
+        embedding_max_retry_after_seconds=5,
+    )
+    assert remote_config(settings).max_retry_after_seconds == 5
 
 
 @pytest.mark.parametrize(

@@ -623,3 +623,68 @@ def test_a_chunk_is_never_over_max_tokens_even_when_counts_do_not_add_up() -> No
     assert all(counter.count_tokens(c.content) <= 16 for c in chunks)
     assert [c.tokens for c in chunks] == [counter.count_tokens(c.content) for c in chunks]
     assert " ".join(contents(chunks)).split() == text.split()
+
+
+def prose(chars: int, seed: int = 20) -> str:
+    """English-like paragraphs of about ``chars`` characters."""
+    rng = random.Random(seed)
+    vocab = [
+        "the",
+        "tide",
+        "harbour",
+        "arrives",
+        "forty",
+        "minutes",
+        "later",
+        "each",
+        "day",
+        "moon",
+        "pull",
+        "ocean",
+    ]
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        sentence = " ".join(rng.choice(vocab) for _ in range(rng.randint(6, 18))).capitalize()
+        out.append(sentence + (".\n\n" if rng.random() < 0.2 else ". "))
+        size += len(out[-1])
+    return "".join(out)[:chars]
+
+
+class TestAmplification:
+    """Issue 20 item 10: max_tokens 16 with chunk_overlap 15 made 9,267 segments from
+    a 61,000-character document (48 under the automatic rule)."""
+
+    TEXT = prose(61_000)
+
+    def test_the_repro_is_refused_with_a_reason(self) -> None:
+        with pytest.raises(ValueError, match=r"more than half of max_tokens 16 \(at most 8\)"):
+            rule(max_tokens=16, chunk_overlap=15)
+
+    def test_overlap_against_the_models_own_size_is_bounded_too(self) -> None:
+        # no max_tokens in the rule: the model's input (254) is the size
+        with pytest.raises(SplitRuleError, match="chunk_overlap 200 is more than half"):
+            resolve_rule(rule(chunk_overlap=200), model_max_tokens=254)
+        assert resolve_rule(rule(chunk_overlap=127), model_max_tokens=254).chunk_overlap == 127
+
+    def test_too_many_segments_is_a_document_error(self, model_tokens: ModelTokenCounter) -> None:
+        allowed = rule(max_tokens=16, chunk_overlap=8)
+        with pytest.raises(SplitRuleError) as caught:
+            split_document(self.TEXT, DocForm.TEXT, allowed, model_tokens, 254, max_segments=1000)
+        reason = caught.value.reason
+        assert "segments of at most 16 tokens (overlap 8), above the limit of 1000" in reason
+        assert "raise max_tokens or lower chunk_overlap" in reason
+        made = int(reason.split("would make ")[1].split()[0])
+        assert 1000 < made < 9267  # bounded by the overlap rule, still above this cap
+
+    def test_the_automatic_rule_is_unaffected(self, model_tokens: ModelTokenCounter) -> None:
+        chunks = split_document(
+            self.TEXT, DocForm.TEXT, ProcessRule(), model_tokens, 254, max_segments=10_000
+        )
+        assert 30 < len(chunks) < 100
+
+    @pytest.mark.parametrize("form", [DocForm.QA, DocForm.PARENT_CHILD])
+    def test_the_cap_holds_for_every_form(self, form: DocForm) -> None:
+        text = "\n".join(f"Q: question {i}?\nA: answer {i}." for i in range(20))
+        with pytest.raises(SplitRuleError, match="would make"):
+            split_document(text, form, rule(max_tokens=16), WordCounter(), 512, max_segments=5)

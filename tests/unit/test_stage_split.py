@@ -151,6 +151,30 @@ class TestStaleAndBroken:
         assert result.emits == [] and len(result.rejected) == 1
         assert world.doc().status is S.SPLITTING and world.segments() == {}
 
+    def test_a_document_over_the_segment_cap_is_rejected_with_a_reason(self) -> None:
+        """Issue 20 item 10: the cap is a document error (permanent, not retried)."""
+        world = World(stage_config=StageConfig(segments_per_event=8, max_segments_per_document=3))
+        big = world.parsed(created(text_of(*P[:5]), 1))
+        fine = world.parsed(created(text_of(*P[:2]), 1, doc="other"))
+        result = world.stage("split").handle([big, fine])
+        (rejection,) = result.rejected
+        assert rejection.event is big and isinstance(rejection.error, DocumentError)
+        assert "would make 5 segments" in rejection.error.reason
+        assert "above the limit of 3 per document" in rejection.error.reason
+        assert {e.document_id for e in of_type(result, SegmentsSplit)} == {"other"}
+        assert world.segments() == {}
+
+    def test_claim_check_text_that_is_not_utf8_is_rejected(self) -> None:
+        world = World(stage_config=StageConfig(inline_text_bytes=10, segments_per_event=8))
+        broken = world.parsed(created(text_of(*P[:2]), 1))
+        assert broken.text_ref is not None
+        with world.uow() as uow:
+            uow.payloads.delete_prefix(broken.text_ref)
+            uow.payloads.put(broken.text_ref, b"\xff\xfe not utf-8")
+            uow.commit()
+        (rejection,) = world.stage("split").handle([broken]).rejected
+        assert isinstance(rejection.error, DocumentError) and "not UTF-8" in rejection.error.reason
+
 
 class TestDeleteDocument:
     def test_delete_removes_every_segment_the_jobs_and_the_parsed_text(self) -> None:
