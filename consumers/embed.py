@@ -16,7 +16,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from consumers.contract import StageResult
+from consumers.contract import Rejection, StageResult
+from consumers.ownership import own_events
 from domain.documents import DocKey
 from domain.events import (
     EmbeddedRef,
@@ -41,6 +42,8 @@ class _Wanted:
     misses: list[str]  # the doc_hashes the cache lacks, in order
     alive: set[str]  # index_node_ids not superseded since they were split
     first_doc: dict[str, DocVersion]  # which document asked for each text first
+    events: list[Event]  # the batch less the events naming another document's segments
+    rejected: list[Rejection]
 
 
 @dataclass
@@ -65,13 +68,14 @@ class EmbedStage:
         provider, model = self.embedder.provider, self.embedder.model
         wanted = self._wanted(events)
         misses, alive, first_doc = wanted.misses, wanted.alive, wanted.first_doc
+        result.rejected.extend(wanted.rejected)
         ready = {h: v for h in misses if (v := self._kept(h)) is not None}
         ready.update(self._embed(wanted, [h for h in misses if h not in ready]))
         vectors = [ready[h] for h in misses]
 
         counts: dict[DocVersion, list[int]] = {}  # [embedded here, cache hits]
         missed = set(misses)
-        for e in events:
+        for e in wanted.events:
             if isinstance(e, SegmentsRemoved):
                 result.emit(Topic.EMBEDDED, e)
             elif isinstance(e, SegmentsSplit):
@@ -111,9 +115,13 @@ class EmbedStage:
 
     def _wanted(self, events: Sequence[Event]) -> _Wanted:
         splits = [e for e in events if isinstance(e, SegmentsSplit)]
+        verdict = StageResult()
         with self.uow(readonly=True) as uow:
+            owners = uow.segments.owners([s.index_node_id for sp in splits for s in sp.segments])
+            kept = own_events(events, owners, verdict)
+            splits = [e for e in kept if isinstance(e, SegmentsSplit)]
             # segments superseded since they were split (update, delete) need no vectors
-            alive = uow.segments.alive([s.index_node_id for sp in splits for s in sp.segments])
+            alive = set(owners)
             texts: dict[str, str] = {}
             first_doc: dict[str, DocVersion] = {}
             for sp in splits:
@@ -123,7 +131,8 @@ class EmbedStage:
                         first_doc[s.doc_hash] = (sp.doc_key, sp.version)
             provider, model = self.embedder.provider, self.embedder.model
             cached = uow.embeddings.get_many(provider, model, texts) if texts else {}
-        return _Wanted(texts, [h for h in texts if h not in cached], alive, first_doc)
+        misses = [h for h in texts if h not in cached]
+        return _Wanted(texts, misses, alive, first_doc, kept, verdict.rejected)
 
     def _embed(self, wanted: _Wanted, hashes: list[str]) -> dict[str, Sequence[float]]:
         if not hashes:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from consumers.contract import StageResult
+from consumers.ownership import own_events
 from domain.documents import DocKey
 from domain.events import (
     Event,
@@ -41,7 +42,11 @@ class IndexKeywordsStage:
         # every read before the index is touched
         with self.uow(readonly=True) as uow:
             ids = [s.index_node_id for sp in splits for s in sp.segments]
-            alive = uow.segments.alive(ids + [i for r in removed for i in r.index_node_ids])
+            owners = uow.segments.owners(ids + [i for r in removed for i in r.index_node_ids])
+            alive = set(owners)
+            # nothing is written or deleted for an event naming another document's ids
+            events = own_events(events, owners, result)
+            removed = [e for e in events if isinstance(e, SegmentsRemoved)]
             documents = {
                 e.doc_key: uow.segments.ids_for_document(e.doc_key)
                 for e in removed

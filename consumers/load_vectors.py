@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from consumers.contract import StageResult
+from consumers.ownership import own_events
 from domain.documents import DocKey
 from domain.errors import PermanentError, TransientError
 from domain.events import (
@@ -57,7 +58,12 @@ class LoadVectorsStage:
         with self.uow(readonly=True) as uow:
             ids = [r.index_node_id for e in embedded for r in e.segments]
             ids += [i for e in removed for i in e.index_node_ids]
-            alive = uow.segments.alive(ids)
+            owners = uow.segments.owners(ids)
+            alive = set(owners)
+            # nothing is written or deleted for an event naming another document's ids
+            kept = {id(e) for e in own_events(events, owners, result)}
+            embedded = [e for e in embedded if id(e) in kept]
+            removed = [e for e in removed if id(e) in kept]
             hashes = {r.doc_hash for e in embedded for r in e.segments if r.index_node_id in alive}
             cached = uow.embeddings.get_many(self.provider, self.model, hashes) if hashes else {}
             documents = {
@@ -73,6 +79,8 @@ class LoadVectorsStage:
         writes = _Writes(self.vectors)
         loaded: list[str] = []
         for i, e in enumerate(events):
+            if id(e) not in kept:
+                continue
             if isinstance(e, SegmentsEmbedded) and i in served:
                 ids_loaded = self._load(e, alive, cached, result, writes)
                 if ids_loaded is not None:

@@ -16,6 +16,7 @@ from typing import TypeVar, cast
 
 from consumers.contract import Emit, StageResult
 from consumers.failpoints import failpoint
+from domain.claim_check import parsed_key, parsed_prefix, upload_payload_key
 from domain.documents import DocKey, Document
 from domain.errors import DocumentError
 from domain.events import (
@@ -29,16 +30,10 @@ from domain.events import (
     Topic,
 )
 from domain.ports import DocumentReader, UnitOfWork, UnitOfWorkFactory
-from domain.uploads import upload_payload_key
 
 log = logging.getLogger(__name__)
 
 Source = DocumentCreated | DocumentUpdated
-
-
-def parsed_prefix(key: DocKey) -> str:
-    """Claim-check keys of a document's parsed text; one version's at a time."""
-    return f"parsed/{key.tenant_id}/{key.dataset_id}/{key.document_id}/"
 
 
 def load_or_create(uow: UnitOfWork, key: DocKey, source: str = "") -> Document:
@@ -200,9 +195,10 @@ class ParseStage:
                 uow.documents.save(doc)
                 text_ref = None
                 if len(text.encode()) > self.inline_text_bytes:
-                    prefix = parsed_prefix(event.doc_key)
-                    text_ref = f"{prefix}{version}"
-                    uow.payloads.put(text_ref, text.encode(), replace_prefix=prefix)
+                    text_ref = parsed_key(event.doc_key, version)
+                    uow.payloads.put(
+                        text_ref, text.encode(), replace_prefix=parsed_prefix(event.doc_key)
+                    )
                 parsed = self._parsed(event, version, text, text_ref, mime)
                 slots[claim.slot].append(Emit(Topic.PARSED, parsed))
             uow.commit()

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from consumers.contract import StageResult
-from consumers.parse import parsed_prefix
+from consumers.ownership import foreign_ids_error
+from domain.claim_check import check_text_ref, document_prefix, removals_key
 from domain.documents import DocKey, Document, SplitCounts
 from domain.errors import DocumentError
 from domain.events import (
@@ -41,18 +42,8 @@ from domain.model import (
 )
 from domain.ports import ModelTokens, UnitOfWork, UnitOfWorkFactory
 from domain.splitting import split_document
-from domain.uploads import upload_prefix
 
 log = logging.getLogger(__name__)
-
-
-def removals_prefix(key: DocKey) -> str:
-    """Claim-check key space of the ids a document's indexes may still hold."""
-    return f"removed/{key.tenant_id}/{key.dataset_id}/{key.document_id}/"
-
-
-def _removals_key(key: DocKey) -> str:
-    return f"{removals_prefix(key)}ids"
 
 
 @dataclass
@@ -128,7 +119,9 @@ class SplitStage:
             return event.text
         if event.text_ref is None:
             raise DocumentError("parsed event carries neither text nor text_ref")
-        data = uow.payloads.get(event.text_ref)
+        # derived from the event's own document and version, never taken on trust
+        ref = check_text_ref(event.text_ref, event.doc_key, event.version)
+        data = uow.payloads.get(ref)
         if data is None:
             raise DocumentError(
                 f"parsed text {event.text_ref} is no longer in the claim-check store; "
@@ -211,10 +204,9 @@ class SplitStage:
             # a redelivery finds nothing left: keep the first delivery's count
             doc.segments_purged(event.version, len(ids))
         uow.jobs.fail_for_document(key, "the document was deleted")
-        uow.payloads.delete_prefix(parsed_prefix(key))
-        uow.payloads.delete_prefix(upload_prefix(key))
-        # the whole-document removal below reconciles everything still owed
-        uow.payloads.delete_prefix(removals_prefix(key))
+        # its parsed texts, uploads and owed removals: the whole-document
+        # removal below reconciles everything still owed
+        uow.payloads.delete_prefix(document_prefix(key))
         uow.documents.save(doc)
         # emitted even when nothing was left: downstream drops the document's orphans
         result.emit(
@@ -241,6 +233,10 @@ class SplitStage:
             # removal is harmless: the indexes reconcile by id.
             again = set(_still_owed(uow, key))
             if event.index_node_id:
+                owner = uow.segments.owners([event.index_node_id]).get(event.index_node_id)
+                if owner is not None:  # alive, so not this document's
+                    result.reject(event, foreign_ids_error(event, [event.index_node_id]))
+                    return
                 again.add(event.index_node_id)
             if again:
                 result.emit(Topic.SEGMENTS, _removed(event, sorted(again)))
@@ -351,7 +347,7 @@ def _drop(uow: UnitOfWork, doc: Document | None, event: Event) -> None:
 
 def _still_owed(uow: UnitOfWork, key: DocKey) -> list[str]:
     """The removals the document still owes the indexes (see _owed_removals)."""
-    data = uow.payloads.get(_removals_key(key))
+    data = uow.payloads.get(removals_key(key))
     return list(json.loads(data)) if data else []
 
 
@@ -359,13 +355,13 @@ def _owed_removals(uow: UnitOfWork, key: DocKey, removed: Sequence[str]) -> list
     """Removals of this split plus those earlier splits still owe the indexes
     (their publish may have been lost), minus any id that is alive again.
     Kept durably until the document completes."""
-    data = uow.payloads.get(_removals_key(key))
+    data = uow.payloads.get(removals_key(key))
     earlier: list[str] = json.loads(data) if data else []
     owed = sorted(set(earlier).union(removed) - uow.segments.ids_for_document(key))
     if owed:
-        uow.payloads.put(_removals_key(key), json.dumps(owed).encode())
+        uow.payloads.put(removals_key(key), json.dumps(owed).encode())
     elif data is not None:
-        uow.payloads.delete_prefix(removals_prefix(key))
+        uow.payloads.delete_prefix(removals_key(key))
     return owed
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from consumers.contract import StageResult
-from consumers.split import removals_prefix
+from domain.claim_check import removals_key
 from domain.documents import DocKey, IndexingStatus
 from domain.events import Event
 from domain.ports import KeywordIndex, UnitOfWork, UnitOfWorkFactory, VectorIndex
@@ -68,4 +68,4 @@ class TrackStatusStage:
         uow.documents.save(doc)
         uow.jobs.complete_for_document(c.key)
         # the indexes hold exactly the segments: no removal is owed any more
-        uow.payloads.delete_prefix(removals_prefix(c.key))
+        uow.payloads.delete_prefix(removals_key(c.key))

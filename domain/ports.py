@@ -209,6 +209,18 @@ class SegmentRepository(Protocol):
 
     def by_ids(self, index_node_ids: Sequence[str]) -> dict[str, StoredSegment]: ...
 
+    def owners(self, index_node_ids: Sequence[str]) -> dict[str, DocKey]:
+        """The document of each of these segments that still exists (one
+        round trip per chunk of ids): stages check an event's ids are its own."""
+        ...
+
+    def in_dataset(
+        self, tenant_id: str, dataset_id: str, index_node_ids: Sequence[str]
+    ) -> dict[str, StoredSegment]:
+        """``by_ids`` limited to one tenant's dataset: what search resolves
+        hits with, so an id that is not the dataset's never returns text."""
+        ...
+
     def ids_for_document(self, key: DocKey) -> set[str]: ...
 
     def pending_count(self, key: DocKey) -> int:

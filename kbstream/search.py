@@ -68,7 +68,7 @@ def hybrid_weights(c: Container, query: str) -> FusionWeights:
 
 
 def hybrid_evidence(
-    c: Container, query: str, keyword: list[tuple[str, float]]
+    c: Container, dataset: str, query: str, keyword: list[tuple[str, float]]
 ) -> dict[str, float] | None:
     """Each keyword hit's evidence (domain/fusion.keyword_evidence): how much of
     the query's keywords its text holds; None when switched off."""
@@ -76,7 +76,7 @@ def hybrid_evidence(
         return None
     terms = c.keywords.query_terms(query)
     with c.uow(readonly=True) as uow:
-        rows = uow.segments.by_ids([n for n, _ in keyword])
+        rows = uow.segments.in_dataset(c.settings.tenant, dataset, [n for n, _ in keyword])
     return {n: keyword_evidence(terms, row.content) for n, row in rows.items()}
 
 
@@ -88,7 +88,7 @@ def hybrid_ranking(c: Container, dataset: str, query: str, k: int) -> list[tuple
     depth = max(k * 4, 20)
     vec = vector_ranking(c, dataset, query, depth) if weights.vector > 0 else []
     kw = keyword_ranking(c, dataset, query, depth) if weights.keyword > 0 else []
-    evidence = hybrid_evidence(c, query, kw)
+    evidence = hybrid_evidence(c, dataset, query, kw)
     return fuse(c.settings.hybrid_fusion, vec, kw, weights, k, evidence)
 
 
@@ -102,12 +102,14 @@ def search(
     else:
         ranked = hybrid_ranking(c, dataset, query, top_k)
     with c.uow(readonly=True) as uow:
-        rows = uow.segments.by_ids([n for n, _ in ranked])
+        # the indexes filter on the tenant and dataset fields their writers set;
+        # the rows are the authority, so an entity carrying another dataset's
+        # id (a forged write) never returns that dataset's text
+        rows = uow.segments.in_dataset(c.settings.tenant, dataset, [n for n, _ in ranked])
     hits = []
     for node, score in ranked:
-        # both rankings are filtered by tenant and dataset, and index_node_ids
-        # embed the dataset: a missing row is a vector whose segment is gone
-        # (verify --repair cleans these)
+        # a missing row: an entity whose segment is gone (verify --repair
+        # cleans these) or not this dataset's
         row = rows.get(node)
         if row is None:
             continue

@@ -16,10 +16,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from consumers.contract import Emit
+from domain.claim_check import upload_payload_key
 from domain.documents import DocKey, Document, IndexingStatus
 from domain.errors import DocumentError
 from domain.events import DocForm, DocumentUpdated, Topic, split_batches
-from domain.uploads import upload_payload_key
 from infra.extract import resolve_file_reference
 from kbstream.bootstrap import Container
 from kbstream.publishing import publish_and_wait

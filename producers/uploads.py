@@ -1,6 +1,6 @@
 """Uploading files into the shared database before their events are published,
 so a parse worker on any machine can read them (the ``kbstream-upload:``
-claim check of domain/uploads.py). Only the latest upload of a document is
+claim check of domain/claim_check.py). Only the latest upload of a document is
 kept; split deletes it with the document."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from domain.claim_check import upload_key, upload_prefix, upload_uri
 from domain.documents import DocKey
 from domain.errors import KbstreamError
 from domain.ports import UnitOfWorkFactory
-from domain.uploads import upload_key, upload_prefix, upload_uri
 
 # bytes per write unit of work: big enough to batch many small files into one
 # commit, small enough to bound what the publisher holds in memory at once

@@ -176,6 +176,29 @@ class SegmentRepository:
             out.update((r.index_node_id, _stored(r)) for r in rows)
         return out
 
+    def owners(self, index_node_ids: Sequence[str]) -> dict[str, DocKey]:
+        out: dict[str, DocKey] = {}
+        for chunk in chunks(sorted(set(index_node_ids))):
+            rows = self.conn.execute(
+                select(S.c.index_node_id, S.c.tenant_id, S.c.dataset_id, S.c.document_id).where(
+                    S.c.index_node_id.in_(chunk)
+                )
+            )
+            out.update((r[0], DocKey(r[1], r[2], r[3])) for r in rows)
+        return out
+
+    def in_dataset(
+        self, tenant_id: str, dataset_id: str, index_node_ids: Sequence[str]
+    ) -> dict[str, StoredSegment]:
+        out: dict[str, StoredSegment] = {}
+        mine = (S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id)
+        for chunk in chunks(sorted(set(index_node_ids))):
+            rows = self.conn.execute(
+                self._stored(*_TEXT).where(*mine, S.c.index_node_id.in_(chunk))
+            )
+            out.update((r.index_node_id, _stored(r)) for r in rows)
+        return out
+
     def ids_for_document(self, key: DocKey) -> set[str]:
         return set(
             self.conn.execute(select(S.c.index_node_id).where(of_document(S, key))).scalars()

@@ -507,3 +507,143 @@ def _finished(p: Pipeline, key: DocKey) -> bool:
     with p.container.uow(readonly=True) as uow:
         st = uow.documents.get(key)
     return st is not None and st.status.finished
+
+
+@pytest.fixture
+def claim_checked(tmp_path: Path, tansu: str, topic_prefix: str) -> Iterator[Pipeline]:
+    """A pipeline whose parsed texts above 1 KiB travel by claim check."""
+    with fresh_database() as (url, _):
+        settings = make_settings(
+            tmp_path / "home", tansu, topic_prefix, database_url=url, inline_text_bytes=1024
+        )
+        with Pipeline(settings) as p:
+            yield p
+
+
+def test_forged_internal_events_cannot_touch_another_tenants_document(
+    claim_checked: Pipeline,
+) -> None:
+    """Issue 20 item 2: the publisher of internal topics names another
+    tenant's claim-check key and segment ids for its own document. Every
+    forged event is dead-lettered, and the victim's text, vectors and keyword
+    entities stay exactly as they were; search never resolves a foreign id."""
+    from domain.claim_check import parsed_key
+    from domain.events import (
+        DocumentParsed,
+        EmbeddedRef,
+        Event,
+        SegmentPayload,
+        SegmentsEmbedded,
+        SegmentsRemoved,
+        SegmentsSplit,
+    )
+    from domain.model import compute_doc_hash
+    from domain.ports import KeywordRow, VectorRow
+    from kbstream.search import search
+
+    p, c = claim_checked, claim_checked.container
+    victim = DocKey("acme", "kb", "handbook")  # ids may contain '/'
+    mine = DocKey(p.tenant, "kb", "mine")  # the publisher's own document
+    secret = " ".join(
+        f"Badge request {i}: the vault code for the east wing is zebra{i}." for i in range(40)
+    )
+    p.publish(
+        DocumentCreated(
+            tenant_id="acme",
+            dataset_id="kb",
+            document_id="handbook",
+            source="h.txt",
+            content=secret,
+        ),
+        DocumentCreated(dataset_id="kb", document_id="mine", source="m.txt", content="My notes."),
+    )
+    for key in (victim, mine):
+        wait_until(lambda key=key: _finished(p, key), 240)
+
+    def victim_state() -> tuple[object, ...]:
+        with c.uow(readonly=True) as uow:
+            doc = uow.documents.get(victim)
+            rows = uow.segments.by_ids(sorted(uow.segments.ids_for_document(victim)))
+        ids = sorted(rows)
+        texts = set(c.keyword_index.ids_for_document(victim))
+        return (
+            doc.status if doc else None,
+            {i: r.content for i, r in rows.items()},
+            c.vectors.vectors(ids),
+            set(c.vectors.ids_for_document(victim)),
+            texts,
+        )
+
+    before = victim_state()
+    assert before[0] is IndexingStatus.COMPLETED and before[1]
+    with c.uow(readonly=True) as uow:
+        assert uow.payloads.get(parsed_key(victim, 1)) is not None  # by claim check
+        attacker_doc = uow.documents.get(mine)
+        own = next(iter(uow.segments.by_ids(sorted(uow.segments.ids_for_document(mine))).values()))
+    assert attacker_doc is not None
+    version = attacker_doc.version
+    victim_ids = sorted(before[1])  # type: ignore[arg-type]
+    provider, model, _ = c.model_identity
+    envelope = {"dataset_id": "kb", "document_id": "mine", "version": version}
+    forged: list[tuple[str, Event]] = [
+        (
+            c.topics.parsed,
+            DocumentParsed(
+                **envelope, source="m.txt", text_ref=parsed_key(victim, 1), chars=len(secret)
+            ),
+        ),
+        (
+            c.topics.segments,
+            SegmentsSplit(
+                **envelope,
+                segments=[
+                    SegmentPayload(
+                        index_node_id=victim_ids[0],
+                        doc_hash=compute_doc_hash("planted"),
+                        position=0,
+                        content="planted",
+                    )
+                ],
+            ),
+        ),
+        (c.topics.segments, SegmentsRemoved(**envelope, index_node_ids=victim_ids)),
+        (
+            c.topics.embedded,
+            SegmentsEmbedded(
+                **envelope,
+                provider=provider,
+                model=model,
+                segments=[EmbeddedRef(index_node_id=victim_ids[-1], doc_hash=own.doc_hash)],
+            ),
+        ),
+    ]
+    for topic, event in forged:
+        p.publish(event, topic=topic)
+    # split 1, embed and index_keywords 2, index_keywords and load_vectors 2
+    # (embed passes the removal on), load_vectors 1
+    brokers = p.settings.brokers or ""
+
+    def letters() -> list[dict[str, object]]:
+        return [d.to_dict() for d in list_dead_letters(brokers, c.topics) if d.key == "mine"]
+
+    assert wait_until(lambda: len(letters()) >= 6, 120, 1), letters()
+    p.drain()
+    got = letters()
+    assert len(got) == 6, got
+    for letter in got:
+        error = str(letter["error"])
+        assert "another document" in error or "is not the text of document" in error, letter
+    assert victim_state() == before
+    with c.uow(readonly=True) as uow:
+        assert not any(
+            "zebra" in r.content for r in uow.segments.by_ids([own.index_node_id]).values()
+        )
+
+    # an entity carrying the victim's id in the publisher's dataset (a write by
+    # id before this fix) resolves to nothing: search checks tenant and dataset
+    c.keyword_index.upsert([KeywordRow(victim_ids[0], mine, "vault code zebra0")])
+    c.vectors.upsert([VectorRow(victim_ids[0], c.provider.embed(["vault code zebra0"])[0], mine)])
+    for mode in ("keyword", "vector", "hybrid"):
+        hits = search(c, "kb", "vault code zebra0", mode, 10)  # type: ignore[arg-type]
+        assert victim_ids[0] not in {h.index_node_id for h in hits}, (mode, hits)
+        assert not any("zebra" in h.content for h in hits), (mode, hits)

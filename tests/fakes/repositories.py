@@ -216,6 +216,19 @@ class _Segments(_Repo):
             if i in segments
         }
 
+    def owners(self, index_node_ids: Sequence[str]) -> dict[str, DocKey]:
+        segments = self.uow.state.segments
+        return {i: segments[i].key for i in index_node_ids if i in segments}
+
+    def in_dataset(
+        self, tenant_id: str, dataset_id: str, index_node_ids: Sequence[str]
+    ) -> dict[str, StoredSegment]:
+        return {
+            i: r
+            for i, r in self.by_ids(index_node_ids).items()
+            if _of(self.uow.state.segments[i].key, tenant_id, dataset_id)
+        }
+
     def _source(self, key: DocKey) -> str:
         doc = self.uow.state.documents.get(key)
         return doc.source if doc else ""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from domain.claim_check import upload_prefix
 from domain.documents import DocKey, Document
 from domain.events import DocumentUpdated
 from kbstream.bootstrap import Container
@@ -122,7 +123,7 @@ def test_an_upload_is_republished_while_it_is_stored(
     assert isinstance(event, DocumentUpdated)
     assert (event.uri, event.content_hash) == (done.uri, done.content_hash)
     with c.uow() as w:
-        w.payloads.delete_prefix("upload/")
+        w.payloads.delete_prefix(upload_prefix(KEY))
         w.commit()
     why = _republish_source(c, stuck_again(c))
     assert isinstance(why, str) and "index the file again" in why, why

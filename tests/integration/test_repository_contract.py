@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy import inspect as sa_inspect
 
+from domain.claim_check import parsed_key, removals_key, upload_key
 from domain.documents import DocKey, Document, IndexingStatus, SplitCounts
 from domain.errors import PermanentError, TransientError
 from domain.model import ChunkText, Segment, SegmentDiff, build_segments, diff_segments
@@ -379,6 +380,28 @@ class TestSegments:
             ]
             assert {s.content for s in rows.values()} == {""}  # without the text
             assert r.segments.for_dataset("tenant-b", "ds_1") == {}
+
+    def test_owners_and_in_dataset_know_each_ids_document(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        slash = DocKey("tenant-a", "ds_1", "doc-1/annex")
+        tenant_b = DocKey("tenant-b", "ds_1", "doc-1")
+        other_dataset = DocKey("tenant-a", "ds_2", "doc-1")
+        keys = (KEY, slash, tenant_b, other_dataset)
+        for key in keys:
+            create(uow_factory, 1, key)
+            split(uow_factory, ["same text"], key)
+        mine, *theirs = (ids("same text", key=k)[0] for k in keys)
+        gone = ids("never split")[0]
+        with uow_factory(readonly=True) as r:
+            assert r.segments.owners([mine, *theirs, gone]) == {
+                ids("same text", key=k)[0]: k for k in keys
+            }
+            assert r.segments.owners([]) == {}
+            found = r.segments.in_dataset("tenant-a", "ds_1", [mine, *theirs, gone])
+            assert sorted(found) == sorted([mine, theirs[0]])
+            assert found[mine].content == "same text" and found[mine].source == "a.txt"
+            assert r.segments.in_dataset("tenant-c", "ds_1", [mine]) == {}
 
     def test_append_imported_and_hashes(self, uow_factory: UnitOfWorkFactory) -> None:
         create(uow_factory)
@@ -818,6 +841,16 @@ class TestSqlSchema:
                     " 1, 1, 1, 1, 1, 0, 1, 0, 0)"
                 )
             )
+            # claim-check keys of the format before 0008 (the last one ambiguous:
+            # a '/' in some id), and one of the new format
+            for key in (
+                "upload/tenant-a/ds_1/doc-1/abc",
+                "parsed/t/d/x/1",
+                "removed/t/d/x/ids",
+                "parsed/t/d/x/y/1",
+            ):
+                conn.execute(text("INSERT INTO payloads (key, data) VALUES (:k, 'x')"), {"k": key})
+            conn.execute(text("INSERT INTO payloads (key, data) VALUES ('cc/kept', 'x')"))
             conn.execute(
                 text(
                     "INSERT INTO keyword_postings (tenant_id, dataset_id, keyword, index_node_id,"
@@ -827,6 +860,18 @@ class TestSqlSchema:
         migrate(engine)
         # 0005: keywords live in Milvus now; `kbstream rebuild` refills them
         assert "keyword_postings" not in sa_inspect(engine).get_table_names()
+        # 0008: unambiguous claim-check keys of the old format moved to the new
+        # one, ambiguous ones are gone
+        with engine.connect() as conn:
+            left = conn.execute(text("SELECT key FROM payloads")).scalars().all()
+        assert sorted(left) == sorted(
+            [
+                "cc/kept",
+                upload_key(DocKey("tenant-a", "ds_1", "doc-1"), "abc"),
+                parsed_key(DocKey("t", "d", "x"), 1),
+                removals_key(DocKey("t", "d", "x")),
+            ]
+        )
         db = Database(engine)
         try:
             uow = SqlUnitOfWorkFactory(db)

@@ -11,6 +11,7 @@ import pytest
 
 from consumers.failures import FailureRecorder
 from consumers.parse import ParseStage
+from domain.claim_check import parsed_key, upload_key, upload_uri
 from domain.documents import DocKey, IndexingStatus
 from domain.errors import DocumentError, UnparseableDocument
 from domain.events import (
@@ -23,7 +24,6 @@ from domain.events import (
     SegmentsBatchImported,
     Topic,
 )
-from domain.uploads import upload_key, upload_uri
 from tests.fakes import InMemoryDocumentReader, InMemoryUnitOfWorkFactory
 from tests.unit.stage_support import (
     DATASET,
@@ -94,7 +94,7 @@ class TestCreateAndUpdate:
         world = World()
         stage = parse_stage(world, inline_text_bytes=10)
         first = of_type(stage.handle([created("x" * 11, 1)]), DocumentParsed)[0]
-        assert first.text is None and first.text_ref == f"parsed/{TENANT}/{DATASET}/{DOC}/1"
+        assert first.text is None and first.text_ref == parsed_key(KEY, 1)
         assert world.payload(first.text_ref) == b"x" * 11
         second = of_type(stage.handle([updated("y" * 20, 2)]), DocumentParsed)[0]
         assert second.text_ref is not None and world.payload(second.text_ref) == b"y" * 20
@@ -432,7 +432,7 @@ class TestUploads:
     def test_uploaded_bytes_are_read_from_the_database_and_extracted(self) -> None:
         world = World()
         uri = upload(world, b"# Notes\n\nuploaded text")
-        assert uri == f"kbstream-upload:upload/{TENANT}/{DATASET}/{DOC}/h1"
+        assert uri == f"kbstream-upload:{upload_key(KEY, 'h1')}"
         parsed = world.parsed(by_upload(uri))
         assert parsed.text == "# Notes\n\nuploaded text"
         # the file name (for its extension) comes from the source, never the disk
@@ -453,9 +453,11 @@ class TestUploads:
     @pytest.mark.parametrize(
         "payload_key",
         [
-            f"upload/{TENANT}/{DATASET}/other/h1",  # another document's upload
-            f"parsed/{TENANT}/{DATASET}/{DOC}/1",  # not an upload at all
-            f"upload/{TENANT}/{DATASET}/{DOC}/",
+            upload_key(DocKey(TENANT, DATASET, "other"), "h1"),  # another document's
+            upload_key(DocKey("other", DATASET, DOC), "h1"),  # another tenant's
+            parsed_key(KEY, 1),  # not an upload at all
+            upload_key(KEY, ""),
+            upload_key(KEY, "h1/x"),
         ],
     )
     def test_an_event_may_only_name_its_own_documents_upload(self, payload_key: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from consumers.contract import StageConfig
+from domain.claim_check import parsed_key, removals_key
 from domain.documents import IndexingStatus
 from domain.errors import DocumentError
 from domain.events import (
@@ -180,7 +181,7 @@ class TestDeleteDocument:
     def test_delete_removes_every_segment_the_jobs_and_the_parsed_text(self) -> None:
         config = StageConfig(inline_text_bytes=10, segments_per_event=2)
         world = completed_world(*P[:3], stage_config=config)
-        ref = f"parsed/{TENANT}/{DATASET}/{DOC}/1"
+        ref = parsed_key(KEY, 1)
         assert world.payload(ref) is not None
         # an import still in flight when the delete arrives
         world.run(imported("job-1", "imported text"), skip=("embed", "index_keywords"))
@@ -360,7 +361,7 @@ class TestCrashBetweenCommitAndPublish:
         split = world.stage("split")
         lost = split.handle([parsed])
         assert removed_ids(lost) == [[gone]]
-        assert world.payload(f"removed/{TENANT}/{DATASET}/{DOC}/ids") is not None
+        assert world.payload(removals_key(KEY)) is not None
 
         again = split.handle([parsed])  # redelivered: the diff is empty now
         assert removed_ids(again) == [[gone]]
@@ -372,7 +373,7 @@ class TestCrashBetweenCommitAndPublish:
 
         # completed: nothing is owed any more
         assert split.handle([parsed]).emits == []
-        assert world.payload(f"removed/{TENANT}/{DATASET}/{DOC}/ids") is None
+        assert world.payload(removals_key(KEY)) is None
 
     def test_a_newer_version_inherits_the_removals_still_owed(self) -> None:
         world = completed_world(*P[:3])

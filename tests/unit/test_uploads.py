@@ -1,5 +1,5 @@
 """Uploading files into the payload store before publishing (producers/uploads.py)
-and the kbstream-upload: scheme (domain/uploads.py), over the in-memory unit of work."""
+and the kbstream-upload: scheme (domain/claim_check.py), over the in-memory unit of work."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from domain.claim_check import upload_key, upload_payload_key, upload_uri
 from domain.documents import DocKey
 from domain.errors import DocumentError
-from domain.uploads import upload_key, upload_payload_key, upload_uri
 from producers import uploads
 from producers.uploads import UploadError, existing_upload, upload_files
 from tests.fakes import InMemoryUnitOfWorkFactory
@@ -32,15 +32,15 @@ def test_files_are_uploaded_under_their_hash_and_replace_the_earlier_upload(
     b.write_bytes(b"bee")
     done = upload_files(uow, [(A, a), (B, b)], max_bytes=100)
     first = hashlib.sha256(b"first").hexdigest()
-    assert done[A].uri == f"kbstream-upload:upload/t/ds/a/{first}"
+    assert done[A].uri == f"kbstream-upload:{upload_key(A, first)}"
     assert (done[A].content_hash, done[A].size) == (first, 5)
     a.write_bytes(b"second")
     again = upload_files(uow, [(A, a)], max_bytes=100)
     second = hashlib.sha256(b"second").hexdigest()
     assert again[A].content_hash == second
     assert stored(uow) == {  # only the latest upload of a; b untouched
-        f"upload/t/ds/a/{second}": b"second",
-        f"upload/t/ds/b/{hashlib.sha256(b'bee').hexdigest()}": b"bee",
+        upload_key(A, second): b"second",
+        upload_key(B, hashlib.sha256(b"bee").hexdigest()): b"bee",
     }
     assert existing_upload(uow, A, second) == again[A].uri
     assert existing_upload(uow, A, first) is None
@@ -76,7 +76,7 @@ def test_many_files_are_committed_in_bounded_units(
 
 
 def test_the_scheme_names_only_the_events_own_document() -> None:
-    key = upload_key(A, "abc")
+    key = upload_key(A, hashlib.sha256(b"abc").hexdigest())
     assert upload_payload_key(upload_uri(key), A) == key
     assert upload_payload_key("file:///tmp/a.md", A) is None
     assert upload_payload_key(None, A) is None
