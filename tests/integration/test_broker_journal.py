@@ -238,3 +238,24 @@ def test_two_processes_journal_at_once(tmp_path: Path, topic_prefix: str) -> Non
     positions = [(p, o) for _, _, p, o, _ in rows]
     assert len(set(positions)) == 2 * n  # every message once, at its own offset
     assert sorted((p, k) for _, _, p, _, k in rows) == sorted((p, k) for p, k, _, _ in in_broker)
+
+
+def test_a_flush_that_cannot_journal_is_not_an_acknowledgement(
+    tmp_path: Path, tansu: str, topic_prefix: str
+) -> None:
+    """The caller retries (a stage does not commit its input), so the event
+    the broker took is published again: a duplicate, never a loss."""
+    from domain.errors import TransientError
+
+    topics = Topics(topic_prefix)
+    ensure_topics(tansu, topics, partitions=1)
+    journal = BrokerJournal(tmp_path / "journal.db")
+    journal.begin_epoch(tansu)
+    pub = EventPublisher(tansu, journal=journal.writer(tansu))
+    try:
+        journal.close()  # e.g. the disk went away
+        pub.produce_raw(topics.lifecycle, b"v", key=b"k")
+        with pytest.raises(TransientError, match="could not journal 1 event"):
+            pub.flush()
+    finally:
+        pub.close()
