@@ -143,18 +143,25 @@ class BrokerJournal:
         """One statement, one transaction, for a whole flush."""
         if not records:
             return
+        self._write(
+            "INSERT INTO events (epoch, topic, part, pos, key, value, headers) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(epoch, *r) for r in records],
+        )
+
+    def _write(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """One executemany in one transaction; how many rows it changed."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO events (epoch, topic, part, pos, key, value, headers) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(epoch, *r) for r in records],
-                )
+                before = self._db.total_changes
+                self._db.executemany(sql, rows)
+                changed = self._db.total_changes - before
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            return changed
 
     # -- reading ---------------------------------------------------------------------
 
@@ -252,12 +259,7 @@ class BrokerJournal:
                 left + len(failed),
                 failed[0][1] if failed else "timed out",
             )
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "UPDATE events SET epoch = ?, part = ?, pos = ? WHERE id = ?", moved
-            )
-            self._db.execute("COMMIT")
+        self._write("UPDATE events SET epoch = ?, part = ?, pos = ? WHERE id = ?", moved)
         return len(moved)
 
     # -- trimming ------------------------------------------------------------------------
@@ -283,16 +285,10 @@ class BrokerJournal:
         floors = _committed_floors(bootstrap, by_topic, readers)
         if not floors:
             return 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            before = self._db.total_changes
-            self._db.executemany(
-                "DELETE FROM events WHERE epoch = ? AND topic = ? AND part = ? AND pos < ?",
-                [(epoch, t, p, o) for (t, p), o in floors.items()],
-            )
-            deleted = self._db.total_changes - before
-            self._db.execute("COMMIT")
-        return deleted
+        return self._write(
+            "DELETE FROM events WHERE epoch = ? AND topic = ? AND part = ? AND pos < ?",
+            [(epoch, t, p, o) for (t, p), o in floors.items()],
+        )
 
 
 class JournalWriter:
