@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from infra.kafka.topics import Topics
         from kbstream.bootstrap import Container
+        from kbstream.journal import writer_for
         from kbstream.processes import apply_running_stack
         from kbstream.settings import Settings
         from producers.client import LifecyclePublisher
@@ -157,7 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = apply_running_stack(Settings(home=home))
         container = Container(settings)
         container.provider.warm_up()  # the query side's model, not the pipeline's
-        publisher = LifecyclePublisher(settings.brokers or "", Topics(settings.topic_prefix))
+        # journaled, as `kbstream publish` is: the journal write is part of a publish
+        publisher = LifecyclePublisher(
+            settings.brokers or "",
+            Topics(settings.topic_prefix),
+            journal=writer_for(settings, settings.brokers or ""),
+        )
         for i in range(args.publishes):
             word = f"fresh{uuid.uuid4().hex[:10]}"
             document_id = f"fresh-{i}"

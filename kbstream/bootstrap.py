@@ -203,7 +203,7 @@ class Container:
             lookahead=s.embed_lookahead,
             fetch_wait_ms=s.fetch_wait_ms,
         )
-        publisher = EventPublisher(bootstrap, s.max_event_bytes, client_id=f"kbstream-{name}")
+        publisher = self.publisher(bootstrap, client_id=f"kbstream-{name}")
         stage, inputs = self.stage(name), [self.topics.name(t) for t in spec.inputs]
         give_up, deliveries = FailureRecorder(self.uow), SqlDeliveryLog(self.database)
         if s.runtime == "faust":
@@ -213,6 +213,17 @@ class Container:
                 stage, inputs, self.topics, config, publisher, give_up, deliveries, s.home / "faust"
             )
         return StageRunner(stage, inputs, self.topics, config, publisher, give_up, deliveries)
+
+    def publisher(self, bootstrap: str, client_id: str) -> EventPublisher:
+        """A producer for ``bootstrap``; journaled when it is the embedded broker."""
+        from kbstream.journal import writer_for
+
+        return EventPublisher(
+            bootstrap,
+            self.settings.max_event_bytes,
+            client_id=client_id,
+            journal=writer_for(self.settings, bootstrap),
+        )
 
     def close(self) -> None:
         for provider in [

@@ -18,6 +18,7 @@ from typing import Any
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from infra.kafka import headers as h
+from infra.kafka.journal import JournalWriter
 from infra.kafka.producer import EventPublisher
 from infra.kafka.security import client_config
 from infra.kafka.topics import Topics
@@ -139,12 +140,23 @@ def list_dead_letters(bootstrap: str, topics: Topics) -> list[DeadLetter]:
         consumer.close()
 
 
+def replay_group(topics: Topics) -> str:
+    """The group `dlq replay` commits as: what it replayed is done."""
+    return f"{topics.prefix}dlq-replay"
+
+
 def replay_dead_letters(
-    bootstrap: str, topics: Topics, stage: str | None = None, dry_run: bool = False
+    bootstrap: str,
+    topics: Topics,
+    stage: str | None = None,
+    dry_run: bool = False,
+    journal: JournalWriter | None = None,
 ) -> list[DeadLetter]:
-    """Republish dead letters not replayed before to their original topic."""
-    consumer = _consumer(bootstrap, f"{topics.prefix}dlq-replay")
-    publisher = EventPublisher(bootstrap, client_id="kbstream-dlq-replay")
+    """Republish dead letters not replayed before to their original topic.
+    ``journal``: the embedded broker's; the broker journal keeps dead letters
+    until this group has committed past them."""
+    consumer = _consumer(bootstrap, replay_group(topics))
+    publisher = EventPublisher(bootstrap, client_id="kbstream-dlq-replay", journal=journal)
     replayed: list[DeadLetter] = []
     try:
         msgs = _read_to_end(consumer, topics.dlq, start_committed=True)

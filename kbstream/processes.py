@@ -15,13 +15,17 @@ that are still those same processes, and removes it. A milvus data dir
 locked by anyone else is never taken over: opening it fails at once, naming
 the holder in one line.
 
+The tansu broker keeps its topics in memory; what kbstream's producers
+published to it is also in the home's broker journal (kbstream.journal), so
+a new `up` replays the events the last one acknowledged and did not finish
+into its new broker before any stage starts, however the last one ended.
+
 A child that dies while `up` runs (killed, crashed) stops `up`: it says which
-one in one line and exits non-zero. It is not restarted: the broker is
-memory-only, so a new one would have lost every topic and in-flight event,
-and the workers hold connections to the old ports; restarting the whole
-`up` (by hand, systemd, a pod) is the honest recovery. Stage worker
-processes (`up --workers`) are the opposite: stateless, restarted with
-backoff (kbstream.supervisor).
+one in one line and exits non-zero. It is not restarted in place: the
+workers hold connections to the old ports, and a new broker must first get
+the journal's events; restarting the whole `up` (by hand, systemd, a pod)
+is the honest recovery. Stage worker processes (`up --workers`) are the
+opposite: stateless, restarted with backoff (kbstream.supervisor).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from domain.errors import KbstreamError
 from infra import children
 from infra.kafka.broker import EmbeddedBroker, free_port
+from kbstream import journal
 
 if TYPE_CHECKING:
     import subprocess
@@ -70,6 +75,11 @@ class StackInfo:
     milvus_uri: str
     started: int | None = None  # /proc start time of pid; None: unknown (no /proc)
     children: list[ChildRecord] = field(default_factory=list)
+    journal: str | None = None  # the embedded broker's journal; None: an external broker
+
+    @property
+    def journal_path(self) -> Path | None:
+        return Path(self.journal) if self.journal else None
 
     @staticmethod
     def path(home: Path) -> Path:
@@ -150,7 +160,11 @@ def apply_running_stack(settings: Settings, wait_starting: float = 60.0) -> Sett
             info = StackInfo.read_live(home)
         if info is not None:
             return settings.model_copy(
-                update={"milvus_uri": info.milvus_uri, "brokers": info.brokers}
+                update={
+                    "milvus_uri": info.milvus_uri,
+                    "brokers": info.brokers,
+                    "broker_journal": info.journal_path,
+                }
             )
     if not settings.milvus_uri:
         reap_stale(home)
@@ -295,6 +309,14 @@ class EmbeddedStack:
         if not self.settings.brokers:
             self.broker = EmbeddedBroker(log_file=self.home / "broker.log").start()
             update["brokers"] = self.broker.bootstrap
+            # before stack.json: nobody may publish to the broker before the replay
+            try:
+                update["broker_journal"] = journal.take_over(self.settings, self.broker.bootstrap)
+            except Exception as exc:
+                raise StackError(
+                    f"cannot replay the broker journal {journal.journal_path(self.home)} "
+                    f"into the new broker: {exc}"
+                ) from exc
         self.settings = self.settings.model_copy(update=update)
         recorded = [
             ChildRecord(name, pid, children.start_time(pid))
@@ -310,6 +332,7 @@ class EmbeddedStack:
             brokers=self.bootstrap,
             milvus_uri=self.milvus_uri,
             children=recorded,
+            journal=str(self.settings.broker_journal) if self.settings.broker_journal else None,
         ).write(self.home)
 
     def dead_child(self) -> str | None:
@@ -329,14 +352,23 @@ class EmbeddedStack:
         alive: Callable[[], bool] | None = None,
         interval: float = 0.5,
     ) -> str | None:
-        """Until ``stop`` is set (None), or a child or ``alive`` dies (why, in one line)."""
+        """Until ``stop`` is set (None), or a child or ``alive`` dies (why, in
+        one line). Keeps the broker journal meanwhile."""
+        next_upkeep = time.monotonic() + journal.TRIM_INTERVAL_S
         while not stop.wait(interval):
             reason = self.dead_child()
             if reason:
                 return reason
             if alive is not None and not alive():
                 return "a stage worker died; kbstream up stops"
+            if time.monotonic() >= next_upkeep:
+                self.keep_journal()
+                next_upkeep = time.monotonic() + journal.TRIM_INTERVAL_S
         return None
+
+    def keep_journal(self, replay: bool = True) -> None:
+        if self.broker is not None and self.broker.poll() is None:
+            journal.upkeep(self.settings, self.bootstrap, replay=replay)
 
     def _close(self) -> None:
         # stack.json first: no verb may pick up a stack that is going away
@@ -344,6 +376,8 @@ class EmbeddedStack:
         if info is not None and info.pid == os.getpid():
             StackInfo.path(self.home).unlink(missing_ok=True)
         if self.broker is not None:
+            if self.settings.broker_journal is not None:
+                self.keep_journal(replay=False)  # the workers have stopped and committed
             self.broker.stop()
         if self.milvus is not None:
             self.milvus.stop()

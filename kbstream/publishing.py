@@ -20,7 +20,6 @@ from pathlib import Path
 from consumers.contract import Emit
 from domain.documents import DocKey, Document, IndexingStatus
 from domain.ports import UnitOfWork
-from infra.kafka.producer import EventPublisher
 from kbstream.bootstrap import Container
 from kbstream.settings import Settings
 from kbstream.stack import WorkerPool, broker_for
@@ -56,8 +55,10 @@ def publish_and_wait(
     try:
         with broker_for(container.settings) as runtime:
             pool = None
+            # the publisher and the workers journal to the broker's journal, if it has one
+            container.settings = original.model_copy(update={"broker_journal": runtime.journal})
             if runtime.embedded:
-                container.settings = _with_read_roots(original, read_roots)
+                container.settings = _with_read_roots(container.settings, read_roots)
                 # the broker is ours alone: no consumer group join to wait for
                 pool = WorkerPool(container, runtime.bootstrap, exclusive=True).start()
             try:
@@ -71,7 +72,7 @@ def publish_and_wait(
 
 
 def _publish(container: Container, bootstrap: str, emits: Sequence[Emit], client_id: str) -> None:
-    publisher = EventPublisher(bootstrap, container.settings.max_event_bytes, client_id=client_id)
+    publisher = container.publisher(bootstrap, client_id=client_id)
     try:
         for e in emits:
             publisher.publish(container.topics.name(e.topic), e.event)
@@ -124,7 +125,7 @@ def _finished(container: Container, uow: UnitOfWork, doc: Document, version: int
 
 def _delete_settled(container: Container, uow: UnitOfWork, doc: Document) -> bool:
     """A delete is done once split removed the rows and both indexes followed:
-    the embedded broker forgets in-flight events when this process stops."""
+    their removals are still in flight when the rows are gone."""
     if doc.segment_count or container.keyword_index.ids_for_document(doc.key):
         return False
     return not container.vectors.ids_for_document(doc.key)

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
         default=None, description="Milvus URI; unset = milvus-lite in home"
     )
     milvus_token: str | None = None
+    broker_journal: Path | None = Field(
+        default=None,
+        description="set by kbstream for the processes of an embedded broker: the journal "
+        "that keeps its acknowledged events across restarts",
+    )
     tenant: str = "default"
 
     # a secured Kafka cluster (docs/security.md): librdkafka's names, also

@@ -16,11 +16,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from consumers.pipeline import STAGES
 from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.runner import StageRunner, run_until_stopped
 from infra.kafka.topics import ensure_topics
+from kbstream import journal
 from kbstream.bootstrap import Container
 from kbstream.processes import (
     EmbeddedStack,
@@ -118,6 +120,7 @@ class WorkerPool:
 class Runtime:
     bootstrap: str
     embedded: bool  # True: this process must run the workers itself
+    journal: Path | None = None  # the embedded broker's journal (kbstream.journal)
 
 
 def runs_own_workers(settings: Settings) -> bool:
@@ -129,17 +132,25 @@ def runs_own_workers(settings: Settings) -> bool:
 
 @contextlib.contextmanager
 def broker_for(settings: Settings) -> Iterator[Runtime]:
-    """The broker this command talks to; starts an embedded one if none."""
+    """The broker this command talks to; starts an embedded one if none. A
+    broker started here first gets what the home's journal holds (events an
+    earlier broker acknowledged and nobody finished), and at the end the
+    journal keeps only what is still unfinished."""
     if settings.brokers:
-        yield Runtime(settings.brokers, embedded=False)
+        yield Runtime(settings.brokers, embedded=False, journal=settings.broker_journal)
         return
     info = StackInfo.read_live(settings.home)
     if info is not None:
-        yield Runtime(info.brokers, embedded=False)
+        yield Runtime(info.brokers, embedded=False, journal=info.journal_path)
         return
     settings.home.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(log_file=settings.home / "broker.log").start()
     try:
-        yield Runtime(broker.bootstrap, embedded=True)
+        path = journal.take_over(settings, broker.bootstrap)
+        yield Runtime(broker.bootstrap, embedded=True, journal=path)
+        # the workers stopped and committed: keep what they did not finish
+        journal.upkeep(
+            settings.model_copy(update={"broker_journal": path}), broker.bootstrap, replay=False
+        )
     finally:
         broker.stop()

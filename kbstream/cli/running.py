@@ -191,6 +191,9 @@ def _worker_env(settings: Settings) -> dict[str, str]:
         KBSTREAM_MILVUS_URI=settings.vector_uri,
         KBSTREAM_DATABASE_URL=settings.db_url,
     )
+    env.pop("KBSTREAM_BROKER_JOURNAL", None)
+    if settings.broker_journal is not None:  # the embedded broker: workers journal too
+        env["KBSTREAM_BROKER_JOURNAL"] = str(settings.broker_journal)
     return env
 
 
@@ -204,6 +207,7 @@ def publish(
     """Publish lifecycle events (JSON) to the lifecycle topic."""
     from domain.events import decode_lifecycle_event
     from infra.kafka.topics import Topics
+    from kbstream.journal import writer_for
     from producers.client import LifecyclePublisher
 
     settings = cli_settings(home)
@@ -222,11 +226,17 @@ def publish(
     if not settings.brokers:
         _fail("no broker: set KBSTREAM_BROKERS or run `kbstream up` first")
     pub = LifecyclePublisher(
-        settings.brokers, Topics(settings.topic_prefix), settings.max_event_bytes
+        settings.brokers,
+        Topics(settings.topic_prefix),
+        settings.max_event_bytes,
+        journal=writer_for(settings, settings.brokers),
     )
-    for e in events:
-        pub.publish(e)
-    pub.flush()
+    try:
+        for e in events:
+            pub.publish(e)
+        pub.flush()  # journaled (embedded broker) before it returns
+    finally:
+        pub.close()
     _print_json(
         [
             {

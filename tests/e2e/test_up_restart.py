@@ -2,7 +2,8 @@
 server and tansu broker with it and a restart comes up cleanly; a second
 `up` for the same home, or a foreign holder of the Milvus data dir, fails at
 once in one line; a killed child stops `up` with a one-line reason; the
-orphans a dead `up` recorded are cleaned up on the next start."""
+orphans a dead `up` recorded are cleaned up on the next start; and the
+events its broker acknowledged come back from the broker journal."""
 
 from __future__ import annotations
 
@@ -29,17 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 # one light stage: the tests are about up's processes, not the pipeline
 UP_STAGES = "track_status"
+PIPELINE_STAGES = ("parse", "split", "embed", "load_vectors", "index_keywords", "track_status")
 
 
-def up_command(home: Path) -> list[str]:
-    return [
-        str(Path(sys.executable).with_name("kbstream")),
-        "up",
-        "--home",
-        str(home),
-        "--stages",
-        UP_STAGES,
-    ]
+KBSTREAM = str(Path(sys.executable).with_name("kbstream"))
+
+
+def up_command(home: Path, stages: str = UP_STAGES) -> list[str]:
+    return [KBSTREAM, "up", "--home", str(home), "--stages", stages]
 
 
 def _env() -> dict[str, str]:
@@ -56,12 +54,12 @@ def _env() -> dict[str, str]:
 class Up:
     """One `kbstream up` process in a session of its own."""
 
-    def __init__(self, home: Path, n: int) -> None:
+    def __init__(self, home: Path, n: int, stages: str = UP_STAGES) -> None:
         self.home = home
         self.log = home.parent / f"up-{n}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                up_command(home),
+                up_command(home, stages),
                 cwd=REPO,
                 env=_env(),
                 stdout=out,
@@ -119,8 +117,8 @@ def ups(home: Path) -> Iterator[list[Up]]:
             u.kill()
 
 
-def start(ups: list[Up], home: Path) -> Up:
-    u = Up(home, len(ups))
+def start(ups: list[Up], home: Path, stages: str = UP_STAGES) -> Up:
+    u = Up(home, len(ups), stages)
     ups.append(u)
     return u
 
@@ -162,10 +160,9 @@ def assert_serving(info: StackInfo) -> None:
     AdminClient({"bootstrap.servers": info.brokers}).list_topics(timeout=10)
 
 
-def stats(home: Path) -> dict[str, object]:
-    kbstream = str(Path(sys.executable).with_name("kbstream"))
+def stats(home: Path, dataset: str = "x") -> dict[str, object]:
     proc = subprocess.run(
-        [kbstream, "stats", "--dataset", "x", "--json", "--home", str(home)],
+        [KBSTREAM, "stats", "--dataset", dataset, "--json", "--home", str(home)],
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -325,3 +322,181 @@ def test_up_cleans_up_the_recorded_orphans_of_a_dead_up(home: Path, ups: list[Up
         if orphan.poll() is None:
             orphan.kill()
         orphan.wait()
+
+
+# -- the broker journal: a SIGKILLed `up` loses no acknowledged event ------------------
+
+JOURNAL_DATASET = "journal"
+JOURNAL_TOPICS = ("lifecycle", "parsed", "segments", "embedded", "progress")
+# every stage, in the order the test stops them: each cohort of documents is
+# published with the stages from its hold-up on stopped, so it waits there
+HOLD_UPS = {
+    "A": ("track_status",),  # its progress events wait
+    "B": ("load_vectors",),  # embedded
+    "C": ("embed", "index_keywords"),  # segments
+    "D": ("split",),  # parsed
+    "E": ("parse",),  # lifecycle
+}
+
+
+class StageWorker:
+    """`kbstream worker STAGE` beside a running `up` (it finds it through stack.json)."""
+
+    def __init__(self, home: Path, stage: str) -> None:
+        self.stage = stage
+        self.log = home.parent / f"worker-{stage}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [KBSTREAM, "worker", stage, "--home", str(home)],
+                cwd=REPO,
+                env=_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def assigned(self) -> bool:
+        assert self.proc.poll() is None, f"worker {self.stage} exited:\n{self.output()}"
+        return f"stage {self.stage} assigned [(" in self.output()
+
+    def stop(self) -> None:
+        """SIGTERM: it finishes its batch, publishes, commits and leaves."""
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            rc = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"worker {self.stage} did not stop:\n{self.output()}") from None
+        assert rc == 0, f"worker {self.stage} exited {rc}:\n{self.output()}"
+
+
+def _cohort_docs(cohort: str) -> list[dict[str, object]]:
+    return [
+        {
+            "type": "document.created",
+            "dataset_id": JOURNAL_DATASET,
+            "document_id": f"{cohort}{i}",
+            "source": f"{cohort}{i}.txt",
+            "version": 1,
+            "content": f"Cohort {cohort} note {i}: the ferry to island {cohort}{i} leaves "
+            f"at {i + 6} o'clock.\n\nBring {i + 2} tickets and a lantern for the {cohort} pier.",
+        }
+        for i in range(2)
+    ]
+
+
+def _publish(home: Path, events: list[dict[str, object]]) -> None:
+    proc = subprocess.run(
+        [KBSTREAM, "publish", "--home", str(home)],
+        input=json.dumps(events),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"kbstream publish failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def _db(home: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{home / 'kbstream.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def _segments(home: Path, cohort: str) -> tuple[int, int, int, int]:
+    """(segments, vector-indexed, keyword-indexed, embedded) of a cohort."""
+    (row,) = _db(
+        home,
+        "SELECT count(*), coalesce(sum(vector_indexed), 0), coalesce(sum(keywords_indexed), 0), "
+        "(SELECT count(*) FROM segments s2 JOIN embeddings e ON e.doc_hash = s2.doc_hash "
+        " WHERE s2.document_id LIKE ?) FROM segments WHERE document_id LIKE ?",
+        f"{cohort}_",
+        f"{cohort}_",
+    )
+    return tuple(int(str(v)) for v in row)  # type: ignore[return-value]
+
+
+def _statuses(home: Path, cohort: str) -> list[str]:
+    return [
+        str(s)
+        for (s,) in _db(
+            home, "SELECT status FROM documents WHERE document_id LIKE ? ORDER BY 1", f"{cohort}_"
+        )
+    ]
+
+
+def _held_up(home: Path, cohort: str) -> bool:
+    """The cohort went as far as the running stages take it."""
+    if cohort == "E":
+        return True  # published: its lifecycle events wait for parse
+    if cohort == "D":
+        return _statuses(home, "D") == ["splitting", "splitting"]
+    n, vectors, keywords, embedded = _segments(home, cohort)
+    if cohort == "C":
+        return n > 0 and _statuses(home, "C") == ["indexing", "indexing"]
+    if cohort == "B":
+        return n > 0 and embedded == n and keywords == n
+    return n > 0 and vectors == n and keywords == n  # A
+
+
+@pytest.mark.timeout(900)  # six worker processes and two `up`s on a loaded 2-core machine
+def test_sigkilled_up_loses_no_acknowledged_event(home: Path, ups: list[Up]) -> None:
+    """Events in flight on every topic when `up` is SIGKILLed (with its broker,
+    which keeps topics in memory): the next `up` replays them from the
+    broker journal, and every document completes exactly."""
+    from infra.kafka.journal import BrokerJournal
+    from kbstream.journal import journal_path
+
+    first = start(ups, home, stages="")  # the broker; the stages run as workers
+    first.wait_ready()
+    workers = {s: StageWorker(home, s) for s in PIPELINE_STAGES}
+    try:
+        assert poll(lambda: all(w.assigned() for w in workers.values()), 180)
+        for cohort, stopped in HOLD_UPS.items():
+            for stage in stopped:
+                workers.pop(stage).stop()
+            _publish(home, _cohort_docs(cohort))
+            assert poll(lambda c=cohort: _held_up(home, c), 180), (cohort, _statuses(home, cohort))
+        assert not workers
+    finally:
+        for w in workers.values():
+            os.killpg(w.proc.pid, signal.SIGKILL)
+    with BrokerJournal(journal_path(home)) as journal:
+        held = journal.counts()
+    assert {t.removeprefix("kbstream.") for t in held} >= set(JOURNAL_TOPICS), held
+    assert [s for c in HOLD_UPS for s in _statuses(home, c) if s == "completed"] == []
+
+    first.kill()  # the whole process group, as a crash would: broker and topics gone
+    second = start(ups, home, stages=",".join(PIPELINE_STAGES))
+    second.wait_ready()
+    every = [f"{c}{i}" for c in HOLD_UPS for i in range(2)]
+
+    def done() -> bool:
+        rows = _db(home, "SELECT status FROM documents WHERE dataset_id = ?", JOURNAL_DATASET)
+        return len(rows) == len(every) and all(s == "completed" for (s,) in rows)
+
+    assert poll(done, 300, 1.0), _db(home, "SELECT document_id, status FROM documents")
+    for cohort in HOLD_UPS:
+        n, vectors, keywords, _ = _segments(home, cohort)
+        assert n > 0 and vectors == keywords == n, (cohort, n, vectors, keywords)
+    counts = stats(home, JOURNAL_DATASET)
+    assert counts["segments"] == counts["vectors"] == counts["keyword_entities"], counts
+    proc = subprocess.run(
+        [KBSTREAM, "verify", "--dataset", JOURNAL_DATASET, "--home", str(home)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "no drift" in proc.stdout, proc.stdout + proc.stderr
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.wait_exit(60) == 0, second.output()

@@ -141,6 +141,32 @@ def test_a_verb_beside_a_live_up_uses_its_servers(tmp_path: Path) -> None:
     assert (s.brokers, s.milvus_uri) == ("127.0.0.1:1", "http://127.0.0.1:2")
 
 
+def test_a_verb_beside_a_live_up_journals_to_its_broker_journal(tmp_path: Path) -> None:
+    pid, started = _me()
+    journal = tmp_path / "broker-journal.db"
+    StackInfo(pid, "127.0.0.1:1", "http://127.0.0.1:2", started, journal=str(journal)).write(
+        tmp_path
+    )
+    assert apply_running_stack(Settings(home=tmp_path)).broker_journal == journal
+    # an `up` on an external broker records none: nothing to journal
+    StackInfo(pid, "kafka:9092", "http://127.0.0.1:2", started).write(tmp_path)
+    assert apply_running_stack(Settings(home=tmp_path)).broker_journal is None
+
+
+def test_up_hands_its_journal_to_its_worker_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kbstream.cli.running import _worker_env
+
+    journal = tmp_path / "broker-journal.db"
+    s = Settings(home=tmp_path, brokers="127.0.0.1:1", broker_journal=journal)
+    assert _worker_env(s)["KBSTREAM_BROKER_JOURNAL"] == str(journal)
+    # an external broker: none, not even one inherited from this environment
+    monkeypatch.setenv("KBSTREAM_BROKER_JOURNAL", str(journal))
+    external = Settings(home=tmp_path, brokers="kafka:9092", broker_journal=None)
+    assert "KBSTREAM_BROKER_JOURNAL" not in _worker_env(external)
+
+
 def test_a_verb_after_a_dead_up_cleans_up_and_runs_embedded(
     tmp_path: Path, sleeper: Sleeper
 ) -> None:
