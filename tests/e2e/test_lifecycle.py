@@ -298,14 +298,17 @@ def wait_until(cond: Any, timeout: float = 60.0, what: str = "condition") -> Any
     raise AssertionError(f"{what} not reached within {timeout}s")
 
 
-def job(p: Pipeline, job_id: str) -> dict[str, Any] | None:
+def job(p: Pipeline, job_id: str, ds: str | None = None) -> dict[str, Any] | None:
+    """The tenant's one job called ``job_id`` (in ``ds``, if given)."""
     with p.container.uow(readonly=True) as uow:
-        return uow.jobs.get(p.tenant, job_id)
+        found = uow.jobs.find(p.tenant, job_id, ds)
+    assert len(found) <= 1, found
+    return found[0] if found else None
 
 
-def wait_job(p: Pipeline, job_id: str) -> dict[str, Any]:
+def wait_job(p: Pipeline, job_id: str, ds: str | None = None) -> dict[str, Any]:
     return wait_until(  # type: ignore[no-any-return]
-        lambda: (j := job(p, job_id)) and j["status"] in ("completed", "error") and j,
+        lambda: (j := job(p, job_id, ds)) and j["status"] in ("completed", "error") and j,
         what=f"job {job_id} finished",
     )
 
@@ -757,6 +760,48 @@ def test_batch_import_into_a_missing_document_fails_the_job(env: Env, ds: str) -
     assert p.state(ds, "ghost") is None
     with p.container.uow(readonly=True) as uow:
         assert uow.segments.count(p.tenant, ds) == 0
+
+
+def test_a_job_id_reused_in_another_dataset_leaves_the_first_job_alone(
+    env: Env, ds: str, nonce: str
+) -> None:
+    """Issue 20 item 7: jobs were keyed by (tenant, job_id), so a failed import
+    into another dataset under the same job id turned the first, completed
+    job into `error`."""
+    p = env.pipeline
+    qa = qa_text([(f"Is {nonce} a question?", "It is.")])
+    p.publish(created(ds, "faq", qa, 1, form=DocForm.QA, rule=ProcessRule()))
+    p.wait_for(ds, ["faq"], min_version=1)
+    job_id = f"reused-{nonce}"
+    p.publish(
+        SegmentsBatchImported(
+            dataset_id=ds,
+            document_id="faq",
+            job_id=job_id,
+            segments=[ImportedSegment(content=f"Is {nonce} imported?", answer="Yes.")],
+            version=1,
+        )
+    )
+    assert wait_job(p, job_id, ds)["status"] == "completed"
+    other = f"{ds}-other"
+    p.publish(
+        SegmentsBatchImported(
+            dataset_id=other,
+            document_id="ghost",
+            job_id=job_id,
+            segments=[ImportedSegment(content="orphan question", answer="orphan answer")],
+            version=1,
+        )
+    )
+    failed = wait_job(p, job_id, other)
+    assert failed["status"] == "error" and "does not exist" in failed["error"]
+    first = job(p, job_id, ds)
+    assert first is not None and (first["status"], first["error"]) == ("completed", None)
+    # the CLI asks which one, and shows one when told
+    proc = kb_cli(env, "status", "--job", job_id, "--json", check=False)
+    assert proc.returncode != 0 and "several" in proc.stderr
+    shown = json.loads(kb_cli(env, "status", "--job", job_id, "-d", ds, "--json").stdout)
+    assert (shown["dataset_id"], shown["status"]) == (ds, "completed")
 
 
 def test_parent_child_search_returns_the_parent(env: Env, ds: str, nonce: str) -> None:
