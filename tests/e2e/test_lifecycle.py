@@ -804,6 +804,85 @@ def test_a_job_id_reused_in_another_dataset_leaves_the_first_job_alone(
     assert (shown["dataset_id"], shown["status"]) == (ds, "completed")
 
 
+def _text_columns_holding(p: Pipeline, marker: str) -> list[str]:
+    """Every table.column of the database whose text holds ``marker`` (text
+    columns by LIKE, binary ones by reading them)."""
+    from sqlalchemy import LargeBinary, String, Text
+
+    from infra.db.models import Base
+
+    found = []
+    with p.container.database.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            for col in table.columns:
+                if isinstance(col.type, String | Text):
+                    hit = conn.execute(select(col).where(col.like(f"%{marker}%")).limit(1)).first()
+                elif isinstance(col.type, LargeBinary):
+                    hit = next(
+                        (v for (v,) in conn.execute(select(col)) if marker.encode() in bytes(v)),
+                        None,
+                    )
+                else:
+                    continue
+                if hit is not None:
+                    found.append(f"{table.name}.{col.name}")
+    return found
+
+
+def _cached(p: Pipeline, hashes: set[str]) -> set[str]:
+    provider, model, _ = p.container.model_identity
+    with p.container.uow(readonly=True) as uow:
+        return set(uow.embeddings.get_many(p.tenant, provider, model, hashes))
+
+
+def test_purge_leaves_no_text_of_a_deleted_document(env: Env, ds: str, nonce: str) -> None:
+    """Issue 20 item 12: index, update, a failed import quoting a segment,
+    delete, `kbstream purge`: no text of the document remains in any table,
+    nor a cached vector of any of its texts; the tombstone still fences."""
+    p = env.pipeline
+    source = f"{nonce}-plans.txt"
+    v1 = [paragraph(i, nonce) for i in range(3)]
+    v2 = [paragraph(i, nonce, " revised") for i in range(3)]
+    p.publish(created(ds, "doc", text_of(v1), 1).model_copy(update={"source": source}))
+    p.wait_for(ds, ["doc"], min_version=1)
+    p.publish(updated(ds, "doc", text_of(v2), 2).model_copy(update={"source": source}))
+    p.wait_for(ds, ["doc"], min_version=2)
+    job_id = f"purge-{uuid.uuid4().hex[:8]}"
+    p.publish(
+        SegmentsBatchImported(
+            dataset_id=ds,
+            document_id="doc",
+            job_id=job_id,
+            segments=[ImportedSegment(content=f"{nonce} " + "word " * 400)],  # too long
+            version=2,
+        )
+    )
+    assert nonce in wait_job(p, job_id, ds)["error"]  # the error quotes the segment
+    p.publish(deleted(ds, "doc", 3))
+    p.wait_for(ds, ["doc"], statuses=[IndexingStatus.DELETED], min_version=3)
+    p.drain()
+    assert_gone(p, ds, "doc")
+    hashes_v1 = {compute_doc_hash(t) for t in v1}
+    hashes_v2 = {compute_doc_hash(t) for t in v2}
+    # the delete pruned the vectors of its last texts; an update prunes nothing
+    assert _cached(p, hashes_v2) == set()
+    assert _cached(p, hashes_v1) == hashes_v1
+    assert sorted(_text_columns_holding(p, nonce)) == ["batch_jobs.error", "documents.source"]
+
+    report = json.loads(kb_cli(env, "purge", "--dataset", ds, "--json").stdout)
+    assert (report["documents"], report["pending"], report["jobs_removed"]) == (["doc"], [], 1)
+    assert report["cache_entries_removed"] >= len(hashes_v1)
+    assert _text_columns_holding(p, nonce) == []
+    assert _cached(p, hashes_v1 | hashes_v2) == set()
+    st = p.state(ds, "doc")
+    assert st is not None and (st.status, st.version, st.source) == (IndexingStatus.DELETED, 3, "")
+    # the tombstone still fences: a late create of an older version is dropped
+    p.publish(created(ds, "doc", text_of(v1), 2))
+    p.drain()
+    assert_gone(p, ds, "doc")
+    assert _text_columns_holding(p, nonce) == []
+
+
 def test_parent_child_search_returns_the_parent(env: Env, ds: str, nonce: str) -> None:
     p = env.pipeline
     rule = ProcessRule(
