@@ -133,7 +133,9 @@ class EmbeddingRow(Base):
 
     __tablename__ = "embeddings"
     __table_args__ = (
-        PrimaryKeyConstraint("tenant_id", "provider", "model", "doc_hash", name="pk_embeddings"),
+        # doc_hash before the model: pruning finds a tenant's entries of a text
+        # (every model) by the key's prefix; lookups give all four columns
+        PrimaryKeyConstraint("tenant_id", "doc_hash", "provider", "model", name="pk_embeddings"),
     )
 
     tenant_id: Mapped[str] = mapped_column(String(128))

@@ -29,7 +29,7 @@ _COLUMNS = "provider, model, doc_hash, dim, vector, created_at"
 
 
 def upgrade() -> None:
-    _embeddings_table("embeddings_by_tenant", ["tenant_id", "provider", "model", "doc_hash"])
+    _embeddings_table("embeddings_by_tenant", ["tenant_id", "doc_hash", "provider", "model"])
     op.execute(
         f"INSERT INTO embeddings_by_tenant (tenant_id, {_COLUMNS})"
         " SELECT s.tenant_id, e.provider, e.model, e.doc_hash, e.dim, e.vector, e.created_at"
