@@ -1,6 +1,8 @@
 """embed: segments -> vectors in the embedding cache. Looks up
-(provider, model, doc_hash) first and sends only misses to the model, each
-distinct text once per batch; forwards removals in order to load_vectors.
+(tenant, provider, model, doc_hash) first and sends only misses to the model,
+each distinct text once per batch; forwards removals in order to load_vectors.
+The cache and the counts are per tenant: a text another tenant embedded is a
+miss (and counts as embedded) here, so hits reveal nothing across tenants.
 
 prefetch() runs the model on the next batch's misses while this batch is
 written and published (infra/kafka/lookahead.py). Its vectors are kept in
@@ -32,16 +34,17 @@ from domain.ports import EmbeddingProvider, UnitOfWorkFactory
 log = logging.getLogger(__name__)
 
 DocVersion = tuple[DocKey, int]
+TenantText = tuple[str, str]  # (tenant_id, doc_hash): the cache's key within a model
 
 
 @dataclass
 class _Wanted:
     """What a batch needs from the model, read before any model call."""
 
-    texts: dict[str, str]  # doc_hash -> text, for every alive segment
-    misses: list[str]  # the doc_hashes the cache lacks, in order
+    texts: dict[TenantText, str]  # -> text, for every alive segment
+    misses: list[TenantText]  # what the tenants' caches lack, in order
     alive: set[str]  # index_node_ids not superseded since they were split
-    first_doc: dict[str, DocVersion]  # which document asked for each text first
+    first_doc: dict[TenantText, DocVersion]  # which document asked for each text first
     events: list[Event]  # the batch less the events naming another document's segments
     rejected: list[Rejection]
 
@@ -59,7 +62,7 @@ class EmbedStage:
     def prefetch(self, events: Sequence[Event]) -> None:
         wanted = self._wanted(events)
         # a text the batch before holds is in the cache by the time this one is handled
-        new = self._embed(wanted, [h for h in wanted.misses if self._kept(h) is None])
+        new = self._embed(wanted, [m for m in wanted.misses if self._kept(m[1]) is None])
         with self._lock:
             self._ahead = [*self._ahead[-1:], new]
 
@@ -69,9 +72,8 @@ class EmbedStage:
         wanted = self._wanted(events)
         misses, alive, first_doc = wanted.misses, wanted.alive, wanted.first_doc
         result.rejected.extend(wanted.rejected)
-        ready = {h: v for h in misses if (v := self._kept(h)) is not None}
-        ready.update(self._embed(wanted, [h for h in misses if h not in ready]))
-        vectors = [ready[h] for h in misses]
+        ready = {h: v for _, h in misses if (v := self._kept(h)) is not None}
+        ready.update(self._embed(wanted, [m for m in misses if m[1] not in ready]))
 
         counts: dict[DocVersion, list[int]] = {}  # [embedded here, cache hits]
         missed = set(misses)
@@ -87,11 +89,12 @@ class EmbedStage:
                 key = (e.doc_key, e.version)
                 c = counts.setdefault(key, [0, 0])
                 for r in refs:
-                    # a text embedded now counts once, for the first document
-                    # that asked; every other use of it is a cache hit
-                    if r.doc_hash in missed and first_doc.get(r.doc_hash) == key:
+                    # a text embedded now counts once per tenant, for its first
+                    # document that asked; every other use of it is a cache hit
+                    t = (e.tenant_id, r.doc_hash)
+                    if t in missed and first_doc.get(t) == key:
                         c[0] += 1
-                        first_doc.pop(r.doc_hash)
+                        first_doc.pop(t)
                     else:
                         c[1] += 1
                 if refs:
@@ -110,7 +113,7 @@ class EmbedStage:
         result.count("embedded_texts", len(misses))
         result.count("cache_hits", sum(c[1] for c in counts.values()))
         if misses or counts:
-            self._write(dict(zip(misses, vectors, strict=True)), counts)
+            self._write({m: ready[m[1]] for m in misses}, counts)
         return result
 
     def _wanted(self, events: Sequence[Event]) -> _Wanted:
@@ -122,34 +125,43 @@ class EmbedStage:
             splits = [e for e in kept if isinstance(e, SegmentsSplit)]
             # segments superseded since they were split (update, delete) need no vectors
             alive = set(owners)
-            texts: dict[str, str] = {}
-            first_doc: dict[str, DocVersion] = {}
+            texts: dict[TenantText, str] = {}
+            first_doc: dict[TenantText, DocVersion] = {}
             for sp in splits:
                 for s in sp.segments:
-                    if s.index_node_id in alive and s.doc_hash not in texts:
-                        texts[s.doc_hash] = s.content
-                        first_doc[s.doc_hash] = (sp.doc_key, sp.version)
+                    t = (sp.tenant_id, s.doc_hash)
+                    if s.index_node_id in alive and t not in texts:
+                        texts[t] = s.content
+                        first_doc[t] = (sp.doc_key, sp.version)
             provider, model = self.embedder.provider, self.embedder.model
-            cached = uow.embeddings.get_many(provider, model, texts) if texts else {}
-        misses = [h for h in texts if h not in cached]
+            cached: set[TenantText] = set()
+            for tenant in sorted({tenant for tenant, _ in texts}):
+                hashes = [h for t, h in texts if t == tenant]
+                cached.update(
+                    (tenant, h) for h in uow.embeddings.get_many(tenant, provider, model, hashes)
+                )
+        misses = [t for t in texts if t not in cached]
         return _Wanted(texts, misses, alive, first_doc, kept, verdict.rejected)
 
-    def _embed(self, wanted: _Wanted, hashes: list[str]) -> dict[str, Sequence[float]]:
-        if not hashes:
+    def _embed(self, wanted: _Wanted, misses: list[TenantText]) -> dict[str, Sequence[float]]:
+        """Vectors by doc_hash: a text two tenants lack goes to the model once."""
+        todo = {h: wanted.texts[(tenant, h)] for tenant, h in misses}
+        if not todo:
             return {}
-        vectors = self.embedder.embed([wanted.texts[h] for h in hashes])
-        return dict(zip(hashes, vectors, strict=True))
+        vectors = self.embedder.embed(list(todo.values()))
+        return dict(zip(todo, vectors, strict=True))
 
     def _kept(self, doc_hash: str) -> Sequence[float] | None:
         with self._lock:
             return next((kept[doc_hash] for kept in self._ahead if doc_hash in kept), None)
 
     def _write(
-        self, vectors: dict[str, Sequence[float]], counts: dict[DocVersion, list[int]]
+        self, vectors: dict[TenantText, Sequence[float]], counts: dict[DocVersion, list[int]]
     ) -> None:
         with self.uow() as uow:
-            if vectors:
-                uow.embeddings.put_many(self.embedder.provider, self.embedder.model, vectors)
+            for tenant in sorted({tenant for tenant, _ in vectors}):
+                mine = {h: v for (t, h), v in vectors.items() if t == tenant}
+                uow.embeddings.put_many(tenant, self.embedder.provider, self.embedder.model, mine)
             # one lock order for every writer of these rows
             for key, version in sorted(counts, key=lambda kv: (str(kv[0]), kv[1])):
                 embedded, hits = counts[(key, version)]

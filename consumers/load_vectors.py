@@ -64,8 +64,15 @@ class LoadVectorsStage:
             kept = {id(e) for e in own_events(events, owners, result)}
             embedded = [e for e in embedded if id(e) in kept]
             removed = [e for e in removed if id(e) in kept]
-            hashes = {r.doc_hash for e in embedded for r in e.segments if r.index_node_id in alive}
-            cached = uow.embeddings.get_many(self.provider, self.model, hashes) if hashes else {}
+            hashes: dict[str, set[str]] = {}  # the embedding cache is per tenant
+            for emb in embedded:
+                mine = hashes.setdefault(emb.tenant_id, set())
+                mine.update(r.doc_hash for r in emb.segments if r.index_node_id in alive)
+            cached = {
+                tenant: uow.embeddings.get_many(tenant, self.provider, self.model, wanted)
+                for tenant, wanted in sorted(hashes.items())
+                if wanted
+            }
             documents = {
                 e.doc_key: uow.segments.ids_for_document(e.doc_key)
                 for e in removed
@@ -82,7 +89,7 @@ class LoadVectorsStage:
             if id(e) not in kept:
                 continue
             if isinstance(e, SegmentsEmbedded) and i in served:
-                ids_loaded = self._load(e, alive, cached, result, writes)
+                ids_loaded = self._load(e, alive, cached.get(e.tenant_id, {}), result, writes)
                 if ids_loaded is not None:
                     loaded.extend(ids_loaded)
                     # always report: track_status re-checks completion on any progress

@@ -199,6 +199,8 @@ class SplitStage:
         if doc is None or not (doc.deleted and doc.version == event.version):
             _drop(uow, doc, event)
             return
+        # the tenant's cached vectors that only this document's texts still use
+        uow.embeddings.prune(key.tenant_id, key.dataset_id, [key.document_id])
         ids = uow.segments.delete_document(key)
         if ids or doc.segment_count:
             # a redelivery finds nothing left: keep the first delivery's count
@@ -260,15 +262,13 @@ class SplitStage:
         key = event.doc_key
         doc = uow.documents.get(key, for_update=True)
         if doc is None or doc.deleted:
-            uow.jobs.fail(
-                event.tenant_id, event.job_id, f"document {event.document_id} does not exist"
-            )
+            uow.jobs.fail(key, event.job_id, f"document {event.document_id} does not exist")
             return
         limit = self.tokens.max_input_tokens
         for item, n in zip(event.segments, token_counts, strict=True):
             if n > limit:
                 uow.jobs.fail(
-                    event.tenant_id,
+                    key,
                     event.job_id,
                     f"segment {item.content[:40]!r}... has {n} tokens, above the model limit of "
                     f"{limit}; split it before importing",
@@ -276,7 +276,7 @@ class SplitStage:
                 return
         if resolved_version(event) < doc.version:
             uow.jobs.fail(
-                event.tenant_id,
+                key,
                 event.job_id,
                 "the document changed or was deleted before the import ran",
             )
@@ -308,7 +308,7 @@ class SplitStage:
             if (row := stored.get(s.index_node_id)) is not None
             and not (row.vector_indexed and row.keywords_indexed)
         ]
-        uow.jobs.processing(event.tenant_id, event.job_id, len(todo))
+        uow.jobs.processing(key, event.job_id, len(todo))
         self._emit_segments(result, event, todo)
 
     def _emit_segments(

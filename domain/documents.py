@@ -233,6 +233,23 @@ class Document:
         self.updated_at = now or utcnow()
         return True
 
+    def forget(self, now: datetime | None = None) -> bool:
+        """Blank what a tombstone still says about the deleted content (its
+        source name, content hash, error and last-dropped texts) once its
+        segments are gone. The row itself stays: its version and claim fence
+        off late or replayed events of the deleted versions. False when the
+        document is not such a tombstone or has nothing left to blank."""
+        if not self.deleted or self.segment_count:
+            return False
+        if not (self.source or self.content_hash or self.error or self.last_dropped):
+            return False
+        self.source = ""
+        self.content_hash = None
+        self.error = None
+        self.last_dropped = None
+        self.updated_at = now or utcnow()
+        return True
+
     def move_to(self, status: IndexingStatus, version: int, now: datetime | None = None) -> bool:
         """Move ``version`` on to ``status``; False if the version is no longer
         current or the transition is not allowed."""

@@ -240,15 +240,35 @@ class SegmentRepository(Protocol):
 
 
 class EmbeddingCache(Protocol):
-    """(provider, model, doc_hash) -> vector, stored as float32 bytes."""
+    """(tenant, provider, model, doc_hash) -> vector, stored as float32 bytes.
+    Keyed by tenant: one tenant's hits never reveal another tenant's texts."""
 
-    def get_many(self, provider: str, model: str, doc_hashes: Iterable[str]) -> dict[str, Any]: ...
+    def get_many(
+        self, tenant_id: str, provider: str, model: str, doc_hashes: Iterable[str]
+    ) -> dict[str, Any]: ...
 
-    def put_many(self, provider: str, model: str, vectors: Mapping[str, Sequence[float]]) -> None:
+    def put_many(
+        self, tenant_id: str, provider: str, model: str, vectors: Mapping[str, Sequence[float]]
+    ) -> None:
         """Insert, skipping keys already there (concurrent writers never fail)."""
         ...
 
-    def count(self, provider: str | None = None, model: str | None = None) -> int: ...
+    def prune(
+        self,
+        tenant_id: str,
+        dataset_id: str | None = None,
+        document_ids: Sequence[str] | None = None,
+    ) -> int:
+        """Remove the tenant's entries (every model) that no segment of the
+        tenant uses outside the scope (a dataset, or some of its documents),
+        the scope's segments counted as gone: call it before deleting them.
+        Without a scope, every entry no segment of the tenant uses. Returns
+        how many went."""
+        ...
+
+    def count(
+        self, provider: str | None = None, model: str | None = None, tenant_id: str | None = None
+    ) -> int: ...
 
 
 class VectorIndexRegistry(Protocol):
@@ -286,15 +306,16 @@ class PayloadStore(Protocol):
 
 
 class ImportJobs(Protocol):
-    """Batch-import jobs, keyed by (tenant, job_id)."""
+    """Batch-import jobs, keyed by (tenant, dataset, document, job_id): a job
+    id reused elsewhere never touches the first job."""
 
     def create(self, key: DocKey, job_id: str, total: int) -> None: ...
 
-    def processing(self, tenant_id: str, job_id: str, fresh: int) -> None:
+    def processing(self, key: DocKey, job_id: str, fresh: int) -> None:
         """Segments were appended (``fresh`` new ones; 0 completes the job)."""
         ...
 
-    def fail(self, tenant_id: str, job_id: str, reason: str) -> None: ...
+    def fail(self, key: DocKey, job_id: str, reason: str) -> None: ...
 
     def complete_for_document(self, key: DocKey) -> None:
         """The document completed: so did its jobs still processing."""
@@ -304,7 +325,20 @@ class ImportJobs(Protocol):
         """The document was deleted: its unfinished jobs fail."""
         ...
 
-    def get(self, tenant_id: str, job_id: str) -> dict[str, Any] | None: ...
+    def get(self, key: DocKey, job_id: str) -> dict[str, Any] | None: ...
+
+    def find(
+        self, tenant_id: str, job_id: str, dataset_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The tenant's jobs called ``job_id`` (in one dataset, if given)."""
+        ...
+
+    def delete(
+        self, tenant_id: str, dataset_id: str, document_ids: Sequence[str] | None = None
+    ) -> int:
+        """Remove the job records of some documents of a dataset (all of them
+        without ``document_ids``); returns how many went."""
+        ...
 
 
 class UnitOfWork(Protocol):

@@ -13,14 +13,14 @@ if TYPE_CHECKING:
 
 
 def dataset_stats(c: Container, dataset: str) -> dict[str, Any]:
-    """Documents, segments, vectors, keyword index entities and cached embeddings
-    of a dataset."""
+    """Documents, segments, vectors, keyword index entities of a dataset, and
+    the embeddings its tenant has cached for the current model."""
     tenant = c.settings.tenant
     provider, model, _ = c.model_identity
     with c.uow(readonly=True) as uow:
         by_status = uow.documents.status_counts(tenant, dataset)
         segments = uow.segments.count(tenant, dataset)
-        cached = uow.embeddings.count(provider, model)
+        cached = uow.embeddings.count(provider, model, tenant)
     return {
         "dataset": dataset,
         "documents": sum(v for k, v in by_status.items() if k != IndexingStatus.DELETED.value),
@@ -74,7 +74,9 @@ def datasets_of(c: Container, document_id: str) -> list[str]:
         return [d.dataset_id for d in uow.documents.find(c.settings.tenant, document_id)]
 
 
-def job_status(c: Container, job_id: str) -> dict[str, Any] | None:
-    """One batch-import job of this tenant, or None."""
+def job_status(c: Container, job_id: str, dataset: str | None = None) -> list[dict[str, Any]]:
+    """The batch-import jobs of this tenant called ``job_id`` (in ``dataset``,
+    if given): job ids are the clients', so several datasets or documents may
+    each have one."""
     with c.uow(readonly=True) as uow:
-        return uow.jobs.get(c.settings.tenant, job_id)
+        return uow.jobs.find(c.settings.tenant, job_id, dataset)

@@ -199,7 +199,7 @@ class _Run:
         with self.c.uow(readonly=True) as uow:
             rows = uow.segments.by_ids(ids)
             cached = uow.embeddings.get_many(
-                t.provider, t.model, {r.doc_hash for r in rows.values()}
+                self.tenant, t.provider, t.model, {r.doc_hash for r in rows.values()}
             )
         texts = {r.doc_hash: r.content for r in rows.values() if r.doc_hash not in cached}
         s.cache_hits += len(rows) - sum(1 for r in rows.values() if r.doc_hash in texts)
@@ -207,7 +207,7 @@ class _Run:
             vectors = provider_for(self.c, t).embed(list(texts.values()))
             fresh = dict(zip(texts, vectors, strict=True))
             with self.c.uow() as uow:
-                uow.embeddings.put_many(t.provider, t.model, fresh)
+                uow.embeddings.put_many(self.tenant, t.provider, t.model, fresh)
                 uow.commit()
             cached.update(fresh)
             s.embedded += len(texts)

@@ -131,13 +131,21 @@ class SegmentRow(Base):
 
 
 class EmbeddingRow(Base):
-    """(provider, model, doc_hash) -> vector as little-endian float32 bytes."""
+    """(tenant, provider, model, doc_hash) -> vector as little-endian float32
+    bytes. Keyed by tenant: a hit must never tell one tenant that another holds
+    the same text."""
 
     __tablename__ = "embeddings"
+    __table_args__ = (
+        # doc_hash before the model: pruning finds a tenant's entries of a text
+        # (every model) by the key's prefix; lookups give all four columns
+        PrimaryKeyConstraint("tenant_id", "doc_hash", "provider", "model", name="pk_embeddings"),
+    )
 
-    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model: Mapped[str] = mapped_column(String(256), primary_key=True)
-    doc_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    provider: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(256))
+    doc_hash: Mapped[str] = mapped_column(String(64))
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = _ts()
@@ -156,9 +164,12 @@ class PayloadRow(Base):
 class BatchJobRow(Base):
     __tablename__ = "batch_jobs"
     __table_args__ = (
-        # job ids are chosen by clients: two tenants may both say "import-1"
-        PrimaryKeyConstraint("tenant_id", "job_id", name="pk_batch_jobs"),
-        Index("ix_batch_jobs_document", "tenant_id", "dataset_id", "document_id"),
+        # job ids are chosen by clients: two tenants, datasets or documents may
+        # all say "import-1", and none may touch another's job. The key's first
+        # three columns also serve the per-document lookups.
+        PrimaryKeyConstraint(
+            "tenant_id", "dataset_id", "document_id", "job_id", name="pk_batch_jobs"
+        ),
     )
 
     tenant_id: Mapped[str] = mapped_column(String(128))

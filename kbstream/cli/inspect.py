@@ -82,9 +82,10 @@ def status(
     ] = False,
 ) -> None:
     """One row per document of DATASET (status, error, segments), one
-    document, or one batch-import job."""
+    document, or one batch-import job (--dataset and --document pick one when
+    several datasets or documents use the job id)."""
     if job is not None:
-        _job_status(home, job, as_json)
+        _job_status(home, job, as_json, dataset, document)
         return
     if dataset is None and document is None:
         _fail("give --dataset, --document or --job")
@@ -145,11 +146,21 @@ def _print_indexes(c: Container, dataset: str, as_json: bool) -> None:
         out.print(_render_indexes(rows))
 
 
-def _job_status(home: Path | None, job: str, as_json: bool) -> None:
+def _job_status(
+    home: Path | None, job: str, as_json: bool, dataset: str | None, document: str | None
+) -> None:
     with cli_session(home) as (_, c):
-        row = queries.job_status(c, job)
-    if row is None:
-        _fail(f"no batch-import job {job!r}", 1)
+        rows = queries.job_status(c, job, dataset)
+    rows = [r for r in rows if document is None or r["document_id"] == document]
+    if not rows:
+        where = f" in dataset {dataset!r}" if dataset else ""
+        _fail(f"no batch-import job {job!r}{where}", 1)
+    if len(rows) > 1:
+        found = ", ".join(f"{r['dataset_id']}/{r['document_id']}" for r in rows)
+        _fail(
+            f"job id {job!r} is used by several documents ({found}); add --dataset and --document"
+        )
+    row = rows[0]
     if as_json:
         _print_json(row)
         return

@@ -230,7 +230,9 @@ def check_exact(b: Bench, case: Case) -> None:
     provider, model, _ = c.container.model_identity
     with c.container.uow(readonly=True) as uow:
         final = set(snap.seg_hash.values())
-        assert final <= set(uow.embeddings.get_many(provider, model, final))
+        assert final <= set(
+            uow.embeddings.get_many(c.container.settings.tenant, provider, model, final)
+        )
         # each text embedded once, nothing but the workload's texts
         assert uow.embeddings.count(provider, model) <= len(b.texts)
 

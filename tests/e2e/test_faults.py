@@ -290,7 +290,9 @@ def test_sigkilled_workers_lose_and_duplicate_nothing(cluster_factory, capsys) -
     final_hashes = set(snap.seg_hash.values())
     with c.container.uow(readonly=True) as uow:
         cached = uow.embeddings.count(provider, model)
-        assert final_hashes <= set(uow.embeddings.get_many(provider, model, final_hashes))
+        assert final_hashes <= set(
+            uow.embeddings.get_many(c.container.settings.tenant, provider, model, final_hashes)
+        )
     assert cached >= len(texts)
 
     rc, report = c.verify(dataset)

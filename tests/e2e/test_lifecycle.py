@@ -298,14 +298,17 @@ def wait_until(cond: Any, timeout: float = 60.0, what: str = "condition") -> Any
     raise AssertionError(f"{what} not reached within {timeout}s")
 
 
-def job(p: Pipeline, job_id: str) -> dict[str, Any] | None:
+def job(p: Pipeline, job_id: str, ds: str | None = None) -> dict[str, Any] | None:
+    """The tenant's one job called ``job_id`` (in ``ds``, if given)."""
     with p.container.uow(readonly=True) as uow:
-        return uow.jobs.get(p.tenant, job_id)
+        found = uow.jobs.find(p.tenant, job_id, ds)
+    assert len(found) <= 1, found
+    return found[0] if found else None
 
 
-def wait_job(p: Pipeline, job_id: str) -> dict[str, Any]:
+def wait_job(p: Pipeline, job_id: str, ds: str | None = None) -> dict[str, Any]:
     return wait_until(  # type: ignore[no-any-return]
-        lambda: (j := job(p, job_id)) and j["status"] in ("completed", "error") and j,
+        lambda: (j := job(p, job_id, ds)) and j["status"] in ("completed", "error") and j,
         what=f"job {job_id} finished",
     )
 
@@ -457,11 +460,12 @@ def test_delete_removes_everything(env: Env, ds: str, nonce: str) -> None:
     assert_exact(p, ds, "other", [paragraph(50, nonce)])  # the neighbour is untouched
     assert p.container.vectors.count(p.tenant, ds) == 1
 
-    # deleted, then created again with a newer version: a fresh document
+    # deleted, then created again with a newer version: a fresh document, whose
+    # texts are embedded again: the delete pruned the cached vectors only it used
     p.publish(created(ds, "doc", text_of(paras[:2]), 3))
     st = p.wait_for(ds, ["doc"], min_version=3)["doc"]
     assert_exact(p, ds, "doc", paras[:2])
-    assert st.embedded_texts == 0 and st.cache_hits == 2
+    assert st.embedded_texts == 2 and st.cache_hits == 0
 
 
 @pytest.mark.parametrize("reached", ["nothing", "splitting", "indexing"])
@@ -757,6 +761,127 @@ def test_batch_import_into_a_missing_document_fails_the_job(env: Env, ds: str) -
     assert p.state(ds, "ghost") is None
     with p.container.uow(readonly=True) as uow:
         assert uow.segments.count(p.tenant, ds) == 0
+
+
+def test_a_job_id_reused_in_another_dataset_leaves_the_first_job_alone(
+    env: Env, ds: str, nonce: str
+) -> None:
+    """Issue 20 item 7: jobs were keyed by (tenant, job_id), so a failed import
+    into another dataset under the same job id turned the first, completed
+    job into `error`."""
+    p = env.pipeline
+    qa = qa_text([(f"Is {nonce} a question?", "It is.")])
+    p.publish(created(ds, "faq", qa, 1, form=DocForm.QA, rule=ProcessRule()))
+    p.wait_for(ds, ["faq"], min_version=1)
+    job_id = f"reused-{nonce}"
+    p.publish(
+        SegmentsBatchImported(
+            dataset_id=ds,
+            document_id="faq",
+            job_id=job_id,
+            segments=[ImportedSegment(content=f"Is {nonce} imported?", answer="Yes.")],
+            version=1,
+        )
+    )
+    assert wait_job(p, job_id, ds)["status"] == "completed"
+    other = f"{ds}-other"
+    p.publish(
+        SegmentsBatchImported(
+            dataset_id=other,
+            document_id="ghost",
+            job_id=job_id,
+            segments=[ImportedSegment(content="orphan question", answer="orphan answer")],
+            version=1,
+        )
+    )
+    failed = wait_job(p, job_id, other)
+    assert failed["status"] == "error" and "does not exist" in failed["error"]
+    first = job(p, job_id, ds)
+    assert first is not None and (first["status"], first["error"]) == ("completed", None)
+    # the CLI asks which one, and shows one when told
+    proc = kb_cli(env, "status", "--job", job_id, "--json", check=False)
+    assert proc.returncode != 0 and "several" in proc.stderr
+    shown = json.loads(kb_cli(env, "status", "--job", job_id, "-d", ds, "--json").stdout)
+    assert (shown["dataset_id"], shown["status"]) == (ds, "completed")
+
+
+def _text_columns_holding(p: Pipeline, marker: str) -> list[str]:
+    """Every table.column of the database whose text holds ``marker`` (text
+    columns by LIKE, binary ones by reading them)."""
+    from sqlalchemy import LargeBinary, String, Text
+
+    from infra.db.models import Base
+
+    found = []
+    with p.container.database.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            for col in table.columns:
+                if isinstance(col.type, String | Text):
+                    hit = conn.execute(select(col).where(col.like(f"%{marker}%")).limit(1)).first()
+                elif isinstance(col.type, LargeBinary):
+                    hit = next(
+                        (v for (v,) in conn.execute(select(col)) if marker.encode() in bytes(v)),
+                        None,
+                    )
+                else:
+                    continue
+                if hit is not None:
+                    found.append(f"{table.name}.{col.name}")
+    return found
+
+
+def _cached(p: Pipeline, hashes: set[str]) -> set[str]:
+    provider, model, _ = p.container.model_identity
+    with p.container.uow(readonly=True) as uow:
+        return set(uow.embeddings.get_many(p.tenant, provider, model, hashes))
+
+
+def test_purge_leaves_no_text_of_a_deleted_document(env: Env, ds: str, nonce: str) -> None:
+    """Issue 20 item 12: index, update, a failed import quoting a segment,
+    delete, `kbstream purge`: no text of the document remains in any table,
+    nor a cached vector of any of its texts; the tombstone still fences."""
+    p = env.pipeline
+    source = f"{nonce}-plans.txt"
+    v1 = [paragraph(i, nonce) for i in range(3)]
+    v2 = [paragraph(i, nonce, " revised") for i in range(3)]
+    p.publish(created(ds, "doc", text_of(v1), 1).model_copy(update={"source": source}))
+    p.wait_for(ds, ["doc"], min_version=1)
+    p.publish(updated(ds, "doc", text_of(v2), 2).model_copy(update={"source": source}))
+    p.wait_for(ds, ["doc"], min_version=2)
+    job_id = f"purge-{uuid.uuid4().hex[:8]}"
+    p.publish(
+        SegmentsBatchImported(
+            dataset_id=ds,
+            document_id="doc",
+            job_id=job_id,
+            segments=[ImportedSegment(content=f"{nonce} " + "word " * 400)],  # too long
+            version=2,
+        )
+    )
+    assert nonce in wait_job(p, job_id, ds)["error"]  # the error quotes the segment
+    p.publish(deleted(ds, "doc", 3))
+    p.wait_for(ds, ["doc"], statuses=[IndexingStatus.DELETED], min_version=3)
+    p.drain()
+    assert_gone(p, ds, "doc")
+    hashes_v1 = {compute_doc_hash(t) for t in v1}
+    hashes_v2 = {compute_doc_hash(t) for t in v2}
+    # the delete pruned the vectors of its last texts; an update prunes nothing
+    assert _cached(p, hashes_v2) == set()
+    assert _cached(p, hashes_v1) == hashes_v1
+    assert sorted(_text_columns_holding(p, nonce)) == ["batch_jobs.error", "documents.source"]
+
+    report = json.loads(kb_cli(env, "purge", "--dataset", ds, "--json").stdout)
+    assert (report["documents"], report["pending"], report["jobs_removed"]) == (["doc"], [], 1)
+    assert report["cache_entries_removed"] >= len(hashes_v1)
+    assert _text_columns_holding(p, nonce) == []
+    assert _cached(p, hashes_v1 | hashes_v2) == set()
+    st = p.state(ds, "doc")
+    assert st is not None and (st.status, st.version, st.source) == (IndexingStatus.DELETED, 3, "")
+    # the tombstone still fences: a late create of an older version is dropped
+    p.publish(created(ds, "doc", text_of(v1), 2))
+    p.drain()
+    assert_gone(p, ds, "doc")
+    assert _text_columns_holding(p, nonce) == []
 
 
 def test_parent_child_search_returns_the_parent(env: Env, ds: str, nonce: str) -> None:

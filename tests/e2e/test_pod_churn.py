@@ -206,7 +206,9 @@ def test_pods_scaled_up_and_down_and_killed_mid_rebalance_lose_and_duplicate_not
     distinct = set(snap.seg_hash.values())
     with c.container.uow(readonly=True) as uow:
         assert uow.embeddings.count(provider, model) == len(distinct)
-        assert distinct <= set(uow.embeddings.get_many(provider, model, distinct))
+        assert distinct <= set(
+            uow.embeddings.get_many(c.container.settings.tenant, provider, model, distinct)
+        )
     embedded = sum(d.embedded_texts for d in snap.docs.values())
     assert embedded >= len(distinct)
     duplicates = embedded - len(distinct)

@@ -87,7 +87,9 @@ def test_vectors_equal_the_local_providers(pipeline: Pipeline, server: Embedding
 
     provider, model, _ = pipeline.container.model_identity
     with pipeline.container.uow(readonly=True) as uow:
-        cached = uow.embeddings.get_many(provider, model, segments)
+        cached = uow.embeddings.get_many(
+            pipeline.container.settings.tenant, provider, model, segments
+        )
     assert set(cached) == set(segments)
     hashes = sorted(segments)
     local = np.asarray(SentenceTransformerProvider().embed([segments[h] for h in hashes]))

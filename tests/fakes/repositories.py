@@ -259,25 +259,60 @@ class _Segments(_Repo):
 
 
 class _Embeddings(_Repo):
-    def get_many(self, provider: str, model: str, doc_hashes: Iterable[str]) -> dict[str, Any]:
+    def get_many(
+        self, tenant_id: str, provider: str, model: str, doc_hashes: Iterable[str]
+    ) -> dict[str, Any]:
         table = self.uow.state.embeddings
         out: dict[str, Any] = {}
         for h in set(doc_hashes):
-            blob = table.get((provider, model, h))
+            blob = table.get((tenant_id, provider, model, h))
             if blob is not None:
                 out[h] = np.frombuffer(blob, dtype="<f4")
         return out
 
-    def put_many(self, provider: str, model: str, vectors: Mapping[str, Sequence[float]]) -> None:
+    def put_many(
+        self, tenant_id: str, provider: str, model: str, vectors: Mapping[str, Sequence[float]]
+    ) -> None:
         table = self.uow.writable().embeddings
         for h, v in vectors.items():
-            table.setdefault((provider, model, h), np.asarray(v, dtype="<f4").tobytes())
+            table.setdefault((tenant_id, provider, model, h), np.asarray(v, dtype="<f4").tobytes())
 
-    def count(self, provider: str | None = None, model: str | None = None) -> int:
+    def prune(
+        self,
+        tenant_id: str,
+        dataset_id: str | None = None,
+        document_ids: Sequence[str] | None = None,
+    ) -> int:
+        state = self.uow.writable()
+
+        def in_scope(r: _SegmentRow) -> bool:
+            return (
+                dataset_id is not None
+                and r.key.dataset_id == dataset_id
+                and (document_ids is None or r.key.document_id in document_ids)
+            )
+
+        mine = [r for r in state.segments.values() if r.key.tenant_id == tenant_id]
+        used = {r.doc_hash for r in mine if not in_scope(r)}
+        scoped = {r.doc_hash for r in mine if in_scope(r)}
+        gone = [
+            k
+            for k in state.embeddings
+            if k[0] == tenant_id and k[3] not in used and (dataset_id is None or k[3] in scoped)
+        ]
+        for k in gone:
+            del state.embeddings[k]
+        return len(gone)
+
+    def count(
+        self, provider: str | None = None, model: str | None = None, tenant_id: str | None = None
+    ) -> int:
         return sum(
             1
-            for p, m, _ in self.uow.state.embeddings
-            if (provider is None or p == provider) and (model is None or m == model)
+            for t, p, m, _ in self.uow.state.embeddings
+            if (provider is None or p == provider)
+            and (model is None or m == model)
+            and (tenant_id is None or t == tenant_id)
         )
 
 
@@ -301,7 +336,7 @@ class _Payloads(_Repo):
 class _Jobs(_Repo):
     def create(self, key: DocKey, job_id: str, total: int) -> None:
         self.uow.writable().jobs.setdefault(
-            (key.tenant_id, job_id),
+            (key, job_id),
             {
                 "job_id": job_id,
                 "tenant_id": key.tenant_id,
@@ -319,24 +354,22 @@ class _Jobs(_Repo):
         if job is not None:
             job.update(values, updated_at=_now())
 
-    def processing(self, tenant_id: str, job_id: str, fresh: int) -> None:
-        job = self.uow.writable().jobs.get((tenant_id, job_id))
+    def processing(self, key: DocKey, job_id: str, fresh: int) -> None:
+        job = self.uow.writable().jobs.get((key, job_id))
         if fresh:
             self._update(job, status="processing", completed=0)
         elif job is not None:
             self._update(job, status="completed", completed=job["total"])
 
-    def fail(self, tenant_id: str, job_id: str, reason: str) -> None:
-        job = self.uow.writable().jobs.get((tenant_id, job_id))
+    def fail(self, key: DocKey, job_id: str, reason: str) -> None:
+        job = self.uow.writable().jobs.get((key, job_id))
         self._update(job, status="error", error=reason[:MAX_ERROR_CHARS])
 
     def _of_document(self, key: DocKey, statuses: set[str]) -> list[dict[str, Any]]:
         return [
             j
-            for j in self.uow.writable().jobs.values()
-            if (j["tenant_id"], j["dataset_id"], j["document_id"])
-            == (key.tenant_id, key.dataset_id, key.document_id)
-            and j["status"] in statuses
+            for (k, _), j in self.uow.writable().jobs.items()
+            if k == key and j["status"] in statuses
         ]
 
     def complete_for_document(self, key: DocKey) -> None:
@@ -347,9 +380,33 @@ class _Jobs(_Repo):
         for job in self._of_document(key, {"waiting", "processing"}):
             self._update(job, status="error", error=reason[:MAX_ERROR_CHARS])
 
-    def get(self, tenant_id: str, job_id: str) -> dict[str, Any] | None:
-        job = self.uow.state.jobs.get((tenant_id, job_id))
+    def get(self, key: DocKey, job_id: str) -> dict[str, Any] | None:
+        job = self.uow.state.jobs.get((key, job_id))
         return dict(job) if job else None
+
+    def find(
+        self, tenant_id: str, job_id: str, dataset_id: str | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        found = [
+            dict(j)
+            for (k, name), j in self.uow.state.jobs.items()
+            if name == job_id and _of(k, tenant_id, dataset_id or k.dataset_id)
+        ]
+        return sorted(found, key=lambda j: (j["dataset_id"], j["document_id"]))
+
+    def delete(
+        self, tenant_id: str, dataset_id: str, document_ids: Sequence[str] | None = None
+    ) -> int:
+        jobs = self.uow.writable().jobs
+        gone = [
+            (k, name)
+            for k, name in jobs
+            if _of(k, tenant_id, dataset_id)
+            and (document_ids is None or k.document_id in document_ids)
+        ]
+        for g in gone:
+            del jobs[g]
+        return len(gone)
 
 
 def _index_key(r: VectorIndexRecord) -> tuple[str, str, str, str]:

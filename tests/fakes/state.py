@@ -72,9 +72,10 @@ class _State:
     datasets: dict[tuple[str, str], bool] = field(default_factory=dict)
     documents: dict[DocKey, Document] = field(default_factory=dict)
     segments: dict[str, _SegmentRow] = field(default_factory=dict)
-    embeddings: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
+    # (tenant, provider, model, doc_hash) -> float32 bytes
+    embeddings: dict[tuple[str, str, str, str], bytes] = field(default_factory=dict)
     payloads: dict[str, bytes] = field(default_factory=dict)
-    jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[tuple[DocKey, str], dict[str, Any]] = field(default_factory=dict)
     # (tenant, dataset, provider, model) -> record
     vector_indexes: dict[tuple[str, str, str, str], VectorIndexRecord] = field(default_factory=dict)
 

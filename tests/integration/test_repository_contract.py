@@ -496,38 +496,83 @@ class TestEmbeddingCache:
             "h3": np.linspace(-1, 1, 16, dtype=np.float32),
         }
         with uow_factory() as w:
-            w.embeddings.put_many("prov", "model-x", vectors)
+            w.embeddings.put_many("t", "prov", "model-x", vectors)
             w.commit()
         with uow_factory(readonly=True) as r:
-            got = r.embeddings.get_many("prov", "model-x", ["h1", "h2", "h3", "missing"])
+            got = r.embeddings.get_many("t", "prov", "model-x", ["h1", "h2", "h3", "missing"])
         assert set(got) == {"h1", "h2", "h3"}
         for h, v in vectors.items():
             expected = np.asarray(v, dtype="<f4")
             assert np.asarray(got[h]).dtype == np.dtype("<f4")
             assert np.asarray(got[h]).tobytes() == expected.tobytes()
 
-    def test_keyed_by_provider_and_model(self, uow_factory: UnitOfWorkFactory) -> None:
+    def test_keyed_by_tenant_provider_and_model(self, uow_factory: UnitOfWorkFactory) -> None:
         with uow_factory() as w:
-            w.embeddings.put_many("prov", "m1", {"h": [1.0, 2.0]})
-            w.embeddings.put_many("prov", "m2", {"h": [3.0, 4.0]})
-            w.embeddings.put_many("other", "m1", {"h": [5.0, 6.0]})
+            w.embeddings.put_many("t", "prov", "m1", {"h": [1.0, 2.0]})
+            w.embeddings.put_many("t", "prov", "m2", {"h": [3.0, 4.0]})
+            w.embeddings.put_many("t", "other", "m1", {"h": [5.0, 6.0]})
+            w.embeddings.put_many("u", "prov", "m1", {"g": [7.0, 8.0]})
             w.commit()
         with uow_factory(readonly=True) as r:
-            assert list(r.embeddings.get_many("prov", "m1", ["h"])["h"]) == [1.0, 2.0]
-            assert list(r.embeddings.get_many("prov", "m2", ["h"])["h"]) == [3.0, 4.0]
-            assert list(r.embeddings.get_many("other", "m1", ["h"])["h"]) == [5.0, 6.0]
-            assert r.embeddings.get_many("nobody", "m1", ["h"]) == {}
-            assert r.embeddings.count() == 3
-            assert r.embeddings.count("prov") == 2
-            assert r.embeddings.count("prov", "m1") == 1
+            assert list(r.embeddings.get_many("t", "prov", "m1", ["h"])["h"]) == [1.0, 2.0]
+            assert list(r.embeddings.get_many("t", "prov", "m2", ["h"])["h"]) == [3.0, 4.0]
+            assert list(r.embeddings.get_many("t", "other", "m1", ["h"])["h"]) == [5.0, 6.0]
+            assert r.embeddings.get_many("t", "nobody", "m1", ["h"]) == {}
+            # issue 20 item 6: one tenant's entries are no hit for another
+            assert r.embeddings.get_many("u", "prov", "m1", ["h"]) == {}
+            assert r.embeddings.get_many("t", "prov", "m1", ["g"]) == {}
+            assert r.embeddings.count() == 4
+            assert r.embeddings.count("prov") == 3
+            assert r.embeddings.count("prov", "m1") == 2
+            assert r.embeddings.count("prov", "m1", "t") == 1
+
+    def test_prune_a_deleted_document(self, uow_factory: UnitOfWorkFactory) -> None:
+        """Before a document's segments go: the tenant's entries only it uses
+        go with them (every model); shared texts, other tenants' entries of the
+        same text and entries of other documents stay."""
+        theirs = DocKey("tenant-b", "ds_1", "doc-1")
+        elsewhere = DocKey("tenant-a", "ds_2", "doc-9")
+        for key, texts in ((KEY, ["mine", "shared"]), (OTHER, ["shared", "other"])):
+            create(uow_factory, key=key)
+            split(uow_factory, texts, key=key)
+        for key, texts in ((theirs, ["mine"]), (elsewhere, ["other"])):
+            create(uow_factory, key=key)
+            split(uow_factory, texts, key=key)
+        h = {t: segs(t)[0].doc_hash for t in ("mine", "shared", "other", "stale")}
+        with uow_factory() as w:
+            for tenant in ("tenant-a", "tenant-b"):
+                for model in ("m1", "m2"):
+                    w.embeddings.put_many(tenant, "p", model, {v: [1.0] for v in h.values()})
+            w.commit()
+        with uow_factory() as w:
+            assert w.embeddings.prune("tenant-a", "ds_1", []) == 0
+            assert w.embeddings.prune("tenant-a", "ds_1", ["doc-1"]) == 2  # "mine", both models
+            w.segments.delete_document(KEY)
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            left = set(r.embeddings.get_many("tenant-a", "p", "m2", h.values()))
+            assert left == {h["shared"], h["other"], h["stale"]}
+            assert len(r.embeddings.get_many("tenant-b", "p", "m1", h.values())) == 4
+        with uow_factory() as w:
+            # a whole dataset: "other" is still used in ds_2
+            assert w.embeddings.prune("tenant-a", "ds_1") == 2  # "shared", both models
+            w.commit()
+        with uow_factory() as w:
+            # no scope: whatever no segment of the tenant uses ("stale")
+            assert w.embeddings.prune("tenant-a") == 2
+            assert w.embeddings.prune("tenant-a") == 0
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert set(r.embeddings.get_many("tenant-a", "p", "m1", h.values())) == {h["other"]}
+            assert r.embeddings.count(tenant_id="tenant-b") == 8
 
     def test_existing_key_is_ignored(self, uow_factory: UnitOfWorkFactory) -> None:
         for vectors in ({"h": [1.0, 2.0], "g": [0.5, 0.5]}, {"h": [9.0, 9.0], "k": [7.0, 7.0]}):
             with uow_factory() as w:
-                w.embeddings.put_many("p", "m", vectors)
+                w.embeddings.put_many("t", "p", "m", vectors)
                 w.commit()
         with uow_factory(readonly=True) as r:
-            got = r.embeddings.get_many("p", "m", ["h", "g", "k"])
+            got = r.embeddings.get_many("t", "p", "m", ["h", "g", "k"])
             assert list(got["h"]) == [1.0, 2.0]  # first write wins, no error
             assert list(got["k"]) == [7.0, 7.0]
             assert r.embeddings.count("p", "m") == 3
@@ -543,7 +588,7 @@ class TestEmbeddingCache:
                     keys = [f"h{j:03d}" for j in range(i * 20, i * 20 + 60)]  # overlaps
                     with uow_factory() as w:
                         w.embeddings.put_many(
-                            "p", "m", {k: [float(i), float(round_)] for k in reversed(keys)}
+                            "t", "p", "m", {k: [float(i), float(round_)] for k in reversed(keys)}
                         )
                         w.commit()
             except BaseException as exc:
@@ -557,15 +602,17 @@ class TestEmbeddingCache:
         assert not errors, errors
         with uow_factory(readonly=True) as r:
             assert r.embeddings.count("p", "m") == 120  # h000..h119, one row each
-            assert len(r.embeddings.get_many("p", "m", [f"h{j:03d}" for j in range(120)])) == 120
+            assert (
+                len(r.embeddings.get_many("t", "p", "m", [f"h{j:03d}" for j in range(120)])) == 120
+            )
 
     def test_many_keys_past_the_chunk_size(self, uow_factory: UnitOfWorkFactory) -> None:
         vectors = {f"{i:064x}": [float(i)] * 4 for i in range(1200)}
         with uow_factory() as w:
-            w.embeddings.put_many("p", "m", vectors)
+            w.embeddings.put_many("t", "p", "m", vectors)
             w.commit()
         with uow_factory(readonly=True) as r:
-            got = r.embeddings.get_many("p", "m", list(vectors))
+            got = r.embeddings.get_many("t", "p", "m", list(vectors))
         assert len(got) == 1200
         assert list(got[f"{1199:064x}"]) == [1199.0] * 4
 
@@ -639,8 +686,11 @@ class TestClaimCheck:
 
 
 def job(uow: UnitOfWorkFactory, tenant_id: str, job_id: str) -> dict[str, Any] | None:
+    """The tenant's only job called ``job_id``."""
     with uow(readonly=True) as r:
-        return r.jobs.get(tenant_id, job_id)
+        found = r.jobs.find(tenant_id, job_id)
+    assert len(found) <= 1, found
+    return found[0] if found else None
 
 
 class TestImportJobs:
@@ -658,7 +708,7 @@ class TestImportJobs:
             "doc-1",
         )
         with uow_factory() as w:
-            w.jobs.processing("tenant-a", "import-1", fresh=3)
+            w.jobs.processing(KEY, "import-1", fresh=3)
             w.commit()
         assert (job(uow_factory, "tenant-a", "import-1") or {})["status"] == "processing"
         with uow_factory() as w:
@@ -667,11 +717,14 @@ class TestImportJobs:
         j = job(uow_factory, "tenant-a", "import-1") or {}
         assert (j["status"], j["completed"]) == ("completed", 3)
         assert job(uow_factory, "tenant-a", "missing") is None
+        with uow_factory(readonly=True) as r:
+            assert (r.jobs.get(KEY, "import-1") or {})["status"] == "completed"
+            assert r.jobs.get(OTHER, "import-1") is None
 
     def test_a_replayed_import_completes_at_once(self, uow_factory: UnitOfWorkFactory) -> None:
         with uow_factory() as w:
             w.jobs.create(KEY, "import-1", 2)
-            w.jobs.processing("tenant-a", "import-1", fresh=0)
+            w.jobs.processing(KEY, "import-1", fresh=0)
             w.commit()
         j = job(uow_factory, "tenant-a", "import-1") or {}
         assert (j["status"], j["completed"]) == ("completed", 2)
@@ -681,7 +734,7 @@ class TestImportJobs:
         with uow_factory() as w:
             w.jobs.create(KEY, "import-1", 3)
             w.jobs.create(theirs, "import-1", 5)
-            w.jobs.fail("tenant-b", "import-1", "bad segment")
+            w.jobs.fail(theirs, "import-1", "bad segment")
             w.commit()
         mine, other = (
             job(uow_factory, "tenant-a", "import-1"),
@@ -691,6 +744,55 @@ class TestImportJobs:
         assert (mine["status"], mine["total"], mine["error"]) == ("waiting", 3, None)
         assert (other["status"], other["total"], other["error"]) == ("error", 5, "bad segment")
 
+    @pytest.mark.parametrize(
+        "second", [DocKey("tenant-a", "ds_2", "doc-1"), OTHER], ids=["dataset", "document"]
+    )
+    def test_a_job_id_reused_elsewhere_never_touches_the_first(
+        self, uow_factory: UnitOfWorkFactory, second: DocKey
+    ) -> None:
+        """Issue 20 item 7: an import into another dataset (or document)
+        reusing a job id failed, and turned the first, completed job into
+        `error`."""
+        with uow_factory() as w:
+            w.jobs.create(KEY, "import-1", 2)
+            w.jobs.processing(KEY, "import-1", fresh=0)
+            w.jobs.create(second, "import-1", 5)
+            w.jobs.fail(second, "import-1", f"document {second.document_id} does not exist")
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            first, reused = r.jobs.get(KEY, "import-1"), r.jobs.get(second, "import-1")
+            found = r.jobs.find("tenant-a", "import-1")
+            in_ds = r.jobs.find("tenant-a", "import-1", second.dataset_id)
+        assert first is not None and reused is not None
+        assert (first["status"], first["total"], first["error"]) == ("completed", 2, None)
+        assert (reused["status"], reused["total"]) == ("error", 5)
+        assert [(j["dataset_id"], j["document_id"]) for j in found] == sorted(
+            [(KEY.dataset_id, KEY.document_id), (second.dataset_id, second.document_id)]
+        )
+        assert {j["document_id"] for j in in_ds} >= {second.document_id}
+
+    def test_delete_the_records_of_documents(self, uow_factory: UnitOfWorkFactory) -> None:
+        elsewhere = DocKey("tenant-a", "ds_2", "doc-1")
+        theirs = DocKey("tenant-b", "ds_1", "doc-1")
+        with uow_factory() as w:
+            for key in (KEY, OTHER, elsewhere, theirs):
+                w.jobs.create(key, "import-1", 1)
+                w.jobs.create(key, "import-2", 1)
+            w.commit()
+        with uow_factory() as w:
+            assert w.jobs.delete("tenant-a", "ds_1", []) == 0
+            assert w.jobs.delete("tenant-a", "ds_1", ["doc-1"]) == 2
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.jobs.get(KEY, "import-1") is None
+            assert r.jobs.get(OTHER, "import-1") is not None
+        with uow_factory() as w:
+            assert w.jobs.delete("tenant-a", "ds_1") == 2  # the rest of the dataset
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert [j["dataset_id"] for j in r.jobs.find("tenant-a", "import-2")] == ["ds_2"]
+            assert len(r.jobs.find("tenant-b", "import-2")) == 1
+
     def test_document_events_touch_only_unfinished_jobs(
         self, uow_factory: UnitOfWorkFactory
     ) -> None:
@@ -698,9 +800,9 @@ class TestImportJobs:
             for name in ("waiting", "processing", "done", "failed"):
                 w.jobs.create(KEY, name, 1)
             w.jobs.create(OTHER, "elsewhere", 1)
-            w.jobs.processing("tenant-a", "processing", fresh=1)
-            w.jobs.processing("tenant-a", "done", fresh=0)
-            w.jobs.fail("tenant-a", "failed", "earlier failure")
+            w.jobs.processing(KEY, "processing", fresh=1)
+            w.jobs.processing(KEY, "done", fresh=0)
+            w.jobs.fail(KEY, "failed", "earlier failure")
             w.commit()
         with uow_factory() as w:
             w.jobs.complete_for_document(KEY)  # only the processing one
@@ -779,7 +881,7 @@ class TestSqlDocuments:
     def test_float32_bytes_on_disk_not_a_pickle(self, sql: SqlUnitOfWorkFactory) -> None:
         v = np.random.default_rng(0).standard_normal(384)
         with sql() as w:
-            w.embeddings.put_many("p", "m", {"h1": v.tolist()})
+            w.embeddings.put_many("t", "p", "m", {"h1": v.tolist()})
             w.commit()
         with sql.database.engine.connect() as conn:
             dim, blob = conn.execute(select(EmbeddingRow.dim, EmbeddingRow.vector)).one()
@@ -882,6 +984,76 @@ class TestSqlSchema:
                 w.commit()
             assert (job(uow, "tenant-a", "import-1") or {})["total"] == 3
             assert (job(uow, "tenant-b", "import-1") or {})["total"] == 9
+        finally:
+            db.dispose()
+
+    def test_0009_moves_cached_vectors_to_the_tenants_using_them(self, db_url: str) -> None:
+        """Each cached vector goes to every tenant with a segment of its text;
+        a vector no segment uses goes. Jobs keep their rows under the new key."""
+        from alembic import command
+        from alembic.config import Config
+
+        from infra.db.engine import MIGRATIONS
+
+        engine = create_db_engine(db_url)
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        blob = np.asarray([1.0, 2.0], dtype="<f4").tobytes()
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0006")
+            for n, (tenant, doc_hash) in enumerate(
+                [("tenant-a", "shared"), ("tenant-b", "shared"), ("tenant-b", "theirs")]
+            ):
+                conn.execute(
+                    text(
+                        "INSERT INTO documents (tenant_id, dataset_id, document_id, source,"
+                        " doc_form, version, status, chars, segment_count, tokens, word_count,"
+                        " embedded_texts, cache_hits, segments_added, segments_kept,"
+                        " segments_removed) VALUES (:t, 'ds', :d, 'a.txt', 'text', 1,"
+                        " 'completed', 1, 1, 1, 1, 1, 0, 1, 0, 0)"
+                    ),
+                    {"t": tenant, "d": f"doc-{n}"},
+                )
+                pk = conn.execute(text("SELECT max(id) FROM documents")).scalar_one()
+                conn.execute(
+                    text(
+                        "INSERT INTO segments (document_pk, tenant_id, dataset_id, document_id,"
+                        " index_node_id, doc_hash, position, content, word_count, tokens,"
+                        " status, vector_indexed, keywords_indexed, version)"
+                        " VALUES (:pk, :t, 'ds', :d, :n, :h, 0, 'x', 1, 1, 'completed',"
+                        " true, true, 1)"
+                    ),
+                    {"pk": pk, "t": tenant, "d": f"doc-{n}", "n": f"node-{n}", "h": doc_hash},
+                )
+            for doc_hash in ("shared", "theirs", "unused"):
+                conn.execute(
+                    text(
+                        "INSERT INTO embeddings (provider, model, doc_hash, dim, vector)"
+                        " VALUES ('p', 'm', :h, 2, :v)"
+                    ),
+                    {"h": doc_hash, "v": blob},
+                )
+            conn.execute(
+                text(
+                    "INSERT INTO batch_jobs (job_id, tenant_id, dataset_id, document_id,"
+                    " status, total, completed) VALUES ('import-1', 'tenant-a', 'ds',"
+                    " 'doc-0', 'completed', 3, 3)"
+                )
+            )
+        migrate(engine)
+        db = Database(engine)
+        try:
+            uow = SqlUnitOfWorkFactory(db)
+            with uow(readonly=True) as r:
+                hashes = ["shared", "theirs", "unused"]
+                assert set(r.embeddings.get_many("tenant-a", "p", "m", hashes)) == {"shared"}
+                got = r.embeddings.get_many("tenant-b", "p", "m", hashes)
+                assert set(got) == {"shared", "theirs"}
+                assert list(got["theirs"]) == [1.0, 2.0]
+                assert r.embeddings.count() == 3
+                j = r.jobs.get(DocKey("tenant-a", "ds", "doc-0"), "import-1")
+                assert j is not None and j["status"] == "completed"
         finally:
             db.dispose()
 

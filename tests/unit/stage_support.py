@@ -199,7 +199,9 @@ class World:
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.uow(readonly=True) as uow:
-            return uow.jobs.get(TENANT, job_id)
+            found = uow.jobs.find(TENANT, job_id)
+        assert len(found) <= 1, found
+        return found[0] if found else None
 
     def consistent(self, key: DocKey = KEY) -> bool:
         """Both indexes hold exactly the document's segments."""

@@ -134,6 +134,30 @@ class TestDeleteWins:
         assert (doc.segment_count, doc.segments_removed) == (0, 2)
 
 
+class TestForget:
+    """Issue 20 item 12: a purged tombstone keeps only what fences events."""
+
+    def test_a_tombstone_forgets_its_texts_and_still_fences(self) -> None:
+        doc = indexing(3)
+        doc.content_hash = "sha256:abc"
+        assert doc.delete(4)
+        assert not doc.forget()  # its segments are not gone yet
+        assert doc.segments_purged(4, 2)
+        doc.drop("document.updated", 3)
+        doc.error = "segment 'secret plans'... too long"
+        assert doc.forget()
+        assert (doc.source, doc.content_hash, doc.error, doc.last_dropped) == ("", None, None, None)
+        assert not doc.forget()  # nothing left to blank
+        assert (doc.version, doc.status) == (4, S.DELETED)
+        assert not doc.start_parsing(4, "a.md")  # the fence holds
+        assert doc.start_parsing(5, "a.md")
+
+    def test_a_live_document_forgets_nothing(self) -> None:
+        doc = indexing(3)
+        assert not doc.forget()
+        assert doc.source == "a.md"
+
+
 class TestTransitions:
     def test_forward_path(self) -> None:
         doc = parsing(1)

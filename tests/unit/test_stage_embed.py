@@ -99,7 +99,7 @@ class TestOutput:
         ]
         with world.uow(readonly=True) as uow:
             cached = uow.embeddings.get_many(
-                world.embedder.provider, world.embedder.model, [r.doc_hash for r in refs]
+                TENANT, world.embedder.provider, world.embedder.model, [r.doc_hash for r in refs]
             )
         assert len(cached) == 3 and all(len(v) == world.embedder.dim for v in cached.values())
 
@@ -213,3 +213,41 @@ class TestPrefetch:
         result = stage.handle(events)
         assert sorted(world.embedder.embedded_texts) == sorted(P[:2])
         assert result.counts == {"embedded_texts": 2, "cache_hits": 0}
+
+
+class TestTenants:
+    """Issue 20 item 6: the cache is per tenant, so whether a text hits it says
+    nothing about what other tenants hold."""
+
+    @staticmethod
+    def theirs(event: Event) -> Event:
+        return event.model_copy(update={"tenant_id": "t2"})
+
+    def cached(self, world: World, tenant: str) -> int:
+        with world.uow(readonly=True) as uow:
+            return uow.embeddings.count(world.embedder.provider, world.embedder.model, tenant)
+
+    def test_another_tenants_text_is_no_hit(self) -> None:
+        world = World()
+        embed(world, split_events(world, created(P[0], 1, doc="a")))
+        result = embed(world, split_events(world, self.theirs(created(P[0], 1, doc="b"))))
+        assert result.counts.get("cache_hits", 0) == 0
+        assert result.counts["embedded_texts"] == 1
+        doc = world.doc(DocKey("t2", DATASET, "b"))
+        assert doc is not None and (doc.embedded_texts, doc.cache_hits) == (1, 0)
+        assert (self.cached(world, TENANT), self.cached(world, "t2")) == (1, 1)
+        # within a tenant the text is still embedded once
+        again = embed(world, split_events(world, self.theirs(created(P[0], 1, doc="c"))))
+        assert (again.counts.get("embedded_texts", 0), again.counts["cache_hits"]) == (0, 1)
+
+    def test_two_tenants_in_one_batch_share_one_model_call(self) -> None:
+        world = World()
+        events = split_events(
+            world, created(P[0], 1, doc="a"), self.theirs(created(P[0], 1, doc="a"))
+        )
+        embed(world, events)
+        assert world.embedder.embedded_texts == [P[0]]
+        for tenant in (TENANT, "t2"):
+            doc = world.doc(DocKey(tenant, DATASET, "a"))
+            assert doc is not None and (doc.embedded_texts, doc.cache_hits) == (1, 0)
+            assert self.cached(world, tenant) == 1

@@ -61,7 +61,7 @@ class TestLoad:
         with world.uow(readonly=True) as uow:
             (seg,) = [s for s in world.segments().values() if s.position == 0]
             cached = uow.embeddings.get_many(
-                world.embedder.provider, world.embedder.model, [seg.doc_hash]
+                TENANT, world.embedder.provider, world.embedder.model, [seg.doc_hash]
             )
         assert world.vectors.rows[seg.index_node_id][0] == [float(x) for x in cached[seg.doc_hash]]
 

@@ -208,6 +208,32 @@ class TestDeleteDocument:
         assert world.deliver(result) == [] and world.consistent()
         assert world.vectors.rows == {}
 
+    def test_delete_prunes_the_cached_vectors_only_it_used(self) -> None:
+        """Issue 20 item 6: a text's cached vector goes with the tenant's last
+        segment of it; an update keeps the vectors of its old texts (an update
+        back to them hits the cache)."""
+        world = completed_world(*P[:3])
+        assert world.run(created(text_of(P[1], P[4]), 1, doc="other")) == []
+        assert world.run(updated(text_of(*P[:2]), 2)) == []  # P[2] no longer used
+        theirs = created(text_of(*P[:3]), 1).model_copy(update={"tenant_id": "t2"})
+        assert world.run(theirs) == []
+
+        def cached(tenant: str = TENANT) -> int:
+            with world.uow(readonly=True) as uow:
+                return uow.embeddings.count(tenant_id=tenant)
+
+        assert (cached(), cached("t2")) == (4, 3)  # P[0..2] and P[4]; an update prunes nothing
+        world.run(deleted(5))
+        # P[1] and P[4] are still used by "other"; P[0] and the stale P[2] go once
+        # no segment of the tenant uses them (P[2] already had none: see purge)
+        assert cached() == 3
+        world.run(deleted(5, doc="other"))
+        assert cached() == 1  # only P[2]: no deleted document used it at its delete
+        with world.uow() as uow:
+            assert uow.embeddings.prune(TENANT) == 1
+            uow.commit()
+        assert (cached(), cached("t2")) == (0, 3)
+
     def test_redelivered_delete_still_sends_a_whole_document_removal(self) -> None:
         world = completed_world(*P[:2])
         world.stage("parse").handle([deleted(5)])
