@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumers.pipeline import STAGES
+from consumers.pipeline import STAGES, stage_spec
 from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.runner import StageRunner, run_until_stopped
 from infra.kafka.topics import ensure_topics
@@ -69,12 +69,13 @@ class WorkerPool:
 
     def start(self) -> WorkerPool:
         s = self.container.settings
-        if "parse" in self.stages:
+        specs = [stage_spec(name) for name in self.stages]
+        if any(spec.extracts for spec in specs):
             from infra.extract.isolated import start_forkserver
 
             start_forkserver()
         warm = None
-        if "embed" in self.stages:
+        if any(spec.needs_model for spec in specs):
             # the model is on the critical path: load it first
             warm = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
             warm.start()
