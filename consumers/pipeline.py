@@ -1,7 +1,11 @@
 """The pipeline, declared once: every topic with the events it carries, every
-stage with its factory, input topics and output topics. The composition root,
-the AsyncAPI document, the CLI, docker-compose checks and the tests read this
-table; adding a stage is one entry here plus its module.
+stage with its factory, input topics, output topics and the facts the rest of
+kbstream decides per stage (whether it needs the embedding model, lingers for
+fuller batches, how `up --workers auto` scales it, its pod sizing, what its
+progress is counted in). The composition root, the runner, the supervisor,
+observability and `kbstream top`, the AsyncAPI document, the CLI,
+deploy/generate.py, docker-compose checks and the tests read this table;
+adding a stage is one entry here plus its module.
 
     lifecycle -> [parse] -> parsed -> [split] -> segments -> [embed] -> embedded -> [load_vectors] -> progress
                                                  segments -> [index_keywords] -------------------> progress
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from consumers.contract import Stage, StageDeps
 from consumers.embed import EmbedStage
@@ -32,6 +37,43 @@ class TopicSpec:
     events: tuple[str, ...]  # event types it carries
 
 
+class Scaling(StrEnum):
+    """How `kbstream up --workers auto` runs a stage (kbstream/supervisor.py)."""
+
+    # CPU-bound Python (extraction driving, tokenizing, jieba): scales with
+    # processes, max(1, min(partitions, cpus // 4)) of them
+    PROCESSES = "processes"
+    # one process: the model already uses every core (or owns the GPU) and
+    # loading it twice only costs memory; Milvus calls wait, they do not compute
+    ONE_PROCESS = "one process"
+    # a small transaction per event: stays a thread of `up`
+    THREAD = "thread"
+
+
+class Progress(StrEnum):
+    """What a stage has done to segments, as a count in the database
+    (kbstream/observability.py turns each into a query; `kbstream top` into
+    segments/s)."""
+
+    SEGMENTS = "segments"  # segment rows
+    EMBEDDINGS = "embeddings"  # embedding cache entries
+    VECTOR_INDEXED = "vector_indexed"
+    KEYWORDS_INDEXED = "keywords_indexed"
+    COMPLETED = "completed"  # segments of completed documents
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Per-stage pod resources and the lag (events per replica) KEDA scales at
+    (deploy/generate.py)."""
+
+    cpu: str
+    memory: str
+    cpu_limit: str
+    memory_limit: str
+    lag_threshold: int
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
@@ -39,6 +81,19 @@ class StageSpec:
     inputs: tuple[Topic, ...]
     outputs: tuple[Topic, ...]
     build: Callable[[StageDeps], Stage]
+    scaling: Scaling
+    sizing: Sizing
+    progress: Progress | None = None  # None: nothing countable per segment
+    # warm the embedding model before the stage runs: it is on the critical path
+    needs_model: bool = False
+    # wait up to KBSTREAM_EMBED_LINGER_MS for a fuller batch: only a model call gains
+    lingers: bool = False
+    # runs document extraction: the process starts the extraction forkserver first
+    extracts: bool = False
+    # its process's /readyz checks that Milvus answers
+    ready_needs_milvus: bool = False
+    # the process running it exports the documents gauges (once, not per pod)
+    exports_document_gauges: bool = False
 
     @property
     def group(self) -> str:
@@ -94,6 +149,10 @@ PIPELINE: tuple[StageSpec, ...] = (
         (Topic.LIFECYCLE,),
         (Topic.PARSED,),
         lambda d: ParseStage(d.uow, d.reader, d.stage_config.inline_text_bytes),
+        scaling=Scaling.PROCESSES,
+        # sandboxed extraction children may use KBSTREAM_EXTRACT_MEMORY_BYTES (2 GiB) each
+        sizing=Sizing("500m", "1Gi", "1", "3Gi", 50),
+        extracts=True,
     ),
     StageSpec(
         "split",
@@ -106,6 +165,9 @@ PIPELINE: tuple[StageSpec, ...] = (
             d.stage_config.segments_per_event,
             max_segments=d.stage_config.max_segments_per_document,
         ),
+        scaling=Scaling.PROCESSES,
+        sizing=Sizing("500m", "512Mi", "1", "1Gi", 100),
+        progress=Progress.SEGMENTS,
     ),
     StageSpec(
         "embed",
@@ -121,6 +183,12 @@ PIPELINE: tuple[StageSpec, ...] = (
                 1, 4 * d.stage_config.embed_max_segments // d.stage_config.segments_per_event
             ),
         ),
+        scaling=Scaling.ONE_PROCESS,
+        # the model takes every core it gets; an event carries up to 32 segments
+        sizing=Sizing("2", "1536Mi", "4", "3Gi", 20),
+        progress=Progress.EMBEDDINGS,
+        needs_model=True,
+        lingers=True,
     ),
     StageSpec(
         "load_vectors",
@@ -128,6 +196,10 @@ PIPELINE: tuple[StageSpec, ...] = (
         (Topic.EMBEDDED,),
         (Topic.PROGRESS,),
         lambda d: LoadVectorsStage(d.uow, d.vectors, *d.model_identity[:2]),
+        scaling=Scaling.ONE_PROCESS,
+        sizing=Sizing("250m", "512Mi", "1", "1Gi", 100),
+        progress=Progress.VECTOR_INDEXED,
+        ready_needs_milvus=True,
     ),
     StageSpec(
         "index_keywords",
@@ -135,6 +207,9 @@ PIPELINE: tuple[StageSpec, ...] = (
         (Topic.SEGMENTS,),
         (Topic.PROGRESS,),
         lambda d: IndexKeywordsStage(d.uow, d.keyword_index),
+        scaling=Scaling.PROCESSES,
+        sizing=Sizing("500m", "768Mi", "1", "1536Mi", 50),
+        progress=Progress.KEYWORDS_INDEXED,
     ),
     StageSpec(
         "track_status",
@@ -142,6 +217,11 @@ PIPELINE: tuple[StageSpec, ...] = (
         (Topic.PROGRESS,),
         (),
         lambda d: TrackStatusStage(d.uow, d.vectors, d.keyword_index),
+        scaling=Scaling.THREAD,
+        sizing=Sizing("250m", "512Mi", "500m", "1Gi", 200),
+        progress=Progress.COMPLETED,
+        ready_needs_milvus=True,
+        exports_document_gauges=True,
     ),
 )
 
@@ -153,6 +233,11 @@ def stage_spec(name: str) -> StageSpec:
         if spec.name == name:
             return spec
     raise PermanentError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+
+
+def scaled(scaling: Scaling) -> list[str]:
+    """The stages `up --workers auto` runs as ``scaling`` says, in table order."""
+    return [s.name for s in PIPELINE if s.scaling is scaling]
 
 
 def topic_spec(topic: Topic) -> TopicSpec:

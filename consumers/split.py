@@ -32,7 +32,8 @@ from domain.events import (
     resolved_version,
     split_batches,
 )
-from domain.model import (
+from domain.ports import ModelTokens, UnitOfWork, UnitOfWorkFactory
+from domain.segments import (
     ChunkText,
     Segment,
     StoredSegment,
@@ -40,7 +41,6 @@ from domain.model import (
     diff_segments,
     make_index_node_id,
 )
-from domain.ports import ModelTokens, UnitOfWork, UnitOfWorkFactory
 from domain.splitting import split_document
 
 log = logging.getLogger(__name__)

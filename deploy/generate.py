@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,29 +63,6 @@ KAFKA_SECRET_KEYS = {
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
 
 
-@dataclass(frozen=True)
-class Sizing:
-    """Per-stage pod resources and the lag (events per replica) KEDA scales at."""
-
-    cpu: str
-    memory: str
-    cpu_limit: str
-    memory_limit: str
-    lag_threshold: int
-
-
-SIZING: dict[str, Sizing] = {
-    # sandboxed extraction children may use KBSTREAM_EXTRACT_MEMORY_BYTES (2 GiB) each
-    "parse": Sizing("500m", "1Gi", "1", "3Gi", 50),
-    "split": Sizing("500m", "512Mi", "1", "1Gi", 100),
-    # the model takes every core it gets; an event carries up to 32 segments
-    "embed": Sizing("2", "1536Mi", "4", "3Gi", 20),
-    "load_vectors": Sizing("250m", "512Mi", "1", "1Gi", 100),
-    "index_keywords": Sizing("500m", "768Mi", "1", "1536Mi", 50),
-    "track_status": Sizing("250m", "512Mi", "500m", "1Gi", 200),
-}
-
-
 def k8s_name(stage: str) -> str:
     return "kbstream-" + stage.replace("_", "-")
 
@@ -113,7 +89,7 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def deployment(spec: StageSpec) -> dict[str, Any]:
-    size = SIZING[spec.name]
+    size = spec.sizing
     container = {
         "name": "worker",
         "image": IMAGE,
@@ -195,7 +171,7 @@ def scaled_object(spec: StageSpec) -> dict[str, Any]:
                 "bootstrapServers": BROKERS,
                 "consumerGroup": group_of(spec),
                 "topic": topic,
-                "lagThreshold": str(SIZING[spec.name].lag_threshold),
+                "lagThreshold": str(spec.sizing.lag_threshold),
                 # a group that never committed starts at the beginning (the runner's
                 # auto.offset.reset), so its lag counts from there
                 "offsetResetPolicy": "earliest",

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from domain.documents import DocKey, Document
-from domain.model import ExistingSegment, Segment, SegmentDiff, StoredSegment
+from domain.segments import ExistingSegment, Segment, SegmentDiff, StoredSegment
 from domain.vector_indexes import IndexTarget, VectorIndexRecord
 
 # -- the embedding model -------------------------------------------------------

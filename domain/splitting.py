@@ -21,8 +21,8 @@ from langchain_text_splitters import RecursiveCharacterTextSplitter
 from domain.cleaning import clean_text
 from domain.errors import DocumentError, SplitRuleError
 from domain.events import DocForm, ProcessRule, max_overlap
-from domain.model import ChunkText
 from domain.ports import TokenCounter
+from domain.segments import ChunkText
 
 # Coarse to fine: paragraphs, lines, sentences (Chinese full-width and English),
 # clauses, words, then characters as the last resort.

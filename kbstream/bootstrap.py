@@ -198,8 +198,7 @@ class Container:
             max_event_bytes=s.max_event_bytes,
             max_deliveries=s.max_deliveries,
             exclusive=exclusive,
-            # only the model gains from waiting for a fuller batch
-            linger=s.embed_linger_ms / 1000 if name == "embed" else 0.0,
+            linger=s.embed_linger_ms / 1000 if spec.lingers else 0.0,
             lookahead=s.embed_lookahead,
             fetch_wait_ms=s.fetch_wait_ms,
         )

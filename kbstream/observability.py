@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 from sqlalchemy import func, select
 
-from consumers.pipeline import STAGES, stage_spec
+from consumers.pipeline import PIPELINE, STAGES, Progress, stage_spec
 from domain.documents import IndexingStatus
 from infra import metrics
 from infra.db.database import Database
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENDING = [s.value for s in IndexingStatus if not s.finished]
-# stages that open Milvus: their processes must reach it to be ready
-MILVUS_STAGES = ("load_vectors", "track_status")
 
 
 def stage_groups(settings: Settings) -> dict[str, tuple[str, list[str]]]:
@@ -71,13 +69,14 @@ def segment_progress(db: Database) -> dict[str, int]:
     """What each stage has done to segments, as counts in the database (top
     turns successive reads into segments/s)."""
     seg = select(func.count()).select_from(SegmentRow)
-    queries = {
-        "split": seg,
-        "embed": select(func.count()).select_from(EmbeddingRow),
-        "load_vectors": seg.where(SegmentRow.vector_indexed.is_(True)),
-        "index_keywords": seg.where(SegmentRow.keywords_indexed.is_(True)),
-        "track_status": seg.where(SegmentRow.status == IndexingStatus.COMPLETED.value),
+    counts = {
+        Progress.SEGMENTS: seg,
+        Progress.EMBEDDINGS: select(func.count()).select_from(EmbeddingRow),
+        Progress.VECTOR_INDEXED: seg.where(SegmentRow.vector_indexed.is_(True)),
+        Progress.KEYWORDS_INDEXED: seg.where(SegmentRow.keywords_indexed.is_(True)),
+        Progress.COMPLETED: seg.where(SegmentRow.status == IndexingStatus.COMPLETED.value),
     }
+    queries = {s.name: counts[s.progress] for s in PIPELINE if s.progress is not None}
     with db.connect() as conn:
         return {stage: int(conn.execute(q).scalar() or 0) for stage, q in queries.items()}
 
@@ -100,7 +99,7 @@ def _readiness(
             conn.execute(text("SELECT 1"))
 
     checks = {"broker": broker, "database": database}
-    if any(s in MILVUS_STAGES for s in stages):
+    if any(stage_spec(s).ready_needs_milvus for s in stages):
         checks["milvus"] = lambda: c.vectors.client.list_collections()
     return Readiness(checks, also=workers.not_ready if workers else None).start()
 
@@ -131,7 +130,7 @@ def start_observability(
     if workers is not None and workers.metrics_dir is not None:
         registry = _multiprocess_registry(workers.metrics_dir)
         exporting += [s.stage for s in workers.slots]
-    if "track_status" in exporting:
+    if any(stage_spec(s).exports_document_gauges for s in exporting):
         registry.register(metrics.DocumentStatusCollector(lambda: status_snapshot(c.database)))
     readiness = _readiness(c, brokers, exporting, workers)
     serve(settings.metrics_port, readiness, registry=registry)

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumers.pipeline import STAGES
+from consumers.pipeline import STAGES, stage_spec
 from infra.kafka.broker import EmbeddedBroker
 from infra.kafka.runner import StageRunner, run_until_stopped
 from infra.kafka.topics import ensure_topics
@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 MODEL_LOAD_WAIT_S = 30.0
 
 __all__ = [
+    "BrokerLocation",
     "EmbeddedStack",
     "MilvusLiteServer",
-    "Runtime",
     "StackError",
     "StackInfo",
     "WorkerPool",
@@ -69,12 +69,13 @@ class WorkerPool:
 
     def start(self) -> WorkerPool:
         s = self.container.settings
-        if "parse" in self.stages:
+        specs = [stage_spec(name) for name in self.stages]
+        if any(spec.extracts for spec in specs):
             from infra.extract.isolated import start_forkserver
 
             start_forkserver()
         warm = None
-        if "embed" in self.stages:
+        if any(spec.needs_model for spec in specs):
             # the model is on the critical path: load it first
             warm = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
             warm.start()
@@ -117,7 +118,7 @@ class WorkerPool:
 
 
 @dataclass
-class Runtime:
+class BrokerLocation:
     bootstrap: str
     embedded: bool  # True: this process must run the workers itself
     journal: Path | None = None  # the embedded broker's journal (kbstream.journal)
@@ -131,23 +132,23 @@ def runs_own_workers(settings: Settings) -> bool:
 
 
 @contextlib.contextmanager
-def broker_for(settings: Settings) -> Iterator[Runtime]:
+def broker_for(settings: Settings) -> Iterator[BrokerLocation]:
     """The broker this command talks to; starts an embedded one if none. A
     broker started here first gets what the home's journal holds (events an
     earlier broker acknowledged and nobody finished), and at the end the
     journal keeps only what is still unfinished."""
     if settings.brokers:
-        yield Runtime(settings.brokers, embedded=False, journal=settings.broker_journal)
+        yield BrokerLocation(settings.brokers, embedded=False, journal=settings.broker_journal)
         return
     info = StackInfo.read_live(settings.home)
     if info is not None:
-        yield Runtime(info.brokers, embedded=False, journal=info.journal_path)
+        yield BrokerLocation(info.brokers, embedded=False, journal=info.journal_path)
         return
     settings.home.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(log_file=settings.home / "broker.log").start()
     try:
         path = journal.take_over(settings, broker.bootstrap)
-        yield Runtime(broker.bootstrap, embedded=True, journal=path)
+        yield BrokerLocation(broker.bootstrap, embedded=True, journal=path)
         # the workers stopped and committed: keep what they did not finish
         journal.upkeep(
             settings.model_copy(update={"broker_journal": path}), broker.bootstrap, replay=False

@@ -38,18 +38,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from consumers.pipeline import PIPELINE, Scaling, scaled
 from infra import children
 
 log = logging.getLogger(__name__)
 
-# CPU-bound Python (extraction driving, tokenizing, jieba) scales with
-# processes; the model already uses every core (or owns the GPU) in one
-# process, and loading it twice only costs memory; load_vectors waits on
-# Milvus; track_status is a small transaction per event and stays a thread.
-TEXT_STAGES = ("parse", "split", "index_keywords")
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+
+
+# what each stage's Scaling (consumers/pipeline.py) means for `--workers auto`
 AUTO_RULE = (
-    "auto: parse, split and index_keywords get max(1, min(partitions, cpus // 4)) "
-    "processes each; embed and load_vectors one process each; track_status stays a thread"
+    f"auto: {_listed(scaled(Scaling.PROCESSES))} get max(1, min(partitions, cpus // 4)) "
+    f"processes each; {_listed(scaled(Scaling.ONE_PROCESS))} one process each; "
+    f"{_listed(scaled(Scaling.THREAD))} stays a thread"
 )
 
 
@@ -60,8 +63,8 @@ class WorkersSpecError(ValueError):
 def auto_workers(stages: Sequence[str], cpus: int | None, partitions: int) -> dict[str, int]:
     """AUTO_RULE for the stages that run."""
     wide = max(1, min(partitions, (cpus or 1) // 4))
-    counts = {s: wide for s in TEXT_STAGES}
-    counts.update(embed=1, load_vectors=1)
+    per_class = {Scaling.PROCESSES: wide, Scaling.ONE_PROCESS: 1}
+    counts = {s.name: per_class[s.scaling] for s in PIPELINE if s.scaling in per_class}
     return {s: counts[s] for s in stages if s in counts}
 
 

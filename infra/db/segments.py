@@ -11,7 +11,7 @@ from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from domain.documents import DocKey, Document
-from domain.model import ExistingSegment, Segment, SegmentDiff, StoredSegment
+from domain.segments import ExistingSegment, Segment, SegmentDiff, StoredSegment
 from infra.db.database import Database, chunks, of_document, table
 from infra.db.models import DocumentRow, SegmentRow
 

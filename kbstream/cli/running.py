@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from consumers.pipeline import STAGES
+from consumers.pipeline import STAGES, Scaling, scaled, stage_spec
 from domain.errors import KbstreamError
 from kbstream.cli.common import (
     HomeOpt,
@@ -57,7 +57,7 @@ def worker(
         runner = c.runner(stage, brokers)
         start_observability(settings, c, brokers, [stage])
         stop_on_signals(runner.stop)
-        if stage == "embed":
+        if stage_spec(stage).needs_model:
             _warm_up(c)
         run_until_stopped(runner)
 
@@ -78,8 +78,9 @@ def _warm_up(c: Container) -> None:
 WORKERS_HELP = (
     "run these stages as N worker processes each (members of the stage's consumer "
     "group, like pods) instead of threads of this process, e.g. "
-    "--workers parse=2,split=2,index_keywords=2,embed=1; or auto (parse, split, "
-    "index_keywords: max(1, min(partitions, cpus // 4)) each; embed, load_vectors: 1). "
+    "--workers parse=2,split=2,index_keywords=2,embed=1; or auto "
+    f"({', '.join(scaled(Scaling.PROCESSES))}: max(1, min(partitions, cpus // 4)) each; "
+    f"{', '.join(scaled(Scaling.ONE_PROCESS))}: 1). "
     "A worker that dies is restarted with backoff"
 )
 

@@ -31,7 +31,7 @@ from domain.events import (
     DocumentUpdated,
     ProcessRule,
 )
-from domain.model import build_segments
+from domain.segments import build_segments
 from domain.splitting import split_document
 from infra.extract import extract_text
 from kbstream.dlq import list_dead_letters

@@ -537,8 +537,8 @@ def test_forged_internal_events_cannot_touch_another_tenants_document(
         SegmentsRemoved,
         SegmentsSplit,
     )
-    from domain.model import compute_doc_hash
     from domain.ports import KeywordRow, VectorRow
+    from domain.segments import compute_doc_hash
     from kbstream.search import search
 
     p, c = claim_checked, claim_checked.container

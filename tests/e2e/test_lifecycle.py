@@ -37,7 +37,7 @@ from domain.events import (
     SegmentDeleted,
     SegmentsBatchImported,
 )
-from domain.model import build_segments, compute_doc_hash, make_index_node_id
+from domain.segments import build_segments, compute_doc_hash, make_index_node_id
 from domain.splitting import split_document
 from infra.db.models import SegmentRow
 from kbstream.indexing import index_paths

@@ -24,7 +24,7 @@ import pytest
 
 from domain.documents import IndexingStatus
 from domain.events import DocForm, DocumentCreated, ProcessRule
-from domain.model import build_segments
+from domain.segments import build_segments
 from domain.splitting import split_document
 from infra.extract import extract_text
 from kbstream.dlq import list_dead_letters

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from domain.documents import DocKey, Document
-from domain.model import ExistingSegment, Segment, SegmentDiff, StoredSegment
+from domain.segments import ExistingSegment, Segment, SegmentDiff, StoredSegment
 from domain.vector_indexes import IndexState, VectorIndexRecord
 from tests.fakes.state import FLAGS, MAX_ERROR_CHARS, _now, _SegmentRow
 

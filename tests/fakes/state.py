@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from domain.documents import DocKey, Document
-from domain.model import StoredSegment
+from domain.segments import StoredSegment
 from domain.vector_indexes import VectorIndexRecord
 
 MAX_ERROR_CHARS = 4000

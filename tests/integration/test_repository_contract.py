@@ -26,8 +26,8 @@ from sqlalchemy import inspect as sa_inspect
 from domain.claim_check import parsed_key, removals_key, upload_key
 from domain.documents import DocKey, Document, IndexingStatus, SplitCounts
 from domain.errors import PermanentError, TransientError
-from domain.model import ChunkText, Segment, SegmentDiff, build_segments, diff_segments
 from domain.ports import UnitOfWorkFactory
+from domain.segments import ChunkText, Segment, SegmentDiff, build_segments, diff_segments
 from infra.db.database import Database
 from infra.db.engine import create_db_engine, migrate
 from infra.db.models import DatasetRow, DocumentRow, EmbeddingRow, SegmentRow

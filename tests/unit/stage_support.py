@@ -25,7 +25,7 @@ from domain.events import (
     SegmentsSplit,
     Topic,
 )
-from domain.model import StoredSegment
+from domain.segments import StoredSegment
 from tests.fakes import (
     HashingEmbeddingDouble,
     InMemoryDocumentReader,

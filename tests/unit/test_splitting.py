@@ -12,7 +12,7 @@ import pytest
 from domain.cleaning import clean_text
 from domain.errors import DocumentError, SplitRuleError
 from domain.events import DocForm, ProcessRule
-from domain.model import ChunkText
+from domain.segments import ChunkText
 from domain.splitting import CHARS_PER_TOKEN, DEFAULT_SEPARATORS, resolve_rule, split_document
 from infra.embedding import ModelTokenCounter, bundled_model_dir
 from tests.conftest import HashingEmbeddingDouble

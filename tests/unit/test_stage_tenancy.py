@@ -22,7 +22,7 @@ from domain.events import (
     SegmentsSplit,
     Topic,
 )
-from domain.model import compute_doc_hash
+from domain.segments import compute_doc_hash
 from producers.uploads import upload_files
 from tests.unit.stage_support import (
     DATASET,

@@ -1,4 +1,4 @@
-"""domain.model: doc_hash, index_node_id, segments and the diff an update applies."""
+"""domain.segments: doc_hash, index_node_id, segments and the diff an update applies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain.documents import IndexingStatus
-from domain.model import (
+from domain.segments import (
     ChunkText,
     ExistingSegment,
     Segment,
@@ -273,6 +273,6 @@ def test_status_finished() -> None:
 
 @given(st.text(alphabet=st.sampled_from(list("ab c'’_-1é²中文한글カナ \n\t.,!？x")), max_size=60))
 def test_count_words_agrees_with_its_reference_definition(text: str) -> None:
-    from domain.model import _count_words_slow
+    from domain.segments import _count_words_slow
 
     assert count_words(text) == _count_words_slow(text)
