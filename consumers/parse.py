@@ -17,7 +17,7 @@ from typing import TypeVar, cast
 from consumers.contract import Emit, StageResult
 from consumers.failpoints import failpoint
 from domain.claim_check import parsed_key, parsed_prefix, upload_payload_key
-from domain.documents import DocKey, Document
+from domain.documents import DocKey, Document, segment_event_version
 from domain.errors import DocumentError
 from domain.events import (
     DocumentCreated,
@@ -126,7 +126,7 @@ class ParseStage:
                     # No version: delete what is there now, so the next version
                     # (e.g. upstream's v4 after v3 and a delete) brings it back.
                     doc = load_or_create(uow, key)
-                    version = doc.version if event.version is None else event.version
+                    version = doc.applies_to(event.version)
                     if doc.delete(version):
                         slots[i].append(Emit(Topic.PARSED, _versioned(event, version)))
                     else:
@@ -136,8 +136,7 @@ class ParseStage:
                     # they change the current version's segments, never make a new one
                     applies_to = event.version
                     if applies_to is None:
-                        current = uow.documents.get(key)
-                        applies_to = current.version if current is not None else 0
+                        applies_to = segment_event_version(None, uow.documents.get(key))
                     if isinstance(event, SegmentsBatchImported):
                         uow.jobs.create(key, event.job_id, len(event.segments))
                     slots[i].append(Emit(Topic.PARSED, _versioned(event, applies_to)))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from consumers.contract import StageResult
 from consumers.ownership import foreign_ids_error
 from domain.claim_check import check_text_ref, document_prefix, removals_key
-from domain.documents import DocKey, Document, SplitCounts
+from domain.documents import DocKey, Document, SplitCounts, owed_removals
 from domain.errors import DocumentError
 from domain.events import (
     DocumentDeleted,
@@ -233,15 +233,16 @@ class SplitStage:
             # the removals still owed again (a delete by segment_id names no
             # index_node_id; the owed list is what remembers it). Repeating a
             # removal is harmless: the indexes reconcile by id.
-            again = set(_still_owed(uow, key))
+            named: list[str] = []
             if event.index_node_id:
                 owner = uow.segments.owners([event.index_node_id]).get(event.index_node_id)
                 if owner is not None:  # alive, so not this document's
                     result.reject(event, foreign_ids_error(event, [event.index_node_id]))
                     return
-                again.add(event.index_node_id)
+                named.append(event.index_node_id)
+            again = owed_removals(_still_owed(uow, key), named, alive=frozenset())
             if again:
-                result.emit(Topic.SEGMENTS, _removed(event, sorted(again)))
+                result.emit(Topic.SEGMENTS, _removed(event, again))
             return
         doc.segment_deleted(resolved_version(event), gone.tokens, gone.word_count)
         # owed in the same transaction as the delete, until the document completes
@@ -352,12 +353,11 @@ def _still_owed(uow: UnitOfWork, key: DocKey) -> list[str]:
 
 
 def _owed_removals(uow: UnitOfWork, key: DocKey, removed: Sequence[str]) -> list[str]:
-    """Removals of this split plus those earlier splits still owe the indexes
-    (their publish may have been lost), minus any id that is alive again.
-    Kept durably until the document completes."""
+    """The removals the document owes after this change (domain.documents.
+    owed_removals), kept durably until the document completes."""
     data = uow.payloads.get(removals_key(key))
     earlier: list[str] = json.loads(data) if data else []
-    owed = sorted(set(earlier).union(removed) - uow.segments.ids_for_document(key))
+    owed = owed_removals(earlier, removed, uow.segments.ids_for_document(key))
     if owed:
         uow.payloads.put(removals_key(key), json.dumps(owed).encode())
     elif data is not None:

@@ -1,8 +1,9 @@
 """track_status: joins the two branches. A document is completed when every
 segment of its current version is flagged by both branches, and the vector
-index and the keyword index hold exactly its segments (removals included).
-The check reads state, not event counts, so duplicates and reordering cannot
-fool it."""
+index and the keyword index hold exactly its segments (removals included):
+the rule is the Document aggregate's (Document.may_complete); this stage
+loads what it needs, asks, and saves. The check reads state, not event
+counts, so duplicates and reordering cannot fool it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from consumers.contract import StageResult
 from domain.claim_check import removals_key
-from domain.documents import DocKey, IndexingStatus
+from domain.documents import DocKey, indexes_hold_exactly
 from domain.events import Event
 from domain.ports import KeywordIndex, UnitOfWork, UnitOfWorkFactory, VectorIndex
 
@@ -39,16 +40,16 @@ class TrackStatusStage:
         with self.uow(readonly=True) as uow:
             for key, doc in uow.documents.get_many(keys).items():
                 # the cheap flag count first; the stores only when it could complete
-                if doc.status is not IndexingStatus.INDEXING or uow.segments.pending_count(key):
+                if not doc.awaits_indexes(uow.segments.pending_count(key)):
                     continue
                 segments = uow.segments.ids_for_document(key)
                 candidates.append(_Candidate(key, doc.version, frozenset(segments)))
         # both indexes, outside any transaction, in one round trip per dataset each
         found = [c.key for c in candidates]
         texts = self.keywords.ids_for_documents(found) if found else {}
-        ok = [c for c in candidates if texts.get(c.key, set()) == c.segments]
+        ok = [c for c in candidates if indexes_hold_exactly(c.segments, texts.get(c.key, set()))]
         stored = self.vectors.ids_for_documents(c.key for c in ok) if ok else {}
-        agreed = [c for c in ok if stored.get(c.key, set()) == c.segments]
+        agreed = [c for c in ok if indexes_hold_exactly(c.segments, stored.get(c.key, set()))]
         if agreed:
             with self.uow() as uow:
                 for c in sorted(agreed, key=lambda c: str(c.key)):
@@ -61,9 +62,9 @@ class TrackStatusStage:
         doc = uow.documents.get(c.key, for_update=True)
         if doc is None:
             return
-        # the segment set may have changed since the stores were compared
-        unchanged = uow.segments.ids_for_document(c.key) == c.segments
-        if not doc.complete(c.version, uow.segments.pending_count(c.key), unchanged):
+        # the indexes held c.segments; the document's own set may have changed since
+        agree = indexes_hold_exactly(uow.segments.ids_for_document(c.key), c.segments)
+        if not doc.complete(c.version, uow.segments.pending_count(c.key), agree):
             return
         uow.documents.save(doc)
         uow.jobs.complete_for_document(c.key)

@@ -9,11 +9,13 @@ drop a stale event instead of overwriting newer work.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from domain.errors import DocumentError
+from domain.errors import DocumentError, IllegalTransition
 
 # Versions are stored as signed 64-bit integers (BIGINT); events are refused past
 # this at decode time, and no version is ever resolved beyond it.
@@ -40,11 +42,27 @@ class IndexingStatus(StrEnum):
 
 S = IndexingStatus
 
-# Within one version a document only moves forward; ERROR is reachable from any
-# live status. INDEXING is re-entered from COMPLETED when segments are imported
-# or repaired. A new version restarts at PARSING from anywhere (start_parsing),
-# and DELETED is left only by a newer version.
+# Every status change a document may make, whatever causes it; the aggregate
+# sets status nowhere else (_enter). A claim (start_parsing) restarts at
+# PARSING from anywhere, a delete tombstones from anywhere, and DELETED is left
+# only by a claim of a newer version. A split is authoritative for its
+# version, whatever status a redelivery finds (a re-claimed parse, an error);
+# imports and a segment delete reopen a document to INDEXING. A document never
+# claimed (WAITING) has nothing to split or index.
 TRANSITIONS: dict[IndexingStatus, frozenset[IndexingStatus]] = {
+    S.WAITING: frozenset({S.PARSING, S.ERROR, S.DELETED}),
+    S.PARSING: frozenset({S.PARSING, S.SPLITTING, S.INDEXING, S.COMPLETED, S.ERROR, S.DELETED}),
+    S.SPLITTING: frozenset({S.PARSING, S.SPLITTING, S.INDEXING, S.COMPLETED, S.ERROR, S.DELETED}),
+    S.INDEXING: frozenset({S.PARSING, S.INDEXING, S.COMPLETED, S.ERROR, S.DELETED}),
+    S.COMPLETED: frozenset({S.PARSING, S.INDEXING, S.COMPLETED, S.ERROR, S.DELETED}),
+    S.ERROR: frozenset({S.PARSING, S.INDEXING, S.COMPLETED, S.ERROR, S.DELETED}),
+    S.DELETED: frozenset({S.PARSING, S.DELETED}),
+}
+
+# The moves within one version (move_to), a subset of TRANSITIONS: only
+# forward, ERROR from any live status, INDEXING re-entered from COMPLETED or
+# ERROR when segments are repaired.
+FORWARD: dict[IndexingStatus, frozenset[IndexingStatus]] = {
     S.WAITING: frozenset({S.PARSING, S.ERROR}),
     S.PARSING: frozenset({S.PARSING, S.SPLITTING, S.ERROR}),
     S.SPLITTING: frozenset({S.SPLITTING, S.INDEXING, S.COMPLETED, S.ERROR}),
@@ -175,6 +193,12 @@ class Document:
         """Work of exactly this version may still change the document."""
         return version == self.version and not self.deleted
 
+    def applies_to(self, version: int | None) -> int:
+        """The version an event that makes no new version (a delete, a segment
+        change) applies to: its own, or without one the current version, so
+        the next version (upstream's v4 after v3 and a delete) still wins."""
+        return self.version if version is None else version
+
     def drop(self, what: str, version: int) -> None:
         """Record that an event was dropped as stale, for `status --document`."""
         self.last_dropped = (
@@ -182,6 +206,31 @@ class Document:
         )
 
     # -- transitions -----------------------------------------------------------
+
+    def _enter(self, status: IndexingStatus, now: datetime, restart_clock: bool = True) -> None:
+        """The one place a document's status changes: the table first, then
+        when the new status began. Every caller has already decided that the
+        event applies, so a move the table forbids is a bug, not a stale event."""
+        if status not in TRANSITIONS[self.status]:
+            raise IllegalTransition(
+                f"document {self.key} v{self.version}: {self.status.value} -> {status.value} "
+                "is not in the transition table"
+            )
+        self.status = status
+        self.updated_at = now
+        if status is IndexingStatus.PARSING:
+            self.parsing_started_at = now
+            self.completed_at = None
+        elif status is IndexingStatus.SPLITTING:
+            self.splitting_started_at = now
+        elif status is IndexingStatus.INDEXING:
+            self.completed_at = None
+            if restart_clock:
+                self.indexing_started_at = now
+        elif status is IndexingStatus.COMPLETED:
+            self.completed_at = now
+        elif status is IndexingStatus.ERROR:
+            self.error_at = now
 
     def start_parsing(
         self,
@@ -208,7 +257,7 @@ class Document:
         if version > self.version or event_id is not None:
             self.claimed_by = event_id
         self.version = version
-        self.status = IndexingStatus.PARSING
+        self._enter(IndexingStatus.PARSING, now)
         self.source = source
         self.doc_form = doc_form
         self.content_hash = content_hash
@@ -217,9 +266,6 @@ class Document:
         self.inline_content = uri is None
         self.error = None
         self.error_at = None
-        self.completed_at = None
-        self.parsing_started_at = now
-        self.updated_at = now
         return True
 
     def delete(self, version: int, now: datetime | None = None) -> bool:
@@ -228,9 +274,8 @@ class Document:
         if version < self.version:
             return False
         self.version = version
-        self.status = IndexingStatus.DELETED
+        self._enter(IndexingStatus.DELETED, now or utcnow())
         self.error = None
-        self.updated_at = now or utcnow()
         return True
 
     def forget(self, now: datetime | None = None) -> bool:
@@ -253,29 +298,17 @@ class Document:
     def move_to(self, status: IndexingStatus, version: int, now: datetime | None = None) -> bool:
         """Move ``version`` on to ``status``; False if the version is no longer
         current or the transition is not allowed."""
-        if not self.is_current(version) or status not in TRANSITIONS[self.status]:
+        if not self.is_current(version) or status not in FORWARD[self.status]:
             return False
-        now = now or utcnow()
-        self.status = status
-        self.updated_at = now
-        if status is IndexingStatus.SPLITTING:
-            self.splitting_started_at = now
-        elif status is IndexingStatus.INDEXING:
-            self.completed_at = None
-            self.indexing_started_at = now
-        elif status is IndexingStatus.COMPLETED:
-            self.completed_at = now
+        self._enter(status, now or utcnow())
         return True
 
     def fail(self, version: int, reason: str, now: datetime | None = None) -> bool:
         """ERROR with a reason a person can act on; only for the current version."""
         if not self.is_current(version):
             return False
-        now = now or utcnow()
-        self.status = IndexingStatus.ERROR
+        self._enter(IndexingStatus.ERROR, now or utcnow())
         self.error = (reason or "unknown error")[:MAX_ERROR_CHARS]
-        self.error_at = now
-        self.updated_at = now
         return True
 
     def parsed(self, version: int, chars: int, now: datetime | None = None) -> bool:
@@ -301,11 +334,10 @@ class Document:
         # the split is authoritative for the current version, whatever status a
         # redelivery finds (completed, error, a re-claimed parse)
         now = now or utcnow()
-        self.status = IndexingStatus.INDEXING if pending else IndexingStatus.COMPLETED
-        self.error = None
+        self._enter(IndexingStatus.INDEXING if pending else IndexingStatus.COMPLETED, now)
+        # indexing starts with the split, even when nothing is left to index
         self.indexing_started_at = now
-        self.completed_at = None if pending else now
-        self.updated_at = now
+        self.error = None
         self.segment_count, self.tokens, self.word_count = totals
         if self.split_version != version:
             self.segments_added = counts.added
@@ -326,12 +358,11 @@ class Document:
         if self.deleted or version < self.version:
             return False
         if added:
-            self.status = IndexingStatus.INDEXING
-            self.completed_at = None
+            # they extend the running indexing, not restart its clock
+            self._enter(IndexingStatus.INDEXING, now or utcnow(), restart_clock=False)
             self.segment_count += added
             self.tokens += tokens
             self.word_count += words
-            self.updated_at = now or utcnow()
         return True
 
     def segment_deleted(
@@ -345,11 +376,9 @@ class Document:
         self.segment_count = max(0, self.segment_count - 1)
         self.tokens = max(0, self.tokens - tokens)
         self.word_count = max(0, self.word_count - words)
-        if self.status is IndexingStatus.COMPLETED:
-            self.status = IndexingStatus.INDEXING
-            self.completed_at = None
-            self.indexing_started_at = now
         self.updated_at = now
+        if self.status is IndexingStatus.COMPLETED:
+            self._enter(IndexingStatus.INDEXING, now)
         return True
 
     def segments_purged(self, version: int, removed: int) -> bool:
@@ -374,21 +403,63 @@ class Document:
 
     # -- completion ------------------------------------------------------------
 
+    def awaits_indexes(self, pending_segments: int) -> bool:
+        """Indexing, and both branches flagged every segment: only what the
+        indexes hold can still keep the document from completing (the cheap
+        check, before asking them)."""
+        return self.status is IndexingStatus.INDEXING and pending_segments == 0
+
     def may_complete(self, version: int, pending_segments: int, stores_agree: bool) -> bool:
         """The completion rule: the current version is indexing, both branches
         flagged every segment, and both indexes hold exactly its segments
-        (removals included)."""
-        return (
-            self.is_current(version)
-            and self.status is IndexingStatus.INDEXING
-            and pending_segments == 0
-            and stores_agree
-        )
+        (removals included; see indexes_hold_exactly)."""
+        return self.is_current(version) and self.awaits_indexes(pending_segments) and stores_agree
 
     def complete(self, version: int, pending_segments: int, stores_agree: bool) -> bool:
         if not self.may_complete(version, pending_segments, stores_agree):
             return False
         return self.move_to(IndexingStatus.COMPLETED, version)
 
+    # -- done, for a caller waiting on a version ------------------------------------
+
+    def delete_settled(self, held: Iterable[Collection[str]]) -> bool:
+        """A delete is done once split removed the rows and every index
+        followed: their removals are still in flight when the rows are gone.
+        ``held``: what each index still holds of the document; a lazy iterable
+        is asked only as far as needed."""
+        return self.deleted and self.segment_count == 0 and not any(held)
+
+    def done(self, version: int, held: Iterable[Collection[str]]) -> bool:
+        """What waiting for ``version`` means (`index`, `sync`, `verify
+        --repair`): at least that version, in a finished status, and a delete
+        settled in both indexes."""
+        if self.version < version or not self.status.finished:
+            return False
+        return not self.deleted or self.delete_settled(held)
+
     def copy(self) -> Document:
         return replace(self)
+
+
+def segment_event_version(version: int | None, doc: Document | None) -> int:
+    """The version a segment event (segment.deleted, segments.batch_imported)
+    applies to: segment events change the current version's segments and
+    never make a new one. A document not known yet is at version 0."""
+    if doc is None:
+        return 0 if version is None else version
+    return doc.applies_to(version)
+
+
+def indexes_hold_exactly(segments: AbstractSet[str], *held: AbstractSet[str]) -> bool:
+    """Each index holds exactly the document's segments: none still missing,
+    and no removed one left behind (a removal still owed)."""
+    return all(ids == segments for ids in held)
+
+
+def owed_removals(
+    earlier: Iterable[str], removed: Iterable[str], alive: AbstractSet[str]
+) -> list[str]:
+    """The removals a document owes the indexes: this change's plus those
+    earlier changes still owe (their publish may have been lost), minus any
+    id that is alive again. Sorted, so a replay sends the same event."""
+    return sorted(set(earlier).union(removed) - alive)

@@ -16,6 +16,11 @@ class TransientError(KbstreamError):
     """A dependency is unavailable or throttling; the same work may succeed later."""
 
 
+class IllegalTransition(KbstreamError):
+    """A bug, not bad input: the Document aggregate was asked for a status
+    change its transition table forbids."""
+
+
 class InvalidEvent(PermanentError):
     """Malformed JSON, unknown type or schema_version, or a schema-invalid payload."""
 

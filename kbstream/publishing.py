@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from consumers.contract import Emit
-from domain.documents import DocKey, Document, IndexingStatus
+from domain.documents import DocKey, Document
 from domain.ports import UnitOfWork
 from kbstream.bootstrap import Container
 from kbstream.settings import Settings
@@ -118,17 +118,11 @@ def _wait(
 
 
 def _finished(container: Container, uow: UnitOfWork, doc: Document, version: int) -> bool:
-    if doc.version < version or not doc.status.finished:
-        return False
-    return doc.status is not IndexingStatus.DELETED or _delete_settled(container, uow, doc)
-
-
-def _delete_settled(container: Container, uow: UnitOfWork, doc: Document) -> bool:
-    """A delete is done once split removed the rows and both indexes followed:
-    their removals are still in flight when the rows are gone."""
-    if doc.segment_count or container.keyword_index.ids_for_document(doc.key):
-        return False
-    return not container.vectors.ids_for_document(doc.key)
+    # what both indexes still hold of it, asked only if the rule needs it (a delete)
+    held = (
+        index.ids_for_document(doc.key) for index in (container.keyword_index, container.vectors)
+    )
+    return doc.done(version, held)
 
 
 def _with_read_roots(settings: Settings, roots: Collection[Path]) -> Settings:
