@@ -11,7 +11,7 @@ import pytest
 
 from domain.documents import DocKey
 from domain.ports import KeywordRow
-from infra.keyword_index import MAX_TEXT_BYTES, MilvusKeywordIndex, _clip
+from infra.keyword_index import MAX_TEXT_BYTES, MilvusKeywordIndex, clip
 from infra.keywords import JiebaKeywordExtractor
 from infra.vectors import MilvusVectorStore, collection_name
 
@@ -104,7 +104,7 @@ def test_an_oversized_text_is_clipped_at_a_character_boundary(
     index: MilvusKeywordIndex,
 ) -> None:
     text = "文" * MAX_TEXT_BYTES  # 3 bytes a character
-    clipped = _clip(text)
+    clipped = clip(text)
     assert len(clipped.encode()) <= MAX_TEXT_BYTES and clipped == "文" * len(clipped)
     index.upsert([KeywordRow("n-big", DOC, text)])
     assert "n-big" in index.ids_for_document(DOC)
