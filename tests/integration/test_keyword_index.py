@@ -127,3 +127,18 @@ def test_a_text_without_terms_is_still_an_entity(index: MilvusKeywordIndex) -> N
     index.upsert([KeywordRow("n-empty", DOC, "The ... !!")])
     assert "n-empty" in index.ids_for_document(DOC)
     assert "n-empty" not in {n for n, _ in index.search("the", "t1", "ds1", 10)}
+
+
+def test_the_index_shares_the_vector_store_client_and_lock(milvus_uri: str) -> None:
+    """milvus-lite serves one local file from one client per process."""
+    vectors, idx = open_index(milvus_uri)
+    try:
+        assert idx.client is vectors.client and idx.lock is vectors.lock
+    finally:
+        vectors.close()
+
+
+def test_the_index_recovers_when_its_collection_was_released(index: MilvusKeywordIndex) -> None:
+    index.client.release_collection(index.collection)  # an operator, or another worker
+    assert index.search("socket", "t1", "ds1", limit=5)[0][0] == "n-socket"
+    assert index.count("t1", "ds1") == len(TEXTS)
