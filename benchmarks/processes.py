@@ -53,7 +53,7 @@ def say(msg: str) -> None:
 
 def pick_corpus(corpus: Path | None, n: int, dest: Path) -> list[Path]:
     if corpus is None:
-        from benchmarks.run import ensure_doc_package  # installs python3.11-doc if missing
+        from benchmarks.common import ensure_doc_package  # installs python3.11-doc if missing
 
         ensure_doc_package()
     source = (corpus or DOC_ROOT).expanduser().resolve()

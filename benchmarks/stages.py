@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.run import (  # noqa: E402  (the path above first; clears KBSTREAM_* too)
+from benchmarks.common import (  # noqa: E402  (the path above first; clears KBSTREAM_* too)
     DATASET,
     DEFAULT_DOCS,
     MODEL_SETTINGS,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from domain.errors import PermanentError
+from infra.model_files import max_seq_length
 
 if TYPE_CHECKING:
     from domain.ports import EmbeddingProvider, ModelTokens
@@ -279,7 +280,7 @@ class ModelTokenCounter:
         # the shipped tokenizer.json pads and truncates to 128; counting needs neither
         self._tok.no_padding()
         self._tok.no_truncation()
-        self.max_input_tokens = _max_seq_length(model_dir) - 2  # [CLS] and [SEP]
+        self.max_input_tokens = max_seq_length(model_dir) - 2  # [CLS] and [SEP]
 
     def count_tokens(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
@@ -288,13 +289,6 @@ class ModelTokenCounter:
         """Many texts in one call: encoded in parallel, outside the GIL."""
         encoded = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [len(e.ids) for e in encoded]
-
-
-def _max_seq_length(model_dir: Path) -> int:
-    cfg = model_dir / "sentence_bert_config.json"
-    if cfg.exists():
-        return int(json.loads(cfg.read_text()).get("max_seq_length", 256))
-    return 256
 
 
 class SentenceTransformerProvider:

@@ -17,16 +17,16 @@ client (milvus-lite serves one local file from one client per process)."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from pymilvus import DataType, Function, FunctionType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
-from domain.documents import DocKey
 from domain.ports import KeywordRow
 from infra.errors import classify_milvus
-from infra.vectors import MilvusVectorStore, _of_document, _PerDocumentQueries, _q
+from infra.milvus import MilvusCollection, ensure_collection, of_dataset
+from infra.vectors import MilvusVectorStore
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def keyword_collection(tokenizer: str) -> str:
     return f"kb_keywords_{tokenizer}_v1"
 
 
-def _clip(text: str) -> str:
+def clip(text: str) -> str:
     """The text cut to what a VARCHAR holds, at a character boundary."""
     data = text.encode()
     if len(data) <= MAX_TEXT_BYTES:
@@ -50,7 +50,7 @@ def _clip(text: str) -> str:
     return data[:MAX_TEXT_BYTES].decode(errors="ignore")
 
 
-class MilvusKeywordIndex(_PerDocumentQueries):
+class MilvusKeywordIndex(MilvusCollection):
     def __init__(
         self,
         vectors: MilvusVectorStore,
@@ -70,10 +70,14 @@ class MilvusKeywordIndex(_PerDocumentQueries):
         return " ".join(self._terms(text))
 
     @property
+    def lock(self) -> threading.RLock:
+        return self._vectors.lock  # one client, shared with the vector store
+
+    @property
     def client(self) -> MilvusClient:
         client = self._vectors.client
         if not self._ready:
-            with self._vectors._lock:
+            with self.lock:
                 if not self._ready:
                     self._ensure_collection(client)
                     self._ready = True
@@ -81,9 +85,6 @@ class MilvusKeywordIndex(_PerDocumentQueries):
 
     def _ensure_collection(self, c: MilvusClient) -> None:
         try:
-            if c.has_collection(self.collection):
-                c.load_collection(self.collection)  # opened from disk: released
-                return
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("index_node_id", DataType.VARCHAR, is_primary=True, max_length=64)
             schema.add_field("tenant_id", DataType.VARCHAR, max_length=128)
@@ -109,30 +110,9 @@ class MilvusKeywordIndex(_PerDocumentQueries):
             index.add_index(
                 field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25"
             )
-            try:
-                c.create_collection(self.collection, schema=schema, index_params=index)
-            except MilvusException:
-                # another worker created it between our check and create
-                if not c.has_collection(self.collection):
-                    raise
-                c.load_collection(self.collection)
+            ensure_collection(c, self.collection, schema, index)
         except MilvusException as exc:
             raise classify_milvus("create_collection", exc) from exc
-
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._vectors._lock:
-            try:
-                return fn(*args, **kwargs)
-            except MilvusException as exc:
-                message = str(exc).lower()
-                if "released" in message or "not loaded" in message:
-                    # released by an operator or a restart: load again, retry once
-                    try:
-                        self.client.load_collection(self.collection)
-                        return fn(*args, **kwargs)
-                    except MilvusException as again:
-                        raise classify_milvus(what, again) from again
-                raise classify_milvus(what, exc) from exc
 
     # -- writes ------------------------------------------------------------------
 
@@ -145,23 +125,12 @@ class MilvusKeywordIndex(_PerDocumentQueries):
                 "tenant_id": r.key.tenant_id,
                 "dataset_id": r.key.dataset_id,
                 "document_id": r.key.document_id,
-                "text": _clip(self.terms(r.text)),
+                "text": clip(self.terms(r.text)),
             }
             for r in rows
         ]
-        res = self._call("upsert", self.client.upsert, self.collection, data)
+        res = self.call("upsert", self.client.upsert, self.collection, data)
         return int(res.get("upsert_count", len(rows)))
-
-    def delete(self, index_node_ids: Sequence[str]) -> None:
-        if index_node_ids:
-            self._call("delete", self.client.delete, self.collection, ids=list(index_node_ids))
-
-    def delete_document(self, key: DocKey) -> None:
-        self._call("delete", self.client.delete, self.collection, filter=_of_document(key))
-
-    def delete_dataset(self, tenant_id: str, dataset_id: str) -> None:
-        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
-        self._call("delete", self.client.delete, self.collection, filter=expr)
 
     # -- reads -------------------------------------------------------------------
 
@@ -171,8 +140,8 @@ class MilvusKeywordIndex(_PerDocumentQueries):
         terms = self.terms(query)
         if not terms or limit <= 0:
             return []
-        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
-        res = self._call(
+        expr = of_dataset(tenant_id, dataset_id)
+        res = self.call(
             "search",
             self.client.search,
             self.collection,
@@ -193,9 +162,9 @@ class MilvusKeywordIndex(_PerDocumentQueries):
 
     def ids(self, tenant_id: str, dataset_id: str) -> dict[str, str]:
         """index_node_id -> document_id of every entity of a dataset."""
-        expr = f"tenant_id == {_q(tenant_id)} and dataset_id == {_q(dataset_id)}"
+        expr = of_dataset(tenant_id, dataset_id)
         out: dict[str, str] = {}
-        it = self._call(
+        it = self.call(
             "query",
             self.client.query_iterator,
             self.collection,
@@ -204,19 +173,8 @@ class MilvusKeywordIndex(_PerDocumentQueries):
             output_fields=["index_node_id", "document_id"],
         )
         while True:
-            batch = self._call("query", it.next)
+            batch = self.call("query", it.next)
             if not batch:
                 it.close()
                 return out
             out.update({r["index_node_id"]: r["document_id"] for r in batch})
-
-    def ids_for_document(self, key: DocKey) -> list[str]:
-        res = self._call(
-            "query",
-            self.client.query,
-            self.collection,
-            filter=_of_document(key),
-            output_fields=["index_node_id"],
-            consistency_level="Strong",  # completion decisions read this
-        )
-        return [r["index_node_id"] for r in res]

@@ -34,6 +34,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from domain.errors import PermanentError, TransientError
 from domain.ports import ModelTokens
 from domain.token_estimate import ApproximateTokenCounter
+from infra.model_files import max_seq_length
 from infra.rate_limit import RateLimiter, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ class TokenizerFileCounter:
     def __init__(self, path: Path, max_input_tokens: int) -> None:
         from tokenizers import Tokenizer
 
-        from infra.embedding import _max_seq_length
-
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise PermanentError(f"KBSTREAM_TOKENIZER: no tokenizer.json at {path}")
@@ -131,7 +130,7 @@ class TokenizerFileCounter:
         self._tok.no_truncation()
         if path.is_dir() and (path / "sentence_bert_config.json").is_file():
             # the folder knows its model's input; special tokens take 2
-            max_input_tokens = min(max_input_tokens, _max_seq_length(path) - 2)
+            max_input_tokens = min(max_input_tokens, max_seq_length(path) - 2)
         self.max_input_tokens = max_input_tokens
 
     def count_tokens(self, text: str) -> int:

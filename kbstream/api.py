@@ -29,11 +29,9 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select, union
 
 from domain.fusion import unit_score
 from domain.metadata_filter import MetadataFilter, UnsupportedCondition, parse_condition
-from infra.db.models import DatasetRow, DocumentRow
 from kbstream import queries
 from kbstream.bootstrap import Container
 from kbstream.search import Hit, Mode, search
@@ -135,21 +133,11 @@ def hit_metadata(dataset: str, hit: Hit, status: str | None) -> dict[str, Any]:
     return meta
 
 
-def known_datasets(c: Container) -> list[str]:
-    tenant = c.settings.tenant
-    query = union(
-        select(DatasetRow.dataset_id).where(DatasetRow.tenant_id == tenant),
-        select(DocumentRow.dataset_id).where(DocumentRow.tenant_id == tenant),
-    )
-    with c.database.connect() as conn:
-        return sorted({r[0] for r in conn.execute(query)})
-
-
 def require_dataset(c: Container, dataset: str) -> None:
     with c.uow(readonly=True) as uow:
         if uow.documents.status_counts(c.settings.tenant, dataset):
             return
-    if dataset not in known_datasets(c):
+    if dataset not in queries.known_datasets(c):
         raise ApiError(404, 2001, f"The knowledge does not exist: {dataset!r}")
 
 
@@ -274,7 +262,7 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
     def datasets() -> list[dict[str, Any]]:
         """Every dataset of this tenant with its document counts by status."""
         out = []
-        for name in known_datasets(container):
+        for name in queries.known_datasets(container):
             with container.uow(readonly=True) as uow:
                 counts = uow.documents.status_counts(container.settings.tenant, name)
             out.append(

@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from consumers.contract import Stage, StageConfig
 from consumers.failures import FailureRecorder
 from consumers.pipeline import stage_spec
+from domain.errors import PermanentError
 from domain.ports import EmbeddingProvider, ModelTokens
+from domain.vector_indexes import IndexTarget
 from infra.db.database import Database
 from infra.db.deliveries import SqlDeliveryLog
 from infra.db.engine import create_db_engine, migrate
@@ -37,11 +40,16 @@ from infra.kafka.topics import Topics
 from infra.keyword_index import MilvusKeywordIndex
 from infra.keywords import JiebaKeywordExtractor
 from infra.metrics import MeasuredEmbedder
+from infra.milvus import is_local
 from infra.remote_embedding import RemoteConfig, remote_config, remote_token_counter
 from infra.vectors import MilvusVectorStore, collection_name
 from kbstream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Settings no adapter reads when it is built: a run may change them (Container.scoped)
+# and still share the adapters already built.
+RUN_SCOPED = frozenset({"broker_journal", "allowed_roots"})
 
 
 def configure_kafka_clients(settings: Settings) -> None:
@@ -52,10 +60,28 @@ def configure_kafka_clients(settings: Settings) -> None:
 
 
 class Container:
+    """Built once from settings, never changed: a run with other settings asks
+    for another container (``scoped``)."""
+
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        self._settings = settings
         self.topics = Topics(settings.topic_prefix)
         configure_kafka_clients(settings)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def scoped(self, **update: Any) -> Container:
+        """A container whose settings differ from these only in ``RUN_SCOPED``
+        ones (the broker journal, the readable roots): it shares this one's
+        adapters, has missing ones built here, and leaves closing them to this one."""
+        unknown = sorted(set(update) - RUN_SCOPED)
+        if unknown:
+            raise ValueError(
+                f"settings {', '.join(unknown)} shape adapters: build a new Container for them"
+            )
+        return _Scoped(self, self._settings.model_copy(update=update))
 
     # -- state -----------------------------------------------------------------
 
@@ -73,7 +99,7 @@ class Container:
     def vectors(self) -> MilvusVectorStore:
         provider, model, dim = self.model_identity
         uri = self.settings.vector_uri
-        if not uri.startswith(("http://", "https://", "tcp://", "unix:")):
+        if is_local(uri):
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         return MilvusVectorStore(
             uri,
@@ -105,6 +131,26 @@ class Container:
         """Providers of models other than the configured one, by (provider,
         model spec): search loads a dataset's serving model once per process."""
         return {}
+
+    def provider_for(self, target: IndexTarget) -> EmbeddingProvider:
+        """The provider of the model that built ``target``: the configured one,
+        or another local model, loaded once and closed with this container."""
+        if (target.provider, target.model) == self.model_identity[:2]:
+            return self.provider
+        key = (target.provider, target.model_spec)
+        if target.provider in REMOTE_PROVIDERS and key not in self.other_providers:
+            # its endpoint and key are settings of this process, not of the registry
+            raise PermanentError(
+                f"this dataset is served by the remote model {target.model}; search it with "
+                f"KBSTREAM_EMBEDDING_PROVIDER={target.provider} and "
+                f"KBSTREAM_EMBEDDING_MODEL={target.model_spec} (and its base URL and key)"
+            )
+        if key not in self.other_providers:
+            s = self.settings
+            self.other_providers[key] = create_provider(
+                target.provider, target.model_spec, s.embedding_device, s.embedding_batch_size
+            )
+        return self.other_providers[key]
 
     # -- the model ---------------------------------------------------------------
 
@@ -236,3 +282,28 @@ class Container:
             self.vectors.close()
         if "database" in self.__dict__:
             self.database.dispose()
+
+
+class _Scoped(Container):
+    """``Container.scoped``: its own settings, its parent's adapters."""
+
+    def __init__(self, parent: Container, settings: Settings) -> None:
+        self._parent = parent
+        self._settings = settings
+        self.topics = parent.topics  # the same prefix: RUN_SCOPED does not hold it
+
+    def close(self) -> None:
+        """Nothing: the adapters are the parent's, closed with it."""
+
+
+def _parents(name: str) -> property:
+    def get(self: _Scoped) -> Any:
+        return getattr(self._parent, name)
+
+    return property(get)
+
+
+# every adapter the parent builds lazily is the parent's: built once, closed once
+for _name, _attr in list(vars(Container).items()):
+    if isinstance(_attr, cached_property):
+        setattr(_Scoped, _name, _parents(_name))

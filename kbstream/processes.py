@@ -220,7 +220,7 @@ class MilvusLiteServer:
             self._proc = children.spawn(cmd, stdout=out, stderr=out)
         from pymilvus import MilvusClient
 
-        from infra.vectors import grpc_options
+        from infra.milvus import grpc_options
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -51,24 +51,22 @@ def publish_and_wait(
     if not emits:
         return
     want = _wanted(emits)
-    original = container.settings
-    try:
-        with broker_for(container.settings) as runtime:
-            pool = None
-            # the publisher and the workers journal to the broker's journal, if it has one
-            container.settings = original.model_copy(update={"broker_journal": runtime.journal})
-            if runtime.embedded:
-                container.settings = _with_read_roots(container.settings, read_roots)
-                # the broker is ours alone: no consumer group join to wait for
-                pool = WorkerPool(container, runtime.bootstrap, exclusive=True).start()
-            try:
-                _publish(container, runtime.bootstrap, emits, client_id)
-                _wait(container, want, pool, timeout, progress)
-            finally:
-                if pool is not None:
-                    pool.stop()
-    finally:
-        container.settings = original
+    with broker_for(container.settings) as runtime:
+        # the publisher and the workers journal to the broker's journal, if it has one
+        update: dict[str, object] = {"broker_journal": runtime.journal}
+        if runtime.embedded:
+            update["allowed_roots"] = _with_read_roots(container.settings, read_roots)
+        run = container.scoped(**update)
+        pool = None
+        if runtime.embedded:
+            # the broker is ours alone: no consumer group join to wait for
+            pool = WorkerPool(run, runtime.bootstrap, exclusive=True).start()
+        try:
+            _publish(run, runtime.bootstrap, emits, client_id)
+            _wait(run, want, pool, timeout, progress)
+        finally:
+            if pool is not None:
+                pool.stop()
 
 
 def _publish(container: Container, bootstrap: str, emits: Sequence[Emit], client_id: str) -> None:
@@ -125,9 +123,9 @@ def _finished(container: Container, uow: UnitOfWork, doc: Document, version: int
     return doc.done(version, held)
 
 
-def _with_read_roots(settings: Settings, roots: Collection[Path]) -> Settings:
+def _with_read_roots(settings: Settings, roots: Collection[Path]) -> str:
+    """KBSTREAM_ALLOWED_ROOTS with ``roots`` added."""
     if not roots:
-        return settings
+        return settings.allowed_roots
     extra = sorted({str(Path(r).resolve()) for r in roots})
-    joined = os.pathsep.join(filter(None, [settings.allowed_roots, *extra]))
-    return settings.model_copy(update={"allowed_roots": joined})
+    return os.pathsep.join(filter(None, [settings.allowed_roots, *extra]))

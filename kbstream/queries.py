@@ -7,9 +7,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from domain.documents import Document, IndexingStatus
+from infra.db.datasets import dataset_names
 
 if TYPE_CHECKING:
     from kbstream.bootstrap import Container
+
+
+def known_datasets(c: Container) -> list[str]:
+    """The tenant's datasets, registered or holding documents, sorted."""
+    return dataset_names(c.database, c.settings.tenant)
 
 
 def dataset_stats(c: Container, dataset: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from domain.vector_indexes import DatasetIndexes, IndexState, IndexTarget, Vecto
 from infra.embedding import BUNDLED_MODEL_NAME, model_identity
 from infra.vectors import MilvusVectorStore, collection_name
 from kbstream.bootstrap import Container
-from kbstream.serving import dataset_indexes, provider_for
+from kbstream.serving import dataset_indexes
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class _Run:
         texts = {r.doc_hash: r.content for r in rows.values() if r.doc_hash not in cached}
         s.cache_hits += len(rows) - sum(1 for r in rows.values() if r.doc_hash in texts)
         if texts:
-            vectors = provider_for(self.c, t).embed(list(texts.values()))
+            vectors = self.c.provider_for(t).embed(list(texts.values()))
             fresh = dict(zip(texts, vectors, strict=True))
             with self.c.uow() as uow:
                 uow.embeddings.put_many(self.tenant, t.provider, t.model, fresh)

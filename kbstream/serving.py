@@ -6,31 +6,10 @@ or never loaded) is searched in the configured model's collection."""
 
 from __future__ import annotations
 
-from domain.errors import PermanentError
 from domain.ports import EmbeddingProvider
 from domain.vector_indexes import DatasetIndexes, IndexTarget
-from infra.embedding import REMOTE_PROVIDERS, create_provider
 from infra.vectors import MilvusVectorStore, alias_name
 from kbstream.bootstrap import Container
-
-
-def provider_for(c: Container, target: IndexTarget) -> EmbeddingProvider:
-    if (target.provider, target.model) == c.model_identity[:2]:
-        return c.provider
-    key = (target.provider, target.model_spec)
-    if target.provider in REMOTE_PROVIDERS and key not in c.other_providers:
-        # its endpoint and key are settings of this process, not of the registry
-        raise PermanentError(
-            f"this dataset is served by the remote model {target.model}; search it with "
-            f"KBSTREAM_EMBEDDING_PROVIDER={target.provider} and "
-            f"KBSTREAM_EMBEDDING_MODEL={target.model_spec} (and its base URL and key)"
-        )
-    if key not in c.other_providers:
-        s = c.settings
-        c.other_providers[key] = create_provider(
-            target.provider, target.model_spec, s.embedding_device, s.embedding_batch_size
-        )
-    return c.other_providers[key]
 
 
 def dataset_indexes(c: Container, dataset: str) -> DatasetIndexes:
@@ -59,4 +38,4 @@ def search_index(c: Container, dataset: str) -> tuple[MilvusVectorStore, Embeddi
     if found is None:
         return c.vectors, c.provider
     store, target = found
-    return store, provider_for(c, target)
+    return store, c.provider_for(target)

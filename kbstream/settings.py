@@ -16,7 +16,9 @@ MiB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KBSTREAM_", extra="ignore")
+    # frozen: what a process was started with stays so; a run that needs other
+    # values builds other settings (model_copy)
+    model_config = SettingsConfigDict(env_prefix="KBSTREAM_", extra="ignore", frozen=True)
 
     home: Path = Field(default=Path(".kbstream"), description="embedded state directory")
     brokers: str | None = Field(

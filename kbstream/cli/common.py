@@ -65,7 +65,7 @@ def load_cli_settings(home: Path | None, running_stack: bool = True) -> Settings
     try:
         return apply_running_stack(settings)
     except KbstreamError as exc:  # a `kbstream up` still starting, a locked milvus dir
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def setup_logging(settings: Settings, quiet: bool) -> None:
@@ -111,7 +111,7 @@ def cli_session(
     home: Path | None, quiet: bool = True, settings: Settings | None = None
 ) -> Iterator[tuple[Settings, Container]]:
     """Settings, logging and a container that is closed however the command
-    ends (a `_fail` inside included). Pass ``settings`` when the command
+    ends (a `fail` inside included). Pass ``settings`` when the command
     already loaded them (logging is then assumed set up)."""
     # imported here: `--help` and `schema` need no adapters
     from kbstream.bootstrap import Container
@@ -130,15 +130,15 @@ def use_runtime(runtime: str | None) -> None:
     if runtime is None:
         return
     if runtime not in ("confluent", "faust"):
-        _fail(f"unknown runtime {runtime!r}; runtimes: confluent, faust")
+        fail(f"unknown runtime {runtime!r}; runtimes: confluent, faust")
     os.environ["KBSTREAM_RUNTIME"] = runtime
 
 
-def _print_json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
+def fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
 

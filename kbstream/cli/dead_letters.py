@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kbstream.cli.common import HomeOpt, JsonOpt, _fail, _print_json, app, cli_settings, out
+from kbstream.cli.common import HomeOpt, JsonOpt, app, cli_settings, fail, out, print_json
 from kbstream.settings import Settings
 
 dlq_app = typer.Typer(
@@ -18,7 +18,7 @@ app.add_typer(dlq_app, name="dlq")
 
 def _running_broker(settings: Settings) -> str:
     if not settings.brokers:
-        _fail(
+        fail(
             "dead letters live on the broker: set KBSTREAM_BROKERS or run `kbstream up` "
             "(which also brings back those of an earlier embedded broker)"
         )
@@ -37,7 +37,7 @@ def dlq_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         for d in list_dead_letters(_running_broker(settings), Topics(settings.topic_prefix))
     ]
     if as_json:
-        _print_json(letters)
+        print_json(letters)
         return
     table = Table("offset", "stage", "original", "error")
     for d in letters:
@@ -68,7 +68,7 @@ def dlq_replay(
         broker, Topics(settings.topic_prefix), stage, dry_run, writer_for(settings, broker)
     )
     if as_json:
-        _print_json(
+        print_json(
             {"replayed": len(done), "dry_run": dry_run, "letters": [d.to_dict() for d in done]}
         )
     else:

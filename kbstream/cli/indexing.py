@@ -14,12 +14,12 @@ from kbstream.cli.common import (
     DatasetOpt,
     HomeOpt,
     JsonOpt,
-    _fail,
-    _print_json,
     app,
     cli_session,
     err,
+    fail,
     out,
+    print_json,
 )
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def sync(
     """Make DATASET match PATHS: add new files, update changed ones and, with
     --cleanup full, delete documents whose files are gone."""
     if cleanup not in ("none", "incremental", "full"):
-        _fail(f"--cleanup must be none, incremental or full, not {cleanup!r}")
+        fail(f"--cleanup must be none, incremental or full, not {cleanup!r}")
     rule = _rule(max_tokens, chunk_overlap, separator, remove_urls_emails)
     _run_indexing(
         paths, dataset, home, as_json, force, timeout, cleanup, rule, doc_form, by_reference
@@ -123,7 +123,7 @@ def _rule(
         )
     except ValidationError as exc:  # one line per problem, as the options name them
         problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-        _fail(f"invalid processing rule: {problems}")
+        fail(f"invalid processing rule: {problems}")
 
 
 def _run_indexing(
@@ -141,7 +141,7 @@ def _run_indexing(
     from domain.events import DocForm
 
     if doc_form not in {f.value for f in DocForm}:
-        _fail(f"--doc-form must be text, qa or parent_child, not {doc_form!r}")
+        fail(f"--doc-form must be text, qa or parent_child, not {doc_form!r}")
     from kbstream.indexing import index_paths
 
     options: dict[str, Any] = {
@@ -165,7 +165,7 @@ def _run_indexing(
 
                     summary = index_paths(container, paths, dataset, progress=progress, **options)
         except (FileNotFoundError, KbstreamError, TimeoutError, RuntimeError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     _report(summary, as_json)
     if summary.failed:
         raise typer.Exit(1)
@@ -184,7 +184,7 @@ def _progress_bar() -> Progress:
 
 def _report(summary: IndexSummary, as_json: bool) -> None:
     if as_json:
-        _print_json(summary.to_dict())
+        print_json(summary.to_dict())
         return
     s = summary
     out.print(

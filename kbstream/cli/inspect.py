@@ -16,11 +16,11 @@ from kbstream.cli.common import (
     HomeOpt,
     JsonOpt,
     OptionalDatasetOpt,
-    _fail,
-    _print_json,
     app,
     cli_session,
+    fail,
     out,
+    print_json,
 )
 
 if TYPE_CHECKING:
@@ -40,14 +40,14 @@ def search(
     from kbstream.search import search as run_search
 
     if mode not in ("vector", "keyword", "hybrid"):
-        _fail(f"--mode must be vector, keyword or hybrid, not {mode!r}")
+        fail(f"--mode must be vector, keyword or hybrid, not {mode!r}")
     with cli_session(home) as (_, c):
         try:
             hits = run_search(c, dataset, query, mode, top_k)  # type: ignore[arg-type]
         except KbstreamError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     if as_json:
-        _print_json([h.to_dict() for h in hits])
+        print_json([h.to_dict() for h in hits])
         return
     table = Table("score", "document", "content")
     for h in hits:
@@ -62,7 +62,7 @@ def stats(dataset: DatasetOpt, home: HomeOpt = None, as_json: JsonOpt = False) -
     with cli_session(home) as (_, c):
         data = queries.dataset_stats(c, dataset)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     table = Table("what", "count")
     for k, v in data.items():
@@ -88,7 +88,7 @@ def status(
         _job_status(home, job, as_json, dataset, document)
         return
     if dataset is None and document is None:
-        _fail("give --dataset, --document or --job")
+        fail("give --dataset, --document or --job")
     with cli_session(home) as (_, c):
         if dataset is None:
             assert document is not None
@@ -99,9 +99,9 @@ def status(
         rows = queries.document_rows(c, dataset, [document] if document else None)
         vector_indexes = [] if document or as_json else _index_table(c, dataset)
     if document and not rows:
-        _fail(f"no document {document!r} in dataset {dataset!r}", 1)
+        fail(f"no document {document!r} in dataset {dataset!r}", 1)
     if as_json:
-        _print_json(rows[0] if document else rows)
+        print_json(rows[0] if document else rows)
         return
     table = Table("document", "status", "segments", "error")
     for r in rows:
@@ -141,7 +141,7 @@ def _render_indexes(rows: list[dict[str, object]]) -> Table:
 def _print_indexes(c: Container, dataset: str, as_json: bool) -> None:
     rows = _index_table(c, dataset)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
     else:
         out.print(_render_indexes(rows))
 
@@ -154,15 +154,13 @@ def _job_status(
     rows = [r for r in rows if document is None or r["document_id"] == document]
     if not rows:
         where = f" in dataset {dataset!r}" if dataset else ""
-        _fail(f"no batch-import job {job!r}{where}", 1)
+        fail(f"no batch-import job {job!r}{where}", 1)
     if len(rows) > 1:
         found = ", ".join(f"{r['dataset_id']}/{r['document_id']}" for r in rows)
-        _fail(
-            f"job id {job!r} is used by several documents ({found}); add --dataset and --document"
-        )
+        fail(f"job id {job!r} is used by several documents ({found}); add --dataset and --document")
     row = rows[0]
     if as_json:
-        _print_json(row)
+        print_json(row)
         return
     table = Table("field", "value")
     for k, v in row.items():
@@ -173,9 +171,9 @@ def _job_status(
 def _only_dataset(c: Container, document: str) -> str:
     found = queries.datasets_of(c, document)
     if not found:
-        _fail(f"no document {document!r}", 1)
+        fail(f"no document {document!r}", 1)
     if len(found) > 1:
-        _fail(f"document {document!r} is in several datasets: {', '.join(found)}; add --dataset")
+        fail(f"document {document!r} is in several datasets: {', '.join(found)}; add --dataset")
     return found[0]
 
 
@@ -199,10 +197,10 @@ def verify(
             check = run_repair if repair else run_verify
             report = check(c, dataset, stuck_after)
         except (KbstreamError, TimeoutError, RuntimeError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     data = report.to_dict()
     if as_json:
-        _print_json(data)
+        print_json(data)
     else:
         out.print(
             f"{dataset}: {data['documents']} documents, {data['segments']} segments, "

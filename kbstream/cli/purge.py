@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kbstream.cli.common import DatasetOpt, HomeOpt, JsonOpt, _print_json, app, cli_session, out
+from kbstream.cli.common import DatasetOpt, HomeOpt, JsonOpt, app, cli_session, out, print_json
 
 
 @app.command()
@@ -29,7 +29,7 @@ def purge(
         report = run_purge(c, dataset, document or None)
     data = report.to_dict()
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     table = Table("what", "count")
     table.add_row("deleted documents purged", str(len(report.documents)))

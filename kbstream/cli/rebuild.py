@@ -16,12 +16,12 @@ from kbstream.cli.common import (
     DatasetOpt,
     HomeOpt,
     JsonOpt,
-    _fail,
-    _print_json,
     app,
     cli_session,
     err,
+    fail,
     out,
+    print_json,
 )
 
 
@@ -56,7 +56,7 @@ def rebuild(
             if drop_retired:
                 dropped = run_drop(c, dataset, now)
                 if as_json:
-                    _print_json({"dataset": dataset, "dropped": dropped})
+                    print_json({"dataset": dataset, "dropped": dropped})
                 else:
                     out.print(f"{dataset}: dropped {len(dropped)} retired index(es)")
                     for d in dropped:
@@ -65,9 +65,9 @@ def rebuild(
                 return
             summary = _with_progress(lambda p: run_rebuild(c, dataset, model, grace, p), as_json)
         except (KbstreamError, LookupError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     if as_json:
-        _print_json(summary.to_dict())
+        print_json(summary.to_dict())
     else:
         out.print(summary.line())
 

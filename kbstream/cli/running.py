@@ -17,12 +17,12 @@ from domain.errors import KbstreamError
 from kbstream.cli.common import (
     HomeOpt,
     RuntimeOpt,
-    _fail,
-    _print_json,
     app,
     cli_session,
     cli_settings,
     err,
+    fail,
+    print_json,
     stop_on_signals,
     use_runtime,
 )
@@ -46,11 +46,11 @@ def worker(
     from kbstream.observability import start_observability
 
     if stage not in STAGES:
-        _fail(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        fail(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     use_runtime(runtime)
     settings = cli_settings(home, quiet=False)
     if not settings.brokers:
-        _fail("KBSTREAM_BROKERS is not set and no `kbstream up` is running for this home")
+        fail("KBSTREAM_BROKERS is not set and no `kbstream up` is running for this home")
     brokers = settings.brokers
     with cli_session(home, settings=settings) as (_, c):
         ensure_topics(brokers, c.topics, settings.partitions, settings.replication_factor)
@@ -116,11 +116,11 @@ def up(
     wanted = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
-        _fail(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+        fail(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     try:
         counts = parse_workers(workers, wanted, partitions=settings.partitions) if workers else {}
     except WorkersSpecError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     threads = [s for s in wanted if s not in counts]
     metrics_dir = None
     if counts and settings.metrics_port:  # one port for this process and its workers
@@ -163,9 +163,9 @@ def up(
                     supervisor.stop()  # before the broker and Milvus server go
                     pool.stop()
     except StackError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if reason:
-        _fail(reason, 1)
+        fail(reason, 1)
 
 
 def _start_pool(stack: EmbeddedStack, c: Container, threads: list[str]) -> WorkerPool | None:
@@ -216,16 +216,16 @@ def publish(
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        _fail(f"not valid JSON: {exc}")
+        fail(f"not valid JSON: {exc}")
     items = data if isinstance(data, list) else [data]
     try:
         events = [decode_lifecycle_event(i) for i in items]
     except KbstreamError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     # settings already point at a running `kbstream up` when there is one; an
     # embedded broker started just for this would forget the events at once
     if not settings.brokers:
-        _fail("no broker: set KBSTREAM_BROKERS or run `kbstream up` first")
+        fail("no broker: set KBSTREAM_BROKERS or run `kbstream up` first")
     pub = LifecyclePublisher(
         settings.brokers,
         Topics(settings.topic_prefix),
@@ -238,7 +238,7 @@ def publish(
         pub.flush()  # journaled (embedded broker) before it returns
     finally:
         pub.close()
-    _print_json(
+    print_json(
         [
             {
                 "event_id": e.event_id,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from kbstream.cli.common import HomeOpt, _fail, app, cli_settings, err
+from kbstream.cli.common import HomeOpt, app, cli_settings, err, fail
 
 
 @app.command()
@@ -27,7 +27,7 @@ def serve(
 
     settings = cli_settings(home, quiet=False)
     if settings.api_key is None and not no_auth:
-        _fail("set KBSTREAM_API_KEY (the bearer token clients send), or pass --no-auth")
+        fail("set KBSTREAM_API_KEY (the bearer token clients send), or pass --no-auth")
     container = Container(settings)
     try:
         api = create_app(container, settings.api_key)

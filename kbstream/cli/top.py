@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kbstream.cli.common import HomeOpt, _fail, app, cli_session, cli_settings, out
+from kbstream.cli.common import HomeOpt, app, cli_session, cli_settings, fail, out
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer
@@ -151,7 +151,7 @@ def top(
 
     settings = cli_settings(home)
     if not settings.brokers:
-        _fail("no broker: set KBSTREAM_BROKERS or run `kbstream up` first")
+        fail("no broker: set KBSTREAM_BROKERS or run `kbstream up` first")
     stages = stage_groups(settings)
     lag = LagReader(settings.brokers, dict(stages.values()))
     dead = DeadLetterTally(settings.brokers, Topics(settings.topic_prefix).dlq)

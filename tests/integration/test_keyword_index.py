@@ -11,7 +11,7 @@ import pytest
 
 from domain.documents import DocKey
 from domain.ports import KeywordRow
-from infra.keyword_index import MAX_TEXT_BYTES, MilvusKeywordIndex, _clip
+from infra.keyword_index import MAX_TEXT_BYTES, MilvusKeywordIndex, clip
 from infra.keywords import JiebaKeywordExtractor
 from infra.vectors import MilvusVectorStore, collection_name
 
@@ -104,7 +104,7 @@ def test_an_oversized_text_is_clipped_at_a_character_boundary(
     index: MilvusKeywordIndex,
 ) -> None:
     text = "文" * MAX_TEXT_BYTES  # 3 bytes a character
-    clipped = _clip(text)
+    clipped = clip(text)
     assert len(clipped.encode()) <= MAX_TEXT_BYTES and clipped == "文" * len(clipped)
     index.upsert([KeywordRow("n-big", DOC, text)])
     assert "n-big" in index.ids_for_document(DOC)
@@ -127,3 +127,18 @@ def test_a_text_without_terms_is_still_an_entity(index: MilvusKeywordIndex) -> N
     index.upsert([KeywordRow("n-empty", DOC, "The ... !!")])
     assert "n-empty" in index.ids_for_document(DOC)
     assert "n-empty" not in {n for n, _ in index.search("the", "t1", "ds1", 10)}
+
+
+def test_the_index_shares_the_vector_store_client_and_lock(milvus_uri: str) -> None:
+    """milvus-lite serves one local file from one client per process."""
+    vectors, idx = open_index(milvus_uri)
+    try:
+        assert idx.client is vectors.client and idx.lock is vectors.lock
+    finally:
+        vectors.close()
+
+
+def test_the_index_recovers_when_its_collection_was_released(index: MilvusKeywordIndex) -> None:
+    index.client.release_collection(index.collection)  # an operator, or another worker
+    assert index.search("socket", "t1", "ds1", limit=5)[0][0] == "n-socket"
+    assert index.count("t1", "ds1") == len(TEXTS)

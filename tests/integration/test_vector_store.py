@@ -11,7 +11,8 @@ import pytest
 
 from domain.documents import DocKey
 from domain.errors import PermanentError, TransientError
-from infra.vectors import MilvusVectorStore, VectorRow, collection_name, grpc_options
+from infra.milvus import grpc_options
+from infra.vectors import MilvusVectorStore, VectorRow, collection_name
 
 pytestmark = pytest.mark.integration
 
