@@ -220,6 +220,14 @@ class FaustStageRunner(StageRunner):
                 for e in events:
                     await stream.ack(e)
                 await app.consumer.commit()
+                taken = {(e.message.topic, e.message.partition) for e in events}
+                held = {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
+                if not taken <= held:
+                    # faust discards the commit of a partition revoked meanwhile
+                    # ("will be eventually processed again"): that redelivery is
+                    # a rebalance, not a death, and must not count towards
+                    # dead-lettering the message as a repeated crash
+                    await loop.run_in_executor(pool, self.counter.settle)
 
         app.agent(source, name=f"kbstream-{name}")(agent)
 
