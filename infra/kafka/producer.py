@@ -67,9 +67,8 @@ class EventPublisher:
     def _journaled_delivery(self, headers: str | None) -> Any:
         # delivery reports carry no headers: the closure keeps them
         def done(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                self._errors.append((msg.topic() or "?", err))
-            else:
+            self._on_delivery(err, msg)
+            if err is None:
                 self._delivered.append(
                     (msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), headers)
                 )

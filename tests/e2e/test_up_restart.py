@@ -51,21 +51,27 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A kbstream process in a session of its own (so a test can kill its
+    whole group), its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 class Up:
     """One `kbstream up` process in a session of its own."""
 
     def __init__(self, home: Path, n: int, stages: str = UP_STAGES) -> None:
         self.home = home
         self.log = home.parent / f"up-{n}.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                up_command(home, stages),
-                cwd=REPO,
-                env=_env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = _spawn(up_command(home, stages), self.log)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -345,15 +351,7 @@ class StageWorker:
     def __init__(self, home: Path, stage: str) -> None:
         self.stage = stage
         self.log = home.parent / f"worker-{stage}.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [KBSTREAM, "worker", stage, "--home", str(home)],
-                cwd=REPO,
-                env=_env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = _spawn([KBSTREAM, "worker", stage, "--home", str(home)], self.log)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
