@@ -2,7 +2,7 @@
 
 A stage takes a batch of decoded events and returns a StageResult: the events
 to publish next and, explicitly, the events it rejects (permanently failed,
-e.g. a broken document). The runtime (infra/kafka/runner.py) publishes the
+e.g. a broken document). The runtime (infra/kafka/processor.py) publishes the
 emits, dead-letters the rejections, records their failure on the document
 (consumers/failures.py), and only then commits offsets.
 

@@ -35,6 +35,7 @@ from infra.extract import ExtractLimits
 from infra.extract.reader import FileReader
 from infra.kafka.producer import EventPublisher
 from infra.kafka.runner import RunnerConfig, StageRunner
+from infra.kafka.runtimes import stage_runner
 from infra.kafka.security import register as register_kafka_security
 from infra.kafka.topics import Topics
 from infra.keyword_index import MilvusKeywordIndex
@@ -250,14 +251,17 @@ class Container:
         )
         publisher = self.publisher(bootstrap, client_id=f"kbstream-{name}")
         stage, inputs = self.stage(name), [self.topics.name(t) for t in spec.inputs]
-        give_up, deliveries = FailureRecorder(self.uow), SqlDeliveryLog(self.database)
-        if s.runtime == "faust":
-            from infra.kafka.faust_runner import FaustStageRunner
-
-            return FaustStageRunner(
-                stage, inputs, self.topics, config, publisher, give_up, deliveries, s.home / "faust"
-            )
-        return StageRunner(stage, inputs, self.topics, config, publisher, give_up, deliveries)
+        return stage_runner(
+            s.runtime,
+            stage,
+            inputs,
+            self.topics,
+            config,
+            publisher,
+            FailureRecorder(self.uow),
+            SqlDeliveryLog(self.database),
+            datadir=s.home / "faust",
+        )
 
     def publisher(self, bootstrap: str, client_id: str) -> EventPublisher:
         """A producer for ``bootstrap``; journaled when it is the embedded broker."""

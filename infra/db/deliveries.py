@@ -1,6 +1,8 @@
 """The durable delivery counter (port: infra/kafka/redelivery.DeliveryLog):
 one row per consumer group and partition saying how many times delivery has
-begun at its offset. One upsert per batch; a batch starting at another
+begun at its offset. One upsert per counted delivery (the first batch after
+an assignment, a batch at its first failure, and each message after a
+death; never the happy path after that); a delivery starting at another
 offset resets the row, so the table never holds more than a row per
 partition and group."""
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from domain.errors import PermanentError, TransientError
 from infra.kafka import headers as h
-from infra.kafka.producer import EventPublisher
+from infra.kafka.source import Sink
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class DeadLetterFailed(PermanentError):
 
 
 def send(
-    publisher: EventPublisher, topic: str, letter: DeadLetter, wait: Callable[[int], None]
+    publisher: Sink, topic: str, letter: DeadLetter, wait: Callable[[int], None]
 ) -> DeadLetter:
     """Publish a dead letter cut to fit the publisher's limit and, should the
     broker still refuse it, without its body. A transient failure calls

@@ -3,8 +3,9 @@
 A stage that calls a model spends most of a batch in that call, and the rest
 in writes, publishing and the commit, during which the model would sit idle.
 For a stage that can ``prefetch`` (consumers/contract.py: Prefetches), the
-runner takes the next batch from what the consumer has already fetched once
-the current batch is counted (infra/kafka/redelivery.py), and prefetches it on
+processor takes the next batch from what the source has already fetched once
+the current batch is known to be no redelivery after a death
+(infra/kafka/redelivery.py), and prefetches it on
 a side thread while the current batch is handled, published and committed;
 that batch is handled next, its model work done.
 
@@ -27,18 +28,16 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from confluent_kafka import Message
-
 from consumers.contract import Prefetches
 from domain.events import Event
-from infra.kafka.redelivery import TopicPartition, topic_partition
+from infra.kafka.source import Record, TopicPartition
 
 log = logging.getLogger(__name__)
 
-# take(timeout, linger) -> a batch; the runner's take_batch over its consumer
-Take = Callable[[float, float], list[Message]]
-# the runner's decoding: the event a message carries for this stage, or None
-Decode = Callable[[Message], Event | None]
+# take(timeout, linger) -> a batch: the source's (infra/kafka/source.py)
+Take = Callable[[float, float], list[Record]]
+# the processor's decoding: the event a record carries for this stage, or None
+Decode = Callable[[Record], Event | None]
 
 
 class Lookahead:
@@ -48,17 +47,17 @@ class Lookahead:
         self.decode = decode
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{name}-ahead")
         self._running: Future[None] | None = None
-        self._held: list[Message] | None = None  # the next batch, taken and prefetching
+        self._held: list[Record] | None = None  # the next batch, taken and prefetching
         self._revoked: set[TopicPartition] = set()  # since the held batch was taken
 
     def revoked(self, partitions: Sequence[TopicPartition]) -> None:
-        """From the consumer's on_revoke (and on_lost) callback. A revocation
+        """From the source's revoked notification (confluent: on_revoke, on_lost). A revocation
         during the consume call that takes a batch ahead happens before the
         batch is held: what that call returns is the new assignment's."""
         if self._held is not None:
             self._revoked.update(partitions)
 
-    def next_batch(self, take: Take, poll_timeout: float, linger: float) -> list[Message]:
+    def next_batch(self, take: Take, poll_timeout: float, linger: float) -> list[Record]:
         """The batch to handle now: the one taken ahead, its prefetch done,
         or else a fresh one (which handle() embeds itself)."""
         held, self._held = self._held, None
@@ -69,8 +68,8 @@ class Lookahead:
 
     def take_next(self, take: Take) -> None:
         """Take the next batch from what the consumer already has and start
-        its prefetch. The runner calls this only once the current batch is
-        counted as a first delivery: after a worker died, batches are handled
+        its prefetch. The processor calls this only once the current batch is
+        known to be no redelivery after a death: after one, batches are handled
         one message at a time with nothing running beside them, so a message
         that kills the worker in the model is the one counted for it
         (infra/kafka/redelivery.py)."""
@@ -88,9 +87,9 @@ class Lookahead:
             self._running.result()  # _prefetch never raises
             self._running = None
 
-    def _still_ours(self, msgs: list[Message]) -> list[Message]:
+    def _still_ours(self, msgs: list[Record]) -> list[Record]:
         revoked, self._revoked = self._revoked, set()
-        kept = [m for m in msgs if topic_partition(m) not in revoked]
+        kept = [m for m in msgs if m.tp not in revoked]
         if len(kept) < len(msgs):
             log.info(
                 "stage %s: dropped %d taken-ahead messages of revoked partitions; "
@@ -100,7 +99,7 @@ class Lookahead:
             )
         return kept
 
-    def _prefetch(self, msgs: list[Message]) -> None:
+    def _prefetch(self, msgs: list[Record]) -> None:
         try:
             events = [e for e in map(self.decode, msgs) if e is not None]
             self.stage.prefetch(events)

@@ -1,7 +1,7 @@
 """What a stage loop tells operators: its metrics, its consumer lag, whether
 it has joined its group, and the log context (stage, document, version,
-event id) of what it is working on. Kept out of runner.py, which only calls
-these at a few points.
+event id) of what it is working on. Kept out of processor.py and runner.py,
+which only call these at a few points.
 
 Lag is ``high watermark - committed offset`` per assigned partition, read by
 the loop itself every LAG_INTERVAL seconds (not per message); never below 0."""
@@ -12,9 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-
-from confluent_kafka import Consumer
-from confluent_kafka import TopicPartition as TP
+from typing import TYPE_CHECKING, Any
 
 from consumers.contract import StageResult
 from domain.errors import PermanentError, TransientError
@@ -22,6 +20,10 @@ from domain.events import Event
 from infra import metrics
 from infra.kafka.retry import Action
 from infra.logs import LOG_CONTEXT, LogContext
+
+if TYPE_CHECKING:  # the batch processor imports this module: no client library at run time
+    from confluent_kafka import Consumer
+    from confluent_kafka import TopicPartition as TP
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +135,17 @@ class LoopObserver:
         with _LOOPS_LOCK:
             _LOOPS.add(self)
 
-    def tick(self, consumer: Consumer) -> None:
-        """Called by the loop after each poll; does work every LAG_INTERVAL s."""
+    def tick(self, consumer: Any) -> None:
+        """Called by the loop after each take; does work every LAG_INTERVAL s.
+        ``consumer``: a confluent Consumer or what quacks like one (the
+        source's lag_view); None while there is none."""
         metrics.STAGE_READY.labels(self.stage).set(1 if self.ready.is_set() else 0)
         now = time.monotonic()
         if now < self._next:
             return
         self._next = now + LAG_INTERVAL
+        if consumer is None:
+            return
         try:
             self._refresh_lag(consumer)
             self.lag_error = None
@@ -147,7 +153,9 @@ class LoopObserver:
             self.lag_error = str(exc)
             log.debug("stage %s: lag not refreshed: %s", self.stage, exc)
 
-    def _refresh_lag(self, consumer: Consumer) -> None:
+    def _refresh_lag(self, consumer: Any) -> None:
+        from confluent_kafka import TopicPartition as TP
+
         assigned = consumer.assignment()
         lag: dict[tuple[str, int], int] = {}
         if assigned:

@@ -59,6 +59,7 @@ class EventPublisher:
         self._errors: list[tuple[str, KafkaError]] = []
         self.journal = journal
         self._delivered: list[Record] = []  # taken by the broker, not yet journaled
+        self._unflushed = 0  # produced since the last flush that emptied the queue
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
@@ -113,6 +114,7 @@ class EventPublisher:
                 self._producer.produce(
                     topic, value=value, key=key, headers=headers, on_delivery=on_delivery
                 )
+                self._unflushed += 1
                 return
             except BufferError:
                 # local queue full: let librdkafka send, then try again
@@ -127,8 +129,13 @@ class EventPublisher:
     def flush(self, timeout: float = 60.0) -> None:
         """Wait for every queued message. A message the broker rejected for
         good (too large, not authorized, no such topic) raises PermanentError;
-        anything else not delivered raises TransientError."""
+        anything else not delivered raises TransientError. With nothing
+        produced since the last flush it returns at once: there is nothing to
+        wait for, and every delivery report was served by that flush."""
+        if not self._unflushed and not self._errors:
+            return
         remaining = self._producer.flush(timeout)
+        self._unflushed = remaining
         errors, self._errors = self._errors, []
         self._journal_delivered()
         if remaining:

@@ -1,29 +1,38 @@
-"""The durable delivery counter's port: "this message killed the worker N
-times" must survive the worker, so the runner records each delivery in the
-database (infra/db/deliveries.py) before handing a batch to its stage.
+"""The durable delivery counter: "this message killed the worker N times"
+must survive the worker, so some deliveries are recorded in the database
+(infra/db/deliveries.py) before their batch is handled.
 
 One record per (group, topic, partition): "the delivery starting at offset X
-has begun K times". A new batch starting elsewhere overwrites it, so the
-common path is one small write per batch and the table holds at most one row
-per partition and group. K > 1 means the previous delivery of X neither
-committed nor stopped cleanly: the worker died. The runner then handles the
-batch one message at a time (each counted), so the message that kills it is
-the one counted, and dead-letters it once it has died ``max_deliveries``
-times (infra/kafka/runner.py)."""
+has begun K times". Counting a delivery that starts elsewhere overwrites it,
+so the table holds at most one row per partition and group. K > 1 means an
+earlier delivery of X neither committed nor stopped cleanly: the worker died.
+The processor then handles the batch one message at a time (each counted), so
+the message that kills it is the one counted, and dead-letters it once it has
+died ``max_deliveries`` times (infra/kafka/processor.py).
+
+Only deliveries that may be redeliveries are counted; the happy path writes
+nothing. A partition is *trusted* once this worker has committed a batch of
+it since it was (re)assigned: its next messages follow what this worker
+itself just committed. A batch is counted on its untrusted partitions (the
+first batch after an assignment, which starts where the last owner stopped),
+and on all its partitions at its first failed attempt. A worker that dies on
+a trusted partition without a failed attempt has committed there first, so
+each uncounted death moves the committed offset forward, which it cannot do
+past the message that kills: the deaths that are not counted are bounded,
+and from then on every death is (docs/guarantees.md, "Why skipping the
+count is safe")."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
-from confluent_kafka import Message
-
 from domain.errors import PermanentError, TransientError
+from infra.kafka.source import Record, TopicPartition, first_offsets
 
 log = logging.getLogger(__name__)
-
-TopicPartition = tuple[str, int]
 
 
 class DeliveryLog(Protocol):
@@ -37,7 +46,7 @@ class DeliveryLog(Protocol):
     def settled(self, group: str, offsets: Mapping[TopicPartition, int]) -> None:
         """The deliveries starting at these offsets ended without the worker
         dying (a clean stop, a commit lost to a rebalance): this delivery does
-        not count. (A committed batch needs no call: the next one resets.)"""
+        not count. (A committed batch needs no call: the next count resets.)"""
         ...
 
 
@@ -53,9 +62,14 @@ class RepeatedCrash(PermanentError):
 
 
 class DeliveryCounter:
-    """The runner's use of a DeliveryLog: count each delivery before it is
-    handled, and forget one that ended without the worker dying. Without a
-    log, or with a broken one, every delivery is the first."""
+    """The processor's use of a DeliveryLog: count the deliveries that may be
+    redeliveries before they are handled, and forget one that ended without
+    the worker dying. Without a log, or with a broken one, every delivery is
+    the first.
+
+    Rebalance notifications may come from another thread (faust's event
+    loop); a commit trusts a partition only if no rebalance touched it since
+    its batch began."""
 
     def __init__(
         self, deliveries: DeliveryLog | None, group: str, wait: Callable[[int], None]
@@ -63,13 +77,57 @@ class DeliveryCounter:
         self.deliveries = deliveries
         self.group = group
         self.wait = wait  # (attempt) -> None; may raise to stop
-        self._counted: dict[TopicPartition, int] = {}
+        self._lock = threading.Lock()
+        self._epoch: dict[TopicPartition, int] = {}  # bumped by every rebalance
+        self._trusted: dict[TopicPartition, int] = {}  # -> the epoch it was trusted in
+        self._began: dict[TopicPartition, int] = {}  # the current delivery: epochs
+        self._starts: dict[TopicPartition, int] = {}  # ... and first offsets
+        self._counted: dict[TopicPartition, int] = {}  # counted, not yet committed
+        self.writes = 0  # delivery-log calls made (for tests and benchmarks)
 
-    def count(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        self._counted = offsets
+    # -- rebalances --------------------------------------------------------------
+
+    def reassigned(self, partitions: Iterable[TopicPartition]) -> None:
+        """Assigned or revoked: the next batch of each starts where some owner
+        left off, maybe one that died."""
+        with self._lock:
+            for tp in partitions:
+                self._epoch[tp] = self._epoch.get(tp, 0) + 1
+                self._trusted.pop(tp, None)
+
+    def trusted(self, tp: TopicPartition) -> bool:
+        with self._lock:
+            return self._trusted.get(tp) == self._epoch.get(tp, 0)
+
+    # -- one delivery ------------------------------------------------------------
+
+    def begin(self, records: Sequence[Record]) -> dict[TopicPartition, int]:
+        """A batch is about to be handled: count it on its untrusted
+        partitions. Returns those counts (empty: nothing was written)."""
+        starts = first_offsets(records)
+        with self._lock:
+            self._began = {tp: self._epoch.get(tp, 0) for tp in starts}
+            untrusted = {
+                tp: o for tp, o in starts.items() if self._trusted.get(tp) != self._began[tp]
+            }
+        self._starts = starts
+        self._counted = {}
+        return self.count(untrusted)
+
+    def failed(self) -> None:
+        """An attempt at the current delivery failed: count it where it was not,
+        so a death while it is retried counts."""
+        rest = {tp: o for tp, o in self._starts.items() if tp not in self._counted}
+        self.count(rest)
+
+    def count(self, offsets: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        if not offsets:
+            return {}
+        self._counted.update(offsets)
         failures = 0
-        while self.deliveries is not None and offsets:
+        while self.deliveries is not None:
             try:
+                self.writes += 1
                 return self.deliveries.attempt(self.group, offsets)
             except TransientError as exc:
                 failures += 1
@@ -80,24 +138,30 @@ class DeliveryCounter:
                 break
         return dict.fromkeys(offsets, 1)
 
-    def settle(self) -> None:
-        """The last delivery counted ended without dying: it does not count."""
-        if self.deliveries is None or not self._counted:
+    def committed(self, partitions: Collection[TopicPartition]) -> None:
+        """These partitions' offsets are committed: their deliveries are done,
+        and the partitions trusted unless a rebalance came in between."""
+        with self._lock:
+            for tp in partitions:
+                self._counted.pop(tp, None)
+                self._starts.pop(tp, None)
+                epoch = self._epoch.get(tp, 0)
+                if self._began.get(tp) == epoch:
+                    self._trusted[tp] = epoch
+
+    def settle(self, partitions: Collection[TopicPartition] | None = None) -> None:
+        """The deliveries counted (on ``partitions``, or all) ended without the
+        worker dying: they do not count."""
+        if partitions is None:
+            settling, self._counted = self._counted, {}
+        else:
+            settling = {tp: o for tp, o in self._counted.items() if tp in partitions}
+            for tp in settling:
+                del self._counted[tp]
+        if self.deliveries is None or not settling:
             return
         try:
-            self.deliveries.settled(self.group, self._counted)
+            self.writes += 1
+            self.deliveries.settled(self.group, settling)
         except Exception as exc:  # at worst, one delivery too many is counted
             log.warning("%s: could not settle deliveries: %s", self.group, exc)
-        self._counted = {}
-
-
-def topic_partition(msg: Message) -> TopicPartition:
-    return (msg.topic() or "", msg.partition() or 0)
-
-
-def first_offsets(msgs: Iterable[Message]) -> dict[TopicPartition, int]:
-    firsts: dict[TopicPartition, int] = {}
-    for m in msgs:
-        if m.error() is None:
-            firsts.setdefault(topic_partition(m), m.offset() or 0)
-    return firsts

@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from confluent_kafka.admin import AdminClient, NewTopic
-
 from domain.events import Topic
 from infra.kafka.security import client_config
 
@@ -52,6 +50,9 @@ class Topics:
 
 
 def ensure_topics(bootstrap: str, topics: Topics, partitions: int, replication: int = 1) -> None:
+    # here, not at the top: the batch processor names topics and loads no client
+    from confluent_kafka.admin import AdminClient, NewTopic
+
     admin = AdminClient(client_config(bootstrap), logger=logging.getLogger("rdkafka"))
     existing = set(admin.list_topics(timeout=15).topics)
     missing = [t for t in topics.all() if t not in existing]

@@ -22,7 +22,8 @@ from infra.db.database import Database
 from infra.db.deliveries import D, SqlDeliveryLog
 from infra.kafka import headers as h
 from infra.kafka.producer import EventPublisher
-from infra.kafka.runner import RunnerConfig, StageRunner, run_until_stopped
+from infra.kafka.runner import RunnerConfig, run_until_stopped
+from infra.kafka.runtimes import stage_runner
 from infra.kafka.topics import Topics
 from kbstream.dlq import list_dead_letters
 from tests.integration import test_stage_runner as toys
@@ -154,7 +155,8 @@ def run_once(
     until: Callable[[], object] | None = None,
 ) -> bool:
     """Run one runner until it crashes (True) or ``until()`` holds (False)."""
-    runner = StageRunner(
+    runner = stage_runner(
+        "confluent",
         stage,
         [topics.lifecycle],
         topics,

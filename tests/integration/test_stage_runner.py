@@ -1,5 +1,5 @@
-"""StageRunner, and the faust runtime over the same batch path (every test
-runs under both), against a real tansu broker: the error policy (dead-letter what
+"""The stage loop under both runtimes, confluent and faust (every test runs
+under both: the same batch processor over each source), against a real tansu broker: the error policy (dead-letter what
 does not decode, retry transient failures, isolate and dead-letter what keeps
 failing, dead-letter what the stage rejects), dead letters that fit however
 large the event, on_give_up for every event given up on, at-least-once
@@ -35,9 +35,10 @@ from domain.events import (
     encode_event,
 )
 from infra.kafka import headers as h
-from infra.kafka.faust_runner import FaustStageRunner
+from infra.kafka.processor import GIVE_UP_ATTEMPTS
 from infra.kafka.producer import EventPublisher
-from infra.kafka.runner import GIVE_UP_ATTEMPTS, RunnerConfig, StageRunner, run_until_stopped
+from infra.kafka.runner import RunnerConfig, StageRunner, run_until_stopped
+from infra.kafka.runtimes import RUNTIMES, stage_runner
 from infra.kafka.topics import Topics, ensure_topics
 from kbstream.dlq import list_dead_letters, replay_dead_letters
 from tests.polling import poll
@@ -45,18 +46,17 @@ from tests.polling import poll
 pytestmark = pytest.mark.integration
 
 # the runtime every test here runs under: the same policy, the same expectations
-RUNNERS: dict[str, type[StageRunner]] = {"confluent": StageRunner, "faust": FaustStageRunner}
-_runner_class: type[StageRunner] = StageRunner
+_runtime = "confluent"
 
 
-@pytest.fixture(autouse=True, params=sorted(RUNNERS))
+@pytest.fixture(autouse=True, params=sorted(RUNTIMES))
 def runtime(request: pytest.FixtureRequest) -> Iterator[str]:
-    global _runner_class
-    _runner_class = RUNNERS[request.param]
+    global _runtime
+    _runtime = request.param
     try:
         yield request.param
     finally:
-        _runner_class = StageRunner
+        _runtime = "confluent"
 
 
 DLQ_HEADERS = (
@@ -252,7 +252,8 @@ def running(
     stage: ToyStage, cfg: RunnerConfig, give_up: GiveUpLog | None = None
 ) -> Iterator[tuple[StageRunner, threading.Thread]]:
     topics = Topics(cfg.dlq_topic.removesuffix(Topic.DLQ.value))
-    runner = _runner_class(
+    runner = stage_runner(
+        _runtime,
         stage,
         [topics.lifecycle],
         topics,

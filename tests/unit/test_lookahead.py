@@ -1,4 +1,4 @@
-"""The runner's lookahead (infra/kafka/lookahead.py) with a scripted consumer:
+"""The processor's lookahead (infra/kafka/lookahead.py) with a scripted source:
 the next batch is prefetched while the current one is handed out, a failed
 prefetch is only a missed chance, and messages of a partition revoked after
 they were taken are dropped (their next owner reads them from the commit)."""
@@ -14,30 +14,12 @@ from consumers.contract import StageResult
 from domain.errors import InvalidEvent
 from domain.events import Event, SegmentsRemoved, decode_event, encode_event
 from infra.kafka.lookahead import Lookahead
+from infra.kafka.source import Record
 
 
-class Msg:
-    def __init__(self, partition: int, offset: int, value: bytes | None = None) -> None:
-        self._p, self._o = partition, offset
-        self._v = value if value is not None else encode_event(removal(f"{partition}-{offset}"))
-
-    def topic(self) -> str:
-        return "segments"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def value(self) -> bytes:
-        return self._v
-
-    def error(self) -> None:
-        return None
-
-    def headers(self) -> list[tuple[str, bytes]]:
-        return []
+def Msg(partition: int, offset: int, value: bytes | None = None) -> Record:
+    value = value if value is not None else encode_event(removal(f"{partition}-{offset}"))
+    return Record("segments", partition, offset, None, value)
 
 
 def removal(doc: str) -> Event:
@@ -46,10 +28,10 @@ def removal(doc: str) -> Event:
     )
 
 
-def decode_or_none(msg: Any) -> Event | None:
-    """As the runner's: None for what it dead-letters when the batch is handled."""
+def decode_or_none(msg: Record) -> Event | None:
+    """As the processor's: None for what it dead-letters when the batch is handled."""
     try:
-        return decode_event(msg.value())
+        return decode_event(msg.value)
     except InvalidEvent:
         return None
 
@@ -99,8 +81,8 @@ class Script:
         return []
 
 
-def ids(msgs: list[Any]) -> list[tuple[int, int]]:
-    return [(m.partition(), m.offset()) for m in msgs]
+def ids(msgs: list[Record]) -> list[tuple[int, int]]:
+    return [(m.partition, m.offset) for m in msgs]
 
 
 def test_the_next_batch_is_prefetched_while_the_current_one_is_handled() -> None:
@@ -110,7 +92,7 @@ def test_the_next_batch_is_prefetched_while_the_current_one_is_handled() -> None
         first = ahead.next_batch(take, 0.5, 0.0)
         assert ids(first) == [(0, 0), (0, 1)]
         assert stage.prefetched == []  # a fresh batch: handle() embeds it itself
-        ahead.take_next(take)  # the runner counted `first` as a first delivery
+        ahead.take_next(take)  # the processor knows `first` is no redelivery after a death
         assert ids(ahead.next_batch(take, 0.5, 0.0)) == [(0, 2)]  # the held one, prefetched
         assert stage.prefetched == [["0-2"]]
         assert all(t.startswith("stage-embed-ahead") for t in stage.threads)
@@ -118,7 +100,7 @@ def test_the_next_batch_is_prefetched_while_the_current_one_is_handled() -> None
 
 
 def test_nothing_is_taken_ahead_unless_asked() -> None:
-    """After a worker died the runner handles one message at a time and does
+    """After a worker died the processor handles one message at a time and does
     not call take_next: nothing runs beside the message being counted."""
     stage = RecordingStage()
     with looking_ahead(stage) as ahead:
@@ -145,7 +127,7 @@ def test_undecodable_messages_are_left_to_the_runner() -> None:
         ahead.next_batch(take, 0.5, 0.0)
         ahead.take_next(take)
         batch = ahead.next_batch(take, 0.5, 0.0)
-        assert ids(batch) == [(0, 1), (0, 2)]  # the runner dead-letters the first
+        assert ids(batch) == [(0, 1), (0, 2)]  # the processor dead-letters the first
         assert stage.prefetched == [["0-2"]]
 
 

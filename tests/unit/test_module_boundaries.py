@@ -96,8 +96,6 @@ def test_no_import_circle(package: str) -> None:
 
 
 OURS = ("infra", "kbstream", "benchmarks", "consumers", "domain", "producers")
-# left to issue 21's batch-engine item, which reworks both runners
-KNOWN_PRIVATE = {"infra.kafka.faust_runner: from infra.kafka.runner import _Stopping"}
 
 
 def test_no_private_name_is_imported_from_another_module() -> None:
@@ -108,4 +106,4 @@ def test_no_private_name_is_imported_from_another_module() -> None:
         for n in names
         if n.startswith("_") and not n.startswith("__") and target.split(".")[0] in OURS
     }
-    assert private - KNOWN_PRIVATE == set()
+    assert private == set()
