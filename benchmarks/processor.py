@@ -124,9 +124,9 @@ def run_once(mode: str, args: argparse.Namespace, url: str, group: str) -> dict[
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if log is not None:
         log.db.dispose()
-    assert broker.committed_offsets(group) == {
-        tp: len(broker.log(tp[0])[tp[1]]) for tp in parts
-    }, "not everything was committed"
+    assert broker.committed_offsets(group) == {tp: len(broker.log(tp[0])[tp[1]]) for tp in parts}, (
+        "not everything was committed"
+    )
     return {
         "seconds": wall,
         "cpu_seconds": cpu,
@@ -164,7 +164,9 @@ def main() -> int:
         f"{'--db' if args.db else 'SQLite'}, median of {args.repeat}",
         file=sys.stderr,
     )
-    print(f"{'mode':<12} {'s':>7} {'µs/event':>9} {'CPU µs/event':>13} {'µs/batch':>9} {'log writes':>11}")
+    print(
+        f"{'mode':<12} {'s':>7} {'µs/event':>9} {'CPU µs/event':>13} {'µs/batch':>9} {'log writes':>11}"
+    )
     for mode, s in summary.items():
         print(
             f"{mode:<12} {s['seconds']:>7.2f} {s['us_per_event']:>9.1f} "
