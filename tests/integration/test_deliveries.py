@@ -228,6 +228,23 @@ def test_a_message_that_kills_the_worker_is_dead_lettered_after_max_deliveries(
     assert sorted(decode_event(m.value()).document_id for m in outputs) == ["doc-1", "doc-3"]
 
 
+def test_the_happy_path_counts_only_the_first_batch_of_an_assignment(
+    tansu: str, topics: Topics, publisher: EventPublisher, database: Database
+) -> None:
+    log = SqlDeliveryLog(database)
+    events = [created(f"doc-{i}") for i in range(6)]
+    for ev in events:
+        publisher.publish(topics.lifecycle, ev)
+    publisher.flush()
+    cfg = config(tansu, topics, exclusive=True)
+    stage = ToyStage("toy-happy", max_batch=2)
+    done = lambda: len(stage.handled_ids()) == len(events)  # noqa: E731
+    assert not run_once(stage, cfg, topics, log, GiveUpLog(), until=done)
+    assert len(stage.calls) >= 2, stage.calls
+    # one row, still at the first batch's offset: later batches wrote nothing
+    assert log.pending(cfg.group_id) == {(topics.lifecycle, 0): (0, 1)}
+
+
 def retried(stage: ToyStage) -> Callable[[], bool]:
     return lambda: len(stage.calls) >= 2
 
