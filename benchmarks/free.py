@@ -48,7 +48,6 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,7 +123,13 @@ def free_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "embedding_server.py"), "--free", "--port", str(port)],
+        [
+            sys.executable,
+            str(REPO / "tests" / "embedding_server.py"),
+            "--free",
+            "--port",
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -388,7 +393,11 @@ def baseline_loop(corpus: Path) -> dict[str, Any]:
         texts = {s.doc_hash: s.content for _, segs in docs for s in segs}
         vectors = dict(zip(texts, provider.embed(list(texts.values())), strict=True))
         container.vectors.upsert(
-            [VectorRow(s.index_node_id, vectors[s.doc_hash], key) for key, segs in docs for s in segs]
+            [
+                VectorRow(s.index_node_id, vectors[s.doc_hash], key)
+                for key, segs in docs
+                for s in segs
+            ]
         )
         container.keyword_index.upsert(
             [KeywordRow(s.index_node_id, key, s.content) for key, segs in docs for s in segs]
@@ -440,9 +449,7 @@ def render(results: list[dict[str, Any]]) -> str:
         f"{'segs/s':>8}{'CPU ms/seg':>11}{'CPU ms/doc':>11}{'÷ base':>8}{'CPU ÷ base':>11}"
     )
     lines = [head]
-    base = {
-        (r["corpus"], r["db"]): r for r in results if r["mode"] == "baseline"
-    }
+    base = {(r["corpus"], r["db"]): r for r in results if r["mode"] == "baseline"}
     for r in results:
         b = base.get((r["corpus"], r["db"]))
         speed = f"{r['segments_per_s'] / b['segments_per_s']:.2f}" if b else ""

@@ -226,6 +226,9 @@ def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
 def _handler(server: EmbeddingServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+        # headers and body go out in two writes: with Nagle's algorithm the body
+        # waits for the client's delayed ACK (40 ms a request on Linux)
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

@@ -4,7 +4,7 @@ two writers touching overlapping rows lock them in the same order."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import case, delete, func, or_, select, update
@@ -204,6 +204,42 @@ class SegmentRepository:
             self.conn.execute(select(S.c.index_node_id).where(of_document(S, key))).scalars()
         )
 
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        """ids_for_document for many documents, one query per dataset and chunk;
+        every key is in the answer (an empty set for a document without any)."""
+        out: dict[DocKey, set[str]] = {k: set() for k in keys}
+        for (tenant, dataset), ids in _by_dataset(out):
+            for chunk in chunks(ids):
+                rows = self.conn.execute(
+                    select(S.c.document_id, S.c.index_node_id).where(
+                        S.c.tenant_id == tenant,
+                        S.c.dataset_id == dataset,
+                        S.c.document_id.in_(chunk),
+                    )
+                )
+                for document_id, index_node_id in rows:
+                    out[DocKey(tenant, dataset, document_id)].add(index_node_id)
+        return out
+
+    def pending_counts(self, keys: Iterable[DocKey]) -> dict[DocKey, int]:
+        """pending_count for many documents, one query per dataset and chunk."""
+        out: dict[DocKey, int] = {k: 0 for k in keys}
+        for (tenant, dataset), ids in _by_dataset(out):
+            for chunk in chunks(ids):
+                rows = self.conn.execute(
+                    select(S.c.document_id, func.count())
+                    .where(
+                        S.c.tenant_id == tenant,
+                        S.c.dataset_id == dataset,
+                        S.c.document_id.in_(chunk),
+                        _UNFLAGGED,
+                    )
+                    .group_by(S.c.document_id)
+                )
+                for document_id, n in rows:
+                    out[DocKey(tenant, dataset, document_id)] = int(n)
+        return out
+
     def pending_count(self, key: DocKey) -> int:
         """Segments of a document not yet flagged by both branches."""
         return self.db.count(S, of_document(S, key), _UNFLAGGED, conn=self.conn)
@@ -252,6 +288,13 @@ class SegmentRepository:
     @staticmethod
     def _stored(*extra: Any) -> Any:
         return select(*_STORED, *extra).join(D, D.c.id == S.c.document_pk)
+
+
+def _by_dataset(keys: Iterable[DocKey]) -> list[tuple[tuple[str, str], list[str]]]:
+    groups: dict[tuple[str, str], list[str]] = {}
+    for k in keys:
+        groups.setdefault((k.tenant_id, k.dataset_id), []).append(k.document_id)
+    return [(g, sorted(ids)) for g, ids in sorted(groups.items())]
 
 
 def _row(document: Document, pk: int, seg: Segment, job_id: str | None) -> dict[str, Any]:
