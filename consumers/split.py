@@ -35,6 +35,7 @@ from domain.events import (
 from domain.ports import ModelTokens, UnitOfWork, UnitOfWorkFactory
 from domain.segments import (
     ChunkText,
+    ExistingSegment,
     Segment,
     StoredSegment,
     build_segments,
@@ -72,7 +73,9 @@ class SplitStage:
                 token_counts[i] = [self.tokens.count_tokens(s.content) for s in event.segments]
         with self.uow() as uow:
             # the batch's documents and owed removals read once, written once at the end
-            batch = _Batch(uow, [e.doc_key for i, e in enumerate(events) if i not in skip])
+            keys = [e.doc_key for i, e in enumerate(events) if i not in skip]
+            parsed = [e.doc_key for e in events if isinstance(e, DocumentParsed)]
+            batch = _Batch(uow, keys, parsed)
             for i, event in enumerate(events):
                 if i in skip:
                     continue  # rejected
@@ -168,10 +171,11 @@ class SplitStage:
         if doc is None or segments is None or not doc.is_current(event.version):
             _drop(doc, event)
             return
-        diff = diff_segments(uow.segments.existing(key), segments)
+        diff = diff_segments(batch.existing(key), segments)
         keep = event.cleanup == "none"
         removed = [] if keep else diff.removed
         totals = uow.segments.replace_split(doc, segments, diff, keep_removed=keep)
+        batch.changed_segments(key)
         owed = batch.owe(key, removed)
         doc.split(
             event.version,
@@ -203,6 +207,7 @@ class SplitStage:
         # the tenant's cached vectors that only this document's texts still use
         uow.embeddings.prune(key.tenant_id, key.dataset_id, [key.document_id])
         ids = uow.segments.delete_document(key)
+        batch.changed_segments(key)
         if ids or doc.segment_count:
             # a redelivery finds nothing left: keep the first delivery's count
             doc.segments_purged(event.version, len(ids))
@@ -224,6 +229,7 @@ class SplitStage:
             _drop(doc, event)
             return
         gone = uow.segments.delete_one(key, event.index_node_id, event.segment_id)
+        batch.changed_segments(key)
         if gone is None:
             log.info(
                 "split: segment %s of %s not found (already deleted?)",
@@ -293,6 +299,7 @@ class SplitStage:
             event,
         )
         fresh = uow.segments.append_imported(doc, event.job_id, segments)
+        batch.changed_segments(key)
         doc.segments_imported(
             resolved_version(event),
             len(fresh),
@@ -349,7 +356,7 @@ class _Batch:
     and saved in one at the end (only those a rule changed), and the removals
     each owes the indexes: read in one query, written through."""
 
-    def __init__(self, uow: UnitOfWork, keys: Sequence[DocKey]) -> None:
+    def __init__(self, uow: UnitOfWork, keys: Sequence[DocKey], parsed: Sequence[DocKey]) -> None:
         self.uow = uow
         self.docs = uow.documents.get_many(keys, for_update=True)
         self._loaded = {k: d.copy() for k, d in self.docs.items()}
@@ -357,6 +364,16 @@ class _Batch:
             k: json.loads(data) if data else []
             for k, data in uow.payloads.get_many([removals_key(k) for k in set(keys)]).items()
         }
+        # the split segments of the documents split in this batch, read once
+        self._existing = uow.segments.existing_many(set(parsed))
+
+    def existing(self, key: DocKey) -> list[ExistingSegment]:
+        if key not in self._existing:  # changed earlier in this batch: read again
+            self._existing[key] = self.uow.segments.existing(key)
+        return self._existing[key]
+
+    def changed_segments(self, key: DocKey) -> None:
+        self._existing.pop(key, None)
 
     def owed(self, key: DocKey) -> list[str]:
         """The removals the document still owes the indexes (see owe)."""

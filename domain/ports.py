@@ -186,6 +186,10 @@ class SegmentRepository(Protocol):
         """The split segments of a document (imported ones left out)."""
         ...
 
+    def existing_many(self, keys: Iterable[DocKey]) -> dict[DocKey, list[ExistingSegment]]:
+        """existing() for many documents in one read; every key answered."""
+        ...
+
     def replace_split(
         self,
         document: Document,

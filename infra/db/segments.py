@@ -43,18 +43,35 @@ class SegmentRepository:
 
     def existing(self, key: DocKey) -> list[ExistingSegment]:
         """The split segments of a document (imported ones left out)."""
-        rows = self.conn.execute(
-            select(
-                S.c.index_node_id,
-                S.c.doc_hash,
-                S.c.position,
-                S.c.vector_indexed,
-                S.c.keywords_indexed,
-            )
-            .where(of_document(S, key), S.c.job_id.is_(None))
-            .order_by(S.c.position, S.c.index_node_id)
-        )
-        return [ExistingSegment(r[0], r[1], r[2], bool(r[3] and r[4])) for r in rows]
+        return self.existing_many([key])[key]
+
+    def existing_many(self, keys: Iterable[DocKey]) -> dict[DocKey, list[ExistingSegment]]:
+        """existing() for many documents, one query per dataset and chunk."""
+        out: dict[DocKey, list[ExistingSegment]] = {k: [] for k in keys}
+        for (tenant, dataset), ids in _by_dataset(out):
+            for chunk in chunks(ids):
+                rows = self.conn.execute(
+                    select(
+                        S.c.document_id,
+                        S.c.index_node_id,
+                        S.c.doc_hash,
+                        S.c.position,
+                        S.c.vector_indexed,
+                        S.c.keywords_indexed,
+                    )
+                    .where(
+                        S.c.tenant_id == tenant,
+                        S.c.dataset_id == dataset,
+                        S.c.document_id.in_(chunk),
+                        S.c.job_id.is_(None),
+                    )
+                    .order_by(S.c.document_id, S.c.position, S.c.index_node_id)
+                )
+                for r in rows:
+                    out[DocKey(tenant, dataset, r[0])].append(
+                        ExistingSegment(r[1], r[2], r[3], bool(r[4] and r[5]))
+                    )
+        return out
 
     def replace_split(
         self,
@@ -105,6 +122,8 @@ class SegmentRepository:
             )
         new = [s for s in segments if s.index_node_id not in existing]
         self._insert(document, pk, new, job_id=None)
+        if not existing:  # a first split: the totals are what was just inserted
+            return len(new), sum(s.tokens for s in new), sum(s.word_count for s in new)
         totals = self.conn.execute(
             select(
                 func.count(),

@@ -131,6 +131,9 @@ class _Segments(_Repo):
             if r.job_id is None
         ]
 
+    def existing_many(self, keys: Iterable[DocKey]) -> dict[DocKey, list[ExistingSegment]]:
+        return {k: self.existing(k) for k in keys}
+
     def replace_split(
         self,
         document: Document,

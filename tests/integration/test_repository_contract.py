@@ -328,6 +328,26 @@ class TestSegments:
                 ids("alpha one", "beta two three", "知识库")
             )
 
+    def test_existing_of_many_documents(self, uow_factory: UnitOfWorkFactory) -> None:
+        nothing = DocKey("tenant-a", "ds_1", "doc-none")
+        create(uow_factory)
+        create(uow_factory, key=OTHER)
+        split(uow_factory, ["a", "b", "c"])
+        split(uow_factory, ["d"], key=OTHER)
+        mark_indexed(uow_factory, ids("b"))
+        with uow_factory() as w:
+            doc = w.documents.get(KEY, for_update=True)
+            assert doc is not None
+            w.segments.append_imported(doc, "job-1", segs("imported", start=3))
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            many = r.segments.existing_many([KEY, OTHER, nothing])
+            assert many == {k: r.segments.existing(k) for k in (KEY, OTHER, nothing)}
+            assert [(e.index_node_id, e.position, e.indexed) for e in many[KEY]] == [
+                (i, p, i == ids("b")[0]) for p, i in enumerate(ids("a", "b", "c"))
+            ]
+            assert many[nothing] == [] and r.segments.existing_many([]) == {}
+
     def test_update_inserts_keeps_repositions_resets_and_removes(
         self, uow_factory: UnitOfWorkFactory
     ) -> None:
