@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,13 +234,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="cProfile each stage into DIR/<stage>.prof (slows the stages down)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary home (path printed)")
+    ap.add_argument(
+        "--embedder",
+        choices=["model", "free"],
+        default="model",
+        help="free: a near-zero-cost OpenAI-compatible server (benchmarks/free.py)",
+    )
+    ap.add_argument(
+        "--small", type=int, help="N small documents cut from the pages instead (free.py's)"
+    )
     args = ap.parse_args(argv)
     if args.docs < 1:
         ap.error("--docs must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="kbstream-stages-"))
     try:
-        files = pick_corpus(args.corpus, args.docs, work / "corpus")
-        result = capacity(files, work / "corpus", work / "home", args.profile)
+        with ExitStack() as stack:
+            files = pick_corpus(args.corpus, args.docs, work / "pages")
+            corpus = work / "pages"
+            if args.small:
+                from benchmarks.free import small_documents
+
+                files = small_documents(files, args.small, work / "small")
+                corpus = work / "small"
+            if args.embedder == "free":
+                from benchmarks.free import free_server, model_env
+
+                base_url, _ = stack.enter_context(free_server())
+                MODEL_SETTINGS.update(
+                    (k.removeprefix("KBSTREAM_").lower(), v) for k, v in model_env(base_url).items()
+                )
+            result = capacity(files, corpus, work / "home", args.profile)
     finally:
         if args.keep:
             say(f"kept:   {work}")

@@ -162,12 +162,17 @@ class EmbedStage:
             for tenant in sorted({tenant for tenant, _ in vectors}):
                 mine = {h: v for (t, h), v in vectors.items() if t == tenant}
                 uow.embeddings.put_many(tenant, self.embedder.provider, self.embedder.model, mine)
-            # one lock order for every writer of these rows
-            for key, version in sorted(counts, key=lambda kv: (str(kv[0]), kv[1])):
+            counted = sorted(
+                (kv for kv, (embedded, hits) in counts.items() if embedded or hits),
+                key=lambda kv: (str(kv[0]), kv[1]),
+            )
+            # the batch's documents in one locking read (one lock order) and one write
+            docs = uow.documents.get_many({key for key, _ in counted}, for_update=True)
+            changed = {}
+            for key, version in counted:
                 embedded, hits = counts[(key, version)]
-                if not (embedded or hits):
-                    continue
-                doc = uow.documents.get(key, for_update=True)
+                doc = docs.get(key)
                 if doc is not None and doc.count_embeddings(version, embedded, hits):
-                    uow.documents.save(doc)
+                    changed[key] = doc
+            uow.documents.save_many(list(changed.values()))
             uow.commit()

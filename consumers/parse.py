@@ -36,16 +36,27 @@ log = logging.getLogger(__name__)
 Source = DocumentCreated | DocumentUpdated
 
 
-def load_or_create(uow: UnitOfWork, key: DocKey, source: str = "") -> Document:
-    """The document, locked; created first if it is new. ``add`` ignores a
-    row a concurrent writer inserted first, so read it back either way."""
-    doc = uow.documents.get(key, for_update=True)
-    if doc is None:
-        uow.documents.add(Document.new(key, source=source))
-        doc = uow.documents.get(key, for_update=True)
-        if doc is None:  # pragma: no cover - a broken repository
-            raise RuntimeError(f"document {key} vanished right after it was added")
-    return doc
+def _load_or_create_many(
+    uow: UnitOfWork, events: Sequence[Event]
+) -> tuple[dict[DocKey, Document], set[DocKey]]:
+    """The batch's documents, locked, and the keys of those created here: every
+    document a created, updated or deleted event names is created first if it
+    is new (insert-if-absent: a row a concurrent writer inserted first stays)."""
+    keys = {e.doc_key for e in events}
+    docs = uow.documents.get_many(keys, for_update=True)
+    new: dict[DocKey, Document] = {}
+    for e in events:
+        creates = isinstance(e, DocumentCreated | DocumentUpdated | DocumentDeleted)
+        if creates and e.doc_key not in docs and e.doc_key not in new:
+            source = e.source if isinstance(e, DocumentCreated | DocumentUpdated) else ""
+            new[e.doc_key] = Document.new(e.doc_key, source=source)
+    if new:
+        uow.documents.add_many(list(new.values()))
+        docs.update(uow.documents.get_many(new, for_update=True))
+        missing = [k for k in new if k not in docs]
+        if missing:  # pragma: no cover - a broken repository
+            raise RuntimeError(f"document {missing[0]} vanished right after it was added")
+    return docs, set(new)
 
 
 @dataclass(frozen=True)
@@ -100,10 +111,15 @@ class ParseStage:
     ) -> list[_Claim]:
         claims: list[_Claim] = []
         with self.uow() as uow:
+            # the batch's documents in one read (created first where new), saved in one write
+            docs, created = _load_or_create_many(uow, events)
+            reached: set[DocKey] = set()  # created here, and an event has got to them
+            touched: dict[DocKey, Document] = {}
             for i, event in enumerate(events):
                 key = event.doc_key
                 if isinstance(event, DocumentCreated | DocumentUpdated):
-                    doc = load_or_create(uow, key, event.source)
+                    doc = touched[key] = docs[key]
+                    reached.add(key)
                     # no version: a new version, after everything known of the document
                     # a copy of the event that claimed it: that version again
                     version = doc.resolve_version(event.version, event.event_id)
@@ -119,24 +135,25 @@ class ParseStage:
                         claims.append(_Claim(i, _versioned(event, version), version))
                     else:
                         self._drop(doc, event.type, version, result)
-                    uow.documents.save(doc)
                 elif isinstance(event, DocumentDeleted):
                     # the tombstone makes every older event of this document stale
                     # at once; split removes the segments behind anything in flight.
                     # No version: delete what is there now, so the next version
                     # (e.g. upstream's v4 after v3 and a delete) brings it back.
-                    doc = load_or_create(uow, key)
+                    doc = touched[key] = docs[key]
+                    reached.add(key)
                     version = doc.applies_to(event.version)
                     if doc.delete(version):
                         slots[i].append(Emit(Topic.PARSED, _versioned(event, version)))
                     else:
                         self._drop(doc, event.type, version, result)
-                    uow.documents.save(doc)
                 elif isinstance(event, SegmentsBatchImported | SegmentDeleted):
                     # they change the current version's segments, never make a new one
                     applies_to = event.version
                     if applies_to is None:
-                        applies_to = segment_event_version(None, uow.documents.get(key))
+                        # a document this batch creates later does not exist yet for it
+                        known = key not in created or key in reached
+                        applies_to = segment_event_version(None, docs.get(key) if known else None)
                     if isinstance(event, SegmentsBatchImported):
                         uow.jobs.create(key, event.job_id, len(event.segments))
                     slots[i].append(Emit(Topic.PARSED, _versioned(event, applies_to)))
@@ -144,6 +161,7 @@ class ParseStage:
                     log.warning(
                         "parse: %s does not belong on the lifecycle topic; skipped", event.type
                     )
+            uow.documents.save_many(list(touched.values()))
             uow.commit()
         return claims
 
@@ -162,8 +180,9 @@ class ParseStage:
                 wanted[claim.slot] = (key, claim.event.source)
         if wanted:
             with self.uow(readonly=True) as uow:
+                found = uow.payloads.get_many([key for key, _ in wanted.values()])
                 for slot, (key, source) in wanted.items():
-                    data = uow.payloads.get(key)
+                    data = found.get(key)
                     out[slot] = (
                         data
                         if data is not None
@@ -181,17 +200,16 @@ class ParseStage:
         result: StageResult,
     ) -> None:
         with self.uow() as uow:
+            docs = uow.documents.get_many([c.event.doc_key for c, _, _ in extracted], True)
             for claim, text, mime in extracted:
                 event, version = claim.event, claim.version
-                doc = uow.documents.get(event.doc_key, for_update=True)
+                doc = docs.get(event.doc_key)
                 if doc is None:
                     continue
                 if not doc.parsed(version, len(text)):
                     # a newer version (or a delete) claimed the document meanwhile
                     self._drop(doc, event.type, version, result)
-                    uow.documents.save(doc)
                     continue
-                uow.documents.save(doc)
                 text_ref = None
                 if len(text.encode()) > self.inline_text_bytes:
                     text_ref = parsed_key(event.doc_key, version)
@@ -200,6 +218,7 @@ class ParseStage:
                     )
                 parsed = self._parsed(event, version, text, text_ref, mime)
                 slots[claim.slot].append(Emit(Topic.PARSED, parsed))
+            uow.documents.save_many(list(docs.values()))
             uow.commit()
 
     @staticmethod

@@ -35,6 +35,7 @@ from domain.events import (
 from domain.ports import ModelTokens, UnitOfWork, UnitOfWorkFactory
 from domain.segments import (
     ChunkText,
+    ExistingSegment,
     Segment,
     StoredSegment,
     build_segments,
@@ -71,21 +72,26 @@ class SplitStage:
             elif isinstance(event, SegmentsBatchImported):
                 token_counts[i] = [self.tokens.count_tokens(s.content) for s in event.segments]
         with self.uow() as uow:
+            # the batch's documents and owed removals read once, written once at the end
+            keys = [e.doc_key for i, e in enumerate(events) if i not in skip]
+            parsed = [e.doc_key for e in events if isinstance(e, DocumentParsed)]
+            batch = _Batch(uow, keys, parsed)
             for i, event in enumerate(events):
                 if i in skip:
                     continue  # rejected
                 if isinstance(event, DocumentParsed):
-                    self._split(uow, event, prepared.get(i), result)
+                    self._split(batch, event, prepared.get(i), result)
                 elif isinstance(event, DocumentDeleted):
-                    self._delete_document(uow, event, result)
+                    self._delete_document(batch, event, result)
                 elif isinstance(event, SegmentDeleted):
-                    self._delete_segment(uow, event, result)
+                    self._delete_segment(batch, event, result)
                 elif isinstance(event, SegmentsBatchImported):
-                    self._import(uow, event, token_counts[i], result)
+                    self._import(batch, event, token_counts[i], result)
                 else:
                     log.warning(
                         "split: %s does not belong on the parsed topic; skipped", event.type
                     )
+            batch.save()
             uow.commit()
         return result
 
@@ -102,8 +108,9 @@ class SplitStage:
         if not parsed:
             return texts, rejected
         with self.uow(readonly=True) as uow:
+            docs = uow.documents.get_many({e.doc_key for _, e in parsed})
             for i, event in parsed:
-                doc = uow.documents.get(event.doc_key)
+                doc = docs.get(event.doc_key)
                 if doc is None or not doc.is_current(event.version):
                     continue  # dropped (and recorded) in the write below
                 try:
@@ -154,21 +161,22 @@ class SplitStage:
 
     def _split(
         self,
-        uow: UnitOfWork,
+        batch: _Batch,
         event: DocumentParsed,
         segments: list[Segment] | None,
         result: StageResult,
     ) -> None:
-        key = event.doc_key
-        doc = uow.documents.get(key, for_update=True)
+        key, uow = event.doc_key, batch.uow
+        doc = batch.docs.get(key)
         if doc is None or segments is None or not doc.is_current(event.version):
-            _drop(uow, doc, event)
+            _drop(doc, event)
             return
-        diff = diff_segments(uow.segments.existing(key), segments)
+        diff = diff_segments(batch.existing(key), segments)
         keep = event.cleanup == "none"
         removed = [] if keep else diff.removed
         totals = uow.segments.replace_split(doc, segments, diff, keep_removed=keep)
-        owed = _owed_removals(uow, key, removed)
+        batch.changed_segments(key)
+        owed = batch.owe(key, removed)
         doc.split(
             event.version,
             SplitCounts(added=diff.added_count, kept=diff.kept_count, removed=len(removed)),
@@ -176,7 +184,6 @@ class SplitStage:
             pending=bool(diff.to_index or owed),
             forget_content_hash=keep and bool(diff.removed),
         )
-        uow.documents.save(doc)
         if owed:
             result.emit(Topic.SEGMENTS, _removed(event, owed))
         self._emit_segments(result, event, diff.to_index)
@@ -191,17 +198,16 @@ class SplitStage:
             len(owed),
         )
 
-    def _delete_document(
-        self, uow: UnitOfWork, event: DocumentDeleted, result: StageResult
-    ) -> None:
-        key = event.doc_key
-        doc = uow.documents.get(key, for_update=True)
+    def _delete_document(self, batch: _Batch, event: DocumentDeleted, result: StageResult) -> None:
+        key, uow = event.doc_key, batch.uow
+        doc = batch.docs.get(key)
         if doc is None or not (doc.deleted and doc.version == event.version):
-            _drop(uow, doc, event)
+            _drop(doc, event)
             return
         # the tenant's cached vectors that only this document's texts still use
         uow.embeddings.prune(key.tenant_id, key.dataset_id, [key.document_id])
         ids = uow.segments.delete_document(key)
+        batch.changed_segments(key)
         if ids or doc.segment_count:
             # a redelivery finds nothing left: keep the first delivery's count
             doc.segments_purged(event.version, len(ids))
@@ -209,20 +215,21 @@ class SplitStage:
         # its parsed texts, uploads and owed removals: the whole-document
         # removal below reconciles everything still owed
         uow.payloads.delete_prefix(document_prefix(key))
-        uow.documents.save(doc)
+        batch.forget_owed(key)
         # emitted even when nothing was left: downstream drops the document's orphans
         result.emit(
             Topic.SEGMENTS,
             _removed(event, ids, whole_document=True),
         )
 
-    def _delete_segment(self, uow: UnitOfWork, event: SegmentDeleted, result: StageResult) -> None:
-        key = event.doc_key
-        doc = uow.documents.get(key, for_update=True)
+    def _delete_segment(self, batch: _Batch, event: SegmentDeleted, result: StageResult) -> None:
+        key, uow = event.doc_key, batch.uow
+        doc = batch.docs.get(key)
         if doc is None or doc.deleted or resolved_version(event) < doc.version:
-            _drop(uow, doc, event)
+            _drop(doc, event)
             return
         gone = uow.segments.delete_one(key, event.index_node_id, event.segment_id)
+        batch.changed_segments(key)
         if gone is None:
             log.info(
                 "split: segment %s of %s not found (already deleted?)",
@@ -240,14 +247,13 @@ class SplitStage:
                     result.reject(event, foreign_ids_error(event, [event.index_node_id]))
                     return
                 named.append(event.index_node_id)
-            again = owed_removals(_still_owed(uow, key), named, alive=frozenset())
+            again = owed_removals(batch.owed(key), named, alive=frozenset())
             if again:
                 result.emit(Topic.SEGMENTS, _removed(event, again))
             return
         doc.segment_deleted(resolved_version(event), gone.tokens, gone.word_count)
         # owed in the same transaction as the delete, until the document completes
-        _owed_removals(uow, key, [gone.index_node_id])
-        uow.documents.save(doc)
+        batch.owe(key, [gone.index_node_id])
         result.emit(
             Topic.SEGMENTS,
             _removed(event, [gone.index_node_id]),
@@ -255,13 +261,13 @@ class SplitStage:
 
     def _import(
         self,
-        uow: UnitOfWork,
+        batch: _Batch,
         event: SegmentsBatchImported,
         token_counts: list[int],
         result: StageResult,
     ) -> None:
-        key = event.doc_key
-        doc = uow.documents.get(key, for_update=True)
+        key, uow = event.doc_key, batch.uow
+        doc = batch.docs.get(key)
         if doc is None or doc.deleted:
             uow.jobs.fail(key, event.job_id, f"document {event.document_id} does not exist")
             return
@@ -293,13 +299,13 @@ class SplitStage:
             event,
         )
         fresh = uow.segments.append_imported(doc, event.job_id, segments)
+        batch.changed_segments(key)
         doc.segments_imported(
             resolved_version(event),
             len(fresh),
             sum(s.tokens for s in fresh),
             sum(s.word_count for s in fresh),
         )
-        uow.documents.save(doc)
         # every segment of the job not yet in both indexes, not just the fresh
         # ones: a replay after a lost publish sends them again
         stored = uow.segments.by_ids([s.index_node_id for s in segments])
@@ -337,32 +343,65 @@ def _removed(event: Event, ids: list[str], whole_document: bool = False) -> Segm
     )
 
 
-def _drop(uow: UnitOfWork, doc: Document | None, event: Event) -> None:
+def _drop(doc: Document | None, event: Event) -> None:
     if doc is None:
         log.info("split: %s v%s of unknown %s dropped", event.type, event.version, event.doc_key)
         return
     doc.drop(event.type, resolved_version(event))
-    uow.documents.save(doc)
     log.info("split: %s", doc.last_dropped)
 
 
-def _still_owed(uow: UnitOfWork, key: DocKey) -> list[str]:
-    """The removals the document still owes the indexes (see _owed_removals)."""
-    data = uow.payloads.get(removals_key(key))
-    return list(json.loads(data)) if data else []
+class _Batch:
+    """One write unit of work's documents, locked and read in one statement
+    and saved in one at the end (only those a rule changed), and the removals
+    each owes the indexes: read in one query, written through."""
 
+    def __init__(self, uow: UnitOfWork, keys: Sequence[DocKey], parsed: Sequence[DocKey]) -> None:
+        self.uow = uow
+        self.docs = uow.documents.get_many(keys, for_update=True)
+        self._loaded = {k: d.copy() for k, d in self.docs.items()}
+        self._owed = {
+            k: json.loads(data) if data else []
+            for k, data in uow.payloads.get_many([removals_key(k) for k in set(keys)]).items()
+        }
+        # the split segments of the documents split in this batch, read once
+        self._existing = uow.segments.existing_many(set(parsed))
 
-def _owed_removals(uow: UnitOfWork, key: DocKey, removed: Sequence[str]) -> list[str]:
-    """The removals the document owes after this change (domain.documents.
-    owed_removals), kept durably until the document completes."""
-    data = uow.payloads.get(removals_key(key))
-    earlier: list[str] = json.loads(data) if data else []
-    owed = owed_removals(earlier, removed, uow.segments.ids_for_document(key))
-    if owed:
-        uow.payloads.put(removals_key(key), json.dumps(owed).encode())
-    elif data is not None:
-        uow.payloads.delete_prefix(removals_key(key))
-    return owed
+    def existing(self, key: DocKey) -> list[ExistingSegment]:
+        if key not in self._existing:  # changed earlier in this batch: read again
+            self._existing[key] = self.uow.segments.existing(key)
+        return self._existing[key]
+
+    def changed_segments(self, key: DocKey) -> None:
+        self._existing.pop(key, None)
+
+    def owed(self, key: DocKey) -> list[str]:
+        """The removals the document still owes the indexes (see owe)."""
+        return list(self._owed.get(removals_key(key), []))
+
+    def owe(self, key: DocKey, removed: Sequence[str]) -> list[str]:
+        """The removals the document owes after this change (domain.documents.
+        owed_removals), kept durably until the document completes."""
+        earlier = self.owed(key)
+        if not (earlier or removed):
+            return []  # nothing was owed and nothing is: no write, no read
+        owed = owed_removals(earlier, removed, self.uow.segments.ids_for_document(key))
+        ref = removals_key(key)
+        if owed:
+            self.uow.payloads.put(ref, json.dumps(owed).encode())
+            self._owed[ref] = owed
+        elif ref in self._owed:
+            self.uow.payloads.delete_prefix(ref)
+            del self._owed[ref]
+        return owed
+
+    def forget_owed(self, key: DocKey) -> None:
+        """The document's payloads were deleted (a whole-document delete)."""
+        self._owed.pop(removals_key(key), None)
+
+    def save(self) -> None:
+        changed = [d for k, d in self.docs.items() if d != self._loaded[k]]
+        self.uow.documents.save_many(changed)
 
 
 def _offset_occurrences(

@@ -38,12 +38,14 @@ class TrackStatusStage:
             return StageResult()
         candidates: list[_Candidate] = []
         with self.uow(readonly=True) as uow:
-            for key, doc in uow.documents.get_many(keys).items():
-                # the cheap flag count first; the stores only when it could complete
-                if not doc.awaits_indexes(uow.segments.pending_count(key)):
-                    continue
-                segments = uow.segments.ids_for_document(key)
-                candidates.append(_Candidate(key, doc.version, frozenset(segments)))
+            # the whole batch in three reads: documents, flag counts, then segment ids
+            docs = uow.documents.get_many(keys)
+            pending = uow.segments.pending_counts(docs)
+            # the cheap flag count first; the stores only when it could complete
+            waiting = [k for k, doc in docs.items() if doc.awaits_indexes(pending[k])]
+            segments = uow.segments.ids_for_documents(waiting) if waiting else {}
+            for key in waiting:
+                candidates.append(_Candidate(key, docs[key].version, frozenset(segments[key])))
         # both indexes, outside any transaction, in one round trip per dataset each
         found = [c.key for c in candidates]
         texts = self.keywords.ids_for_documents(found) if found else {}
@@ -52,21 +54,26 @@ class TrackStatusStage:
         agreed = [c for c in ok if indexes_hold_exactly(c.segments, stored.get(c.key, set()))]
         if agreed:
             with self.uow() as uow:
-                for c in sorted(agreed, key=lambda c: str(c.key)):
-                    self._complete(uow, c)
+                self._complete(uow, agreed)
                 uow.commit()
         return StageResult()
 
     @staticmethod
-    def _complete(uow: UnitOfWork, c: _Candidate) -> None:
-        doc = uow.documents.get(c.key, for_update=True)
-        if doc is None:
+    def _complete(uow: UnitOfWork, agreed: list[_Candidate]) -> None:
+        keys = sorted((c.key for c in agreed), key=str)
+        docs = uow.documents.get_many(keys, for_update=True)
+        # the indexes held c.segments; the documents' own sets may have changed since
+        now = uow.segments.ids_for_documents(keys)
+        pending = uow.segments.pending_counts(keys)
+        done = []
+        for c in agreed:
+            doc = docs.get(c.key)
+            agree = indexes_hold_exactly(now[c.key], c.segments)
+            if doc is not None and doc.complete(c.version, pending[c.key], agree):
+                done.append(doc)
+        if not done:
             return
-        # the indexes held c.segments; the document's own set may have changed since
-        agree = indexes_hold_exactly(uow.segments.ids_for_document(c.key), c.segments)
-        if not doc.complete(c.version, uow.segments.pending_count(c.key), agree):
-            return
-        uow.documents.save(doc)
-        uow.jobs.complete_for_document(c.key)
+        uow.documents.save_many(done)
+        uow.jobs.complete_for_documents([d.key for d in done])
         # the indexes hold exactly the segments: no removal is owed any more
-        uow.payloads.delete_prefix(removals_key(c.key))
+        uow.payloads.delete_many([removals_key(d.key) for d in done])

@@ -149,7 +149,16 @@ class DocumentRepository(Protocol):
         """``for_update`` locks the row until the unit of work ends (PostgreSQL)."""
         ...
 
-    def get_many(self, keys: Iterable[DocKey]) -> dict[DocKey, Document]: ...
+    def get_many(self, keys: Iterable[DocKey], for_update: bool = False) -> dict[DocKey, Document]:
+        """Many documents in as few statements as possible (stages read and
+        write per batch, not per document); ``for_update`` as get()."""
+        ...
+
+    def add_many(self, documents: Sequence[Document]) -> None:
+        """Insert-if-absent for documents about to be created, nothing read
+        back: get_many(..., for_update=True) after it. A row another writer
+        inserted first stays as it is."""
+        ...
 
     def add(self, document: Document) -> None:
         """Insert a new document (and its dataset, if new)."""
@@ -157,6 +166,10 @@ class DocumentRepository(Protocol):
 
     def save(self, document: Document) -> None:
         """Write back every field of a loaded document."""
+        ...
+
+    def save_many(self, documents: Sequence[Document]) -> None:
+        """save() for many loaded documents, in one statement."""
         ...
 
     def list(
@@ -171,6 +184,10 @@ class DocumentRepository(Protocol):
 class SegmentRepository(Protocol):
     def existing(self, key: DocKey) -> list[ExistingSegment]:
         """The split segments of a document (imported ones left out)."""
+        ...
+
+    def existing_many(self, keys: Iterable[DocKey]) -> dict[DocKey, list[ExistingSegment]]:
+        """existing() for many documents in one read; every key answered."""
         ...
 
     def replace_split(
@@ -225,6 +242,14 @@ class SegmentRepository(Protocol):
 
     def pending_count(self, key: DocKey) -> int:
         """Segments of a document not yet flagged by both branches."""
+        ...
+
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        """ids_for_document for many documents in one read; every key answered."""
+        ...
+
+    def pending_counts(self, keys: Iterable[DocKey]) -> dict[DocKey, int]:
+        """pending_count for many documents in one read; every key answered."""
         ...
 
     def hashes(self, key: DocKey, exclude_job: str | None = None) -> tuple[int, list[str]]:
@@ -302,6 +327,14 @@ class PayloadStore(Protocol):
 
     def get(self, key: str) -> bytes | None: ...
 
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The payloads under ``keys`` that exist, in one read."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete exactly these keys (not prefixes), in one statement."""
+        ...
+
     def delete_prefix(self, prefix: str) -> None: ...
 
 
@@ -319,6 +352,10 @@ class ImportJobs(Protocol):
 
     def complete_for_document(self, key: DocKey) -> None:
         """The document completed: so did its jobs still processing."""
+        ...
+
+    def complete_for_documents(self, keys: Sequence[DocKey]) -> None:
+        """complete_for_document for many documents in one statement."""
         ...
 
     def fail_for_document(self, key: DocKey, reason: str) -> None:

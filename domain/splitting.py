@@ -193,6 +193,13 @@ def _split(
 ) -> list[tuple[str, int]]:
     """Chunks of at most ``size`` tokens and ``size * CHARS_PER_TOKEN`` characters,
     with their exact token counts."""
+    if not by_chars and len(text) <= size * CHARS_PER_TOKEN:
+        # a text that fits is one chunk: what the splitter would make of it (its
+        # parts merge back whole), without tokenizing each part on the way
+        whole = text.strip()
+        n = counter.count(whole)
+        if n <= size:
+            return [(whole, n)] if whole else []
     chunks = _splitter(counter.length(size, by_chars), size, overlap).split_text(text)
     out: list[tuple[str, int]] = []
     for chunk, n in zip(chunks, counter.count_many(chunks), strict=True):

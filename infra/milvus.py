@@ -144,6 +144,10 @@ def of_document(key: DocKey) -> str:
     )
 
 
+# the most rows one query answers (Milvus's query window)
+QUERY_CAP = 16_384
+
+
 def of_documents(tenant_id: str, dataset_id: str, document_ids: Iterable[str]) -> str:
     docs = ", ".join(quote(d) for d in document_ids)
     return f"{of_dataset(tenant_id, dataset_id)} and document_id in [{docs}]"
@@ -189,8 +193,10 @@ class MilvusCollection:
     # -- reads and deletes both collections answer the same way -----------------------
 
     def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
-        """One query per (tenant, dataset) and chunk of documents instead of
-        one per document: track_status checks a whole batch at once."""
+        """One query per (tenant, dataset) and chunk of up to 256 documents
+        instead of one per document: track_status checks a whole batch at once.
+        A query answers at most QUERY_CAP rows, so a chunk whose answer reaches
+        it is asked again in halves (a single document without the cap)."""
         out: dict[DocKey, set[str]] = {}
         groups: dict[tuple[str, str], list[str]] = {}
         for k in set(keys):
@@ -198,19 +204,28 @@ class MilvusCollection:
             groups.setdefault((k.tenant_id, k.dataset_id), []).append(k.document_id)
         for (tenant, dataset), docs in groups.items():
             docs.sort()
-            # small chunks: a query returns at most 16,384 rows
-            for i in range(0, len(docs), 16):
-                res = self.call(
-                    "query",
-                    self.client.query,
-                    self.collection,
-                    filter=of_documents(tenant, dataset, docs[i : i + 16]),
-                    output_fields=["index_node_id", "document_id"],
-                    consistency_level="Strong",
-                )
-                for r in res:
+            for i in range(0, len(docs), 256):
+                for r in self._ids_of(tenant, dataset, docs[i : i + 256]):
                     out[DocKey(tenant, dataset, r["document_id"])].add(r["index_node_id"])
         return out
+
+    def _ids_of(self, tenant: str, dataset: str, docs: list[str]) -> list[dict[str, Any]]:
+        capped = len(docs) > 1
+        res: list[dict[str, Any]] = self.call(
+            "query",
+            self.client.query,
+            self.collection,
+            filter=of_documents(tenant, dataset, docs),
+            output_fields=["index_node_id", "document_id"],
+            consistency_level="Strong",  # completion decisions read this
+            **({"limit": QUERY_CAP} if capped else {}),
+        )
+        if capped and len(res) >= QUERY_CAP:
+            half = len(docs) // 2
+            return self._ids_of(tenant, dataset, docs[:half]) + self._ids_of(
+                tenant, dataset, docs[half:]
+            )
+        return res
 
     def ids_for_document(self, key: DocKey) -> list[str]:
         res = self.call(

@@ -33,6 +33,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from domain.errors import PermanentError, TransientError
 from domain.ports import ModelTokens
+from domain.splitting import BatchTokenCounter
 from domain.token_estimate import ApproximateTokenCounter
 from infra.model_files import max_seq_length
 from infra.rate_limit import RateLimiter, parse_retry_after
@@ -240,8 +241,17 @@ class OpenAICompatibleProvider:
             while len(self._salvaged) > _SALVAGE_LIMIT:
                 self._salvaged.popitem(last=False)
 
+    def _tokens(self, texts: list[str]) -> int:
+        """What the request costs the tokens-per-minute budget; nothing to count
+        without one (the split stage counted these texts already)."""
+        if self.limiter.tokens is None:
+            return 0
+        if isinstance(self._counter, BatchTokenCounter):
+            return sum(self._counter.count_tokens_batch(texts))
+        return sum(self._counter.count_tokens(t) for t in texts)
+
     def _embed_batch(self, texts: list[str]) -> list[list[float]]:
-        tokens = sum(self._counter.count_tokens(t) for t in texts)
+        tokens = self._tokens(texts)
         try:
             for attempt in Retrying(
                 stop=stop_after_attempt(self.config.max_attempts),

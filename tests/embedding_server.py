@@ -47,6 +47,21 @@ def real_model_backend(batch_size: int = 32) -> tuple[Backend, int]:
     return encode, int(model.get_embedding_dimension() or 0)
 
 
+def free_backend(dim: int = 384) -> tuple[Backend, int]:
+    """A model that costs (almost) nothing, for benchmarks of the indexer's own
+    cost (benchmarks/free.py): a deterministic ``dim``-d vector from a hash of
+    each text. Values are multiples of 1/64 so the JSON stays short and cheap to
+    write. Not a production provider."""
+    import hashlib
+
+    def encode(texts: list[str]) -> np.ndarray:
+        raw = b"".join(hashlib.shake_128(t.encode()).digest(dim) for t in texts)
+        ints = np.frombuffer(raw, dtype=np.int8).reshape(len(texts), dim)
+        return (ints >> 1).astype(np.float32) / 64.0
+
+    return encode, dim
+
+
 def double_backend() -> tuple[Backend, int]:
     from tests.fakes import HashingEmbeddingDouble
 
@@ -211,6 +226,9 @@ def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
 def _handler(server: EmbeddingServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+        # headers and body go out in two writes: with Nagle's algorithm the body
+        # waits for the client's delayed ACK (40 ms a request on Linux)
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -267,8 +285,14 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8400)
     parser.add_argument("--double", action="store_true", help="the hashing double, not the model")
+    parser.add_argument(
+        "--free", action="store_true", help="384-d hash vectors at near-zero cost (benchmarks)"
+    )
     args = parser.parse_args()
-    backend = double_backend() if args.double else real_model_backend()
+    if args.free:
+        backend = free_backend()
+    else:
+        backend = double_backend() if args.double else real_model_backend()
     server = EmbeddingServer(backend, args.host, args.port)
     print(f"serving {server.base_url}/embeddings", flush=True)
     try:

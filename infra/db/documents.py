@@ -10,12 +10,12 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection
 
 from domain.documents import DocKey, Document, IndexingStatus
 from domain.errors import TransientError
-from infra.db.database import Database, chunks, of_document, table
+from infra.db.database import Database, chunks, table
 from infra.db.models import DatasetRow, DocumentRow
 
 D = table(DocumentRow)
@@ -53,6 +53,24 @@ _FIELDS = (
 )
 _TIMES = frozenset(f for f in _FIELDS if f.endswith("_at"))
 
+# Statements built once: building and cache-keying a fresh SELECT/UPDATE of 27
+# columns per call cost more than running it (issue 17's profile). Parameters
+# are bound per call (and per row, for executemany).
+_KEY_PARAMS = (
+    D.c.tenant_id == bindparam("k_tenant"),
+    D.c.dataset_id == bindparam("k_dataset"),
+    D.c.document_id == bindparam("k_document"),
+)
+_GET = select(D).where(*_KEY_PARAMS)
+_GET_FOR_UPDATE = _GET.with_for_update()
+_SAVE_VALUES: dict[str, Any] = {
+    name: bindparam(f"v_{name}", type_=D.c[name].type) for name in _FIELDS
+}
+# None keeps the column's own on-update value, as an UPDATE without it would
+_SAVE_VALUES["updated_at"] = func.coalesce(_SAVE_VALUES["updated_at"], func.now())
+_SAVE_BY_PK = update(D).where(D.c.id == bindparam("k_pk")).values(_SAVE_VALUES)
+_SAVE_BY_KEY = update(D).where(*_KEY_PARAMS).values(_SAVE_VALUES)
+
 
 class DocumentRepository:
     def __init__(self, database: Database, conn: Connection) -> None:
@@ -62,21 +80,53 @@ class DocumentRepository:
     def get(self, key: DocKey, for_update: bool = False) -> Document | None:
         """``for_update`` issues SELECT ... FOR UPDATE on PostgreSQL; on SQLite
         a write unit of work already holds the database's write lock."""
-        query = select(D).where(of_document(D, key))
-        if for_update:
-            query = query.with_for_update()
-        row = self.conn.execute(query).first()
+        query = _GET_FOR_UPDATE if for_update else _GET
+        row = self.conn.execute(query, _key_params(key)).first()
         return _document(row) if row else None
 
-    def get_many(self, keys: Iterable[DocKey]) -> dict[DocKey, Document]:
+    def get_many(self, keys: Iterable[DocKey], for_update: bool = False) -> dict[DocKey, Document]:
+        """One query per dataset (and IN chunk). ``for_update`` locks the rows
+        on PostgreSQL in id order, one order for every writer of many rows."""
         by_dataset: dict[tuple[str, str], set[str]] = defaultdict(set)
         for k in keys:
             by_dataset[(k.tenant_id, k.dataset_id)].add(k.document_id)
         out: dict[DocKey, Document] = {}
         for (tenant_id, dataset_id), ids in sorted(by_dataset.items()):
-            for doc in self.list(tenant_id, dataset_id, sorted(ids)):
-                out[doc.key] = doc
+            query = select(D).where(D.c.tenant_id == tenant_id, D.c.dataset_id == dataset_id)
+            for chunk in chunks(sorted(ids)):
+                chosen = query.where(D.c.document_id.in_(chunk))
+                if for_update:
+                    chosen = chosen.order_by(D.c.id).with_for_update()
+                for row in self.conn.execute(chosen):
+                    doc = _document(row)
+                    out[doc.key] = doc
         return out
+
+    def add_many(self, documents: Sequence[Document]) -> None:
+        """Insert-if-absent, in one statement: for documents a stage is about to
+        create. Unlike add(), nothing is read back (get_many(..., for_update=True)
+        after it), and a row a concurrent writer inserted first simply stays:
+        the caller applies its rules to what it reads."""
+        if not documents:
+            return
+        datasets = sorted({(d.tenant_id, d.dataset_id) for d in documents})
+        self.conn.execute(
+            self.db.insert_ignore(DS),
+            [{"tenant_id": t, "dataset_id": d} for t, d in datasets],
+        )
+        rows = []
+        for document in sorted(documents, key=lambda d: str(d.key)):
+            values = _values(document)
+            values.setdefault("updated_at", datetime.now(UTC))
+            rows.append(
+                {
+                    "tenant_id": document.tenant_id,
+                    "dataset_id": document.dataset_id,
+                    "document_id": document.document_id,
+                    **values,
+                }
+            )
+        self.conn.execute(self.db.insert_ignore(D), rows)
 
     def add(self, document: Document) -> None:
         """Insert a new document (and its dataset, if new).
@@ -114,9 +164,20 @@ class DocumentRepository:
 
     def save(self, document: Document) -> None:
         """Write back every field of a loaded (or added) document."""
-        where = D.c.id == document.pk if document.pk is not None else of_document(D, document.key)
-        if not self.conn.execute(update(D).where(where).values(**_values(document))).rowcount:
+        query = _SAVE_BY_PK if document.pk is not None else _SAVE_BY_KEY
+        if not self.conn.execute(query, _save_params(document)).rowcount:
             raise LookupError(f"document {document.key} is not stored; add() it first")
+
+    def save_many(self, documents: Sequence[Document]) -> None:
+        """save() for many loaded documents in one executemany, in id order
+        (the lock order of get_many(for_update=True))."""
+        loaded = [d for d in documents if d.pk is not None]
+        for d in documents:
+            if d.pk is None:
+                self.save(d)
+        if loaded:
+            ordered = sorted(loaded, key=lambda d: d.pk or 0)
+            self.conn.execute(_SAVE_BY_PK, [_save_params(d) for d in ordered])
 
     def list(
         self, tenant_id: str, dataset_id: str, document_ids: Sequence[str] | None = None
@@ -146,6 +207,17 @@ class DocumentRepository:
             .group_by(D.c.status)
         )
         return {str(r[0]): int(r[1]) for r in rows}
+
+
+def _key_params(key: DocKey) -> dict[str, Any]:
+    return {"k_tenant": key.tenant_id, "k_dataset": key.dataset_id, "k_document": key.document_id}
+
+
+def _save_params(document: Document) -> dict[str, Any]:
+    values = _values(document)
+    params = {f"v_{name}": values.get(name) for name in _FIELDS}
+    params.update(_key_params(document.key), k_pk=document.pk)
+    return params
 
 
 def _values(document: Document) -> dict[str, Any]:

@@ -26,9 +26,9 @@ def create_read_engine(engine: Engine) -> Engine:
     behind the writer. Other databases use the same engine."""
     if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
         return engine
-    reader = create_engine(
-        engine.url, connect_args={"timeout": 60, "check_same_thread": False}, pool_pre_ping=True
-    )
+    # no pre-ping: a file's connection does not drop, and the ping was one more
+    # statement per unit of work
+    reader = create_engine(engine.url, connect_args={"timeout": 60, "check_same_thread": False})
 
     @event.listens_for(reader, "connect")
     def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -45,9 +45,7 @@ def create_db_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url, connect_args={"timeout": 60, "check_same_thread": False}, pool_pre_ping=True
-        )
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -72,7 +70,11 @@ def create_db_engine(url: str) -> Engine:
             dbapi_conn.isolation_level = None
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    extra: dict[str, str] = {}
+    if parsed.get_driver_name() == "psycopg2":
+        # executemany of UPDATEs (a batch's documents) in pages, not a round trip a row
+        extra["executemany_mode"] = "values_plus_batch"
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **extra)
 
 
 def migrate(engine: Engine) -> None:

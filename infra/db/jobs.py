@@ -55,6 +55,25 @@ class ImportJobs:
             completed=J.c.total,
         )
 
+    def complete_for_documents(self, keys: Sequence[DocKey]) -> None:
+        """complete_for_document for many documents, one statement per dataset
+        and chunk."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for k in keys:
+            groups.setdefault((k.tenant_id, k.dataset_id), []).append(k.document_id)
+        for (tenant, dataset), ids in sorted(groups.items()):
+            for chunk in chunks(sorted(set(ids))):
+                self._set(
+                    (
+                        J.c.tenant_id == tenant,
+                        J.c.dataset_id == dataset,
+                        J.c.document_id.in_(chunk),
+                        J.c.status == "processing",
+                    ),
+                    status="completed",
+                    completed=J.c.total,
+                )
+
     def fail_for_document(self, key: DocKey, reason: str) -> None:
         """The document was deleted: its unfinished jobs fail."""
         self._set(

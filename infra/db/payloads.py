@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Connection
 
-from infra.db.database import Database, table
+from infra.db.database import Database, chunks, table
 from infra.db.models import PayloadRow
 
 P = table(PayloadRow)
@@ -35,6 +36,19 @@ class PayloadStore:
     def get(self, key: str) -> bytes | None:
         row = self.conn.execute(select(P.c.data).where(P.c.key == key)).first()
         return bytes(row[0]) if row else None
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The payloads stored under ``keys`` (absent ones left out), one query."""
+        out: dict[str, bytes] = {}
+        for chunk in chunks(sorted(set(keys))):
+            for k, data in self.conn.execute(select(P.c.key, P.c.data).where(P.c.key.in_(chunk))):
+                out[k] = bytes(data)
+        return out
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete exactly these keys (no prefix), one statement."""
+        for chunk in chunks(sorted(set(keys))):
+            self.conn.execute(delete(P).where(P.c.key.in_(chunk)))
 
     def delete_prefix(self, prefix: str) -> None:
         self.conn.execute(delete(P).where(_has_prefix(P.c.key, prefix)))

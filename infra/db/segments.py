@@ -4,7 +4,7 @@ two writers touching overlapping rows lock them in the same order."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import case, delete, func, or_, select, update
@@ -43,18 +43,35 @@ class SegmentRepository:
 
     def existing(self, key: DocKey) -> list[ExistingSegment]:
         """The split segments of a document (imported ones left out)."""
-        rows = self.conn.execute(
-            select(
-                S.c.index_node_id,
-                S.c.doc_hash,
-                S.c.position,
-                S.c.vector_indexed,
-                S.c.keywords_indexed,
-            )
-            .where(of_document(S, key), S.c.job_id.is_(None))
-            .order_by(S.c.position, S.c.index_node_id)
-        )
-        return [ExistingSegment(r[0], r[1], r[2], bool(r[3] and r[4])) for r in rows]
+        return self.existing_many([key])[key]
+
+    def existing_many(self, keys: Iterable[DocKey]) -> dict[DocKey, list[ExistingSegment]]:
+        """existing() for many documents, one query per dataset and chunk."""
+        out: dict[DocKey, list[ExistingSegment]] = {k: [] for k in keys}
+        for (tenant, dataset), ids in _by_dataset(out):
+            for chunk in chunks(ids):
+                rows = self.conn.execute(
+                    select(
+                        S.c.document_id,
+                        S.c.index_node_id,
+                        S.c.doc_hash,
+                        S.c.position,
+                        S.c.vector_indexed,
+                        S.c.keywords_indexed,
+                    )
+                    .where(
+                        S.c.tenant_id == tenant,
+                        S.c.dataset_id == dataset,
+                        S.c.document_id.in_(chunk),
+                        S.c.job_id.is_(None),
+                    )
+                    .order_by(S.c.document_id, S.c.position, S.c.index_node_id)
+                )
+                for r in rows:
+                    out[DocKey(tenant, dataset, r[0])].append(
+                        ExistingSegment(r[1], r[2], r[3], bool(r[4] and r[5]))
+                    )
+        return out
 
     def replace_split(
         self,
@@ -105,6 +122,8 @@ class SegmentRepository:
             )
         new = [s for s in segments if s.index_node_id not in existing]
         self._insert(document, pk, new, job_id=None)
+        if not existing:  # a first split: the totals are what was just inserted
+            return len(new), sum(s.tokens for s in new), sum(s.word_count for s in new)
         totals = self.conn.execute(
             select(
                 func.count(),
@@ -204,6 +223,42 @@ class SegmentRepository:
             self.conn.execute(select(S.c.index_node_id).where(of_document(S, key))).scalars()
         )
 
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        """ids_for_document for many documents, one query per dataset and chunk;
+        every key is in the answer (an empty set for a document without any)."""
+        out: dict[DocKey, set[str]] = {k: set() for k in keys}
+        for (tenant, dataset), ids in _by_dataset(out):
+            for chunk in chunks(ids):
+                rows = self.conn.execute(
+                    select(S.c.document_id, S.c.index_node_id).where(
+                        S.c.tenant_id == tenant,
+                        S.c.dataset_id == dataset,
+                        S.c.document_id.in_(chunk),
+                    )
+                )
+                for document_id, index_node_id in rows:
+                    out[DocKey(tenant, dataset, document_id)].add(index_node_id)
+        return out
+
+    def pending_counts(self, keys: Iterable[DocKey]) -> dict[DocKey, int]:
+        """pending_count for many documents, one query per dataset and chunk."""
+        out: dict[DocKey, int] = {k: 0 for k in keys}
+        for (tenant, dataset), ids in _by_dataset(out):
+            for chunk in chunks(ids):
+                rows = self.conn.execute(
+                    select(S.c.document_id, func.count())
+                    .where(
+                        S.c.tenant_id == tenant,
+                        S.c.dataset_id == dataset,
+                        S.c.document_id.in_(chunk),
+                        _UNFLAGGED,
+                    )
+                    .group_by(S.c.document_id)
+                )
+                for document_id, n in rows:
+                    out[DocKey(tenant, dataset, document_id)] = int(n)
+        return out
+
     def pending_count(self, key: DocKey) -> int:
         """Segments of a document not yet flagged by both branches."""
         return self.db.count(S, of_document(S, key), _UNFLAGGED, conn=self.conn)
@@ -252,6 +307,13 @@ class SegmentRepository:
     @staticmethod
     def _stored(*extra: Any) -> Any:
         return select(*_STORED, *extra).join(D, D.c.id == S.c.document_pk)
+
+
+def _by_dataset(keys: Iterable[DocKey]) -> list[tuple[tuple[str, str], list[str]]]:
+    groups: dict[tuple[str, str], list[str]] = {}
+    for k in keys:
+        groups.setdefault((k.tenant_id, k.dataset_id), []).append(k.document_id)
+    return [(g, sorted(ids)) for g, ids in sorted(groups.items())]
 
 
 def _row(document: Document, pk: int, seg: Segment, job_id: str | None) -> dict[str, Any]:

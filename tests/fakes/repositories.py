@@ -41,9 +41,13 @@ class _Documents(_Repo):
         doc = self.uow.state.documents.get(key)
         return doc.copy() if doc else None
 
-    def get_many(self, keys: Iterable[DocKey]) -> dict[DocKey, Document]:
+    def get_many(self, keys: Iterable[DocKey], for_update: bool = False) -> dict[DocKey, Document]:
         docs = self.uow.state.documents
         return {k: docs[k].copy() for k in set(keys) if k in docs}
+
+    def add_many(self, documents: Sequence[Document]) -> None:
+        for document in documents:
+            self.add(document)
 
     def add(self, document: Document) -> None:
         state = self.uow.writable()
@@ -63,6 +67,10 @@ class _Documents(_Repo):
         if stored is None:
             raise KeyError(f"document {document.key} was never added")
         state.documents[document.key] = replace(document, pk=stored.pk)
+
+    def save_many(self, documents: Sequence[Document]) -> None:
+        for document in documents:
+            self.save(document)
 
     def list(
         self, tenant_id: str, dataset_id: str, document_ids: Sequence[str] | None = None
@@ -122,6 +130,9 @@ class _Segments(_Repo):
             for r in self._of_document(key)
             if r.job_id is None
         ]
+
+    def existing_many(self, keys: Iterable[DocKey]) -> dict[DocKey, list[ExistingSegment]]:
+        return {k: self.existing(k) for k in keys}
 
     def replace_split(
         self,
@@ -239,6 +250,12 @@ class _Segments(_Repo):
     def pending_count(self, key: DocKey) -> int:
         return sum(1 for r in self._of_document(key) if not r.indexed)
 
+    def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
+        return {k: self.ids_for_document(k) for k in keys}
+
+    def pending_counts(self, keys: Iterable[DocKey]) -> dict[DocKey, int]:
+        return {k: self.pending_count(k) for k in keys}
+
     def hashes(self, key: DocKey, exclude_job: str | None = None) -> tuple[int, list[str]]:
         rows = self._of_document(key)
         start = max((r.position for r in rows), default=-1) + 1
@@ -327,6 +344,15 @@ class _Payloads(_Repo):
     def get(self, key: str) -> bytes | None:
         return self.uow.state.payloads.get(key)
 
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        table = self.uow.state.payloads
+        return {k: table[k] for k in keys if k in table}
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        table = self.uow.writable().payloads
+        for k in keys:
+            table.pop(k, None)
+
     def delete_prefix(self, prefix: str) -> None:
         table = self.uow.writable().payloads
         for k in [k for k in table if k.startswith(prefix)]:
@@ -375,6 +401,10 @@ class _Jobs(_Repo):
     def complete_for_document(self, key: DocKey) -> None:
         for job in self._of_document(key, {"processing"}):
             self._update(job, status="completed", completed=job["total"])
+
+    def complete_for_documents(self, keys: Sequence[DocKey]) -> None:
+        for key in keys:
+            self.complete_for_document(key)
 
     def fail_for_document(self, key: DocKey, reason: str) -> None:
         for job in self._of_document(key, {"waiting", "processing"}):

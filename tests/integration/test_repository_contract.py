@@ -237,6 +237,37 @@ class TestDocuments:
             assert all(d.key == k for k, d in found.items())
             assert r.documents.get_many([]) == {}
 
+    def test_add_many_get_many_for_update_and_save_many(
+        self, uow_factory: UnitOfWorkFactory
+    ) -> None:
+        """What a stage does for a batch: create the new documents in one
+        statement, lock and read them all, apply the rules, save them all."""
+        elsewhere = DocKey("tenant-b", "ds_9", "doc-1")
+        create(uow_factory, 4)  # exists already: add_many leaves it alone
+        with uow_factory() as w:
+            w.documents.add_many(
+                [Document.new(k, source=f"{k.document_id}.txt") for k in (KEY, OTHER, elsewhere)]
+            )
+            docs = w.documents.get_many([KEY, OTHER, elsewhere], for_update=True)
+            assert {k: d.version for k, d in docs.items()} == {KEY: 4, OTHER: 0, elsewhere: 0}
+            assert docs[OTHER].source == "doc-2.txt" and docs[OTHER].pk is not None
+            assert docs[OTHER].start_parsing(1, "b.txt", content_hash="h")
+            assert docs[elsewhere].start_parsing(3, "c.txt")
+            assert docs[KEY].parsed(4, chars=11)
+            w.documents.save_many(list(docs.values()))
+            w.documents.add_many([])
+            w.documents.save_many([])
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            stored = r.documents.get_many([KEY, OTHER, elsewhere])
+        assert stored == docs
+        assert (stored[OTHER].version, stored[OTHER].status, stored[OTHER].source) == (
+            1,
+            S.PARSING,
+            "b.txt",
+        )
+        assert (stored[elsewhere].version, stored[KEY].chars) == (3, 11)
+
     def test_list_find_and_status_counts(self, uow_factory: UnitOfWorkFactory) -> None:
         create(uow_factory, 1, KEY, source="b.txt")
         create(uow_factory, 1, OTHER, source="a.txt")
@@ -296,6 +327,26 @@ class TestSegments:
             assert r.segments.ids_for_document(KEY) == set(
                 ids("alpha one", "beta two three", "知识库")
             )
+
+    def test_existing_of_many_documents(self, uow_factory: UnitOfWorkFactory) -> None:
+        nothing = DocKey("tenant-a", "ds_1", "doc-none")
+        create(uow_factory)
+        create(uow_factory, key=OTHER)
+        split(uow_factory, ["a", "b", "c"])
+        split(uow_factory, ["d"], key=OTHER)
+        mark_indexed(uow_factory, ids("b"))
+        with uow_factory() as w:
+            doc = w.documents.get(KEY, for_update=True)
+            assert doc is not None
+            w.segments.append_imported(doc, "job-1", segs("imported", start=3))
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            many = r.segments.existing_many([KEY, OTHER, nothing])
+            assert many == {k: r.segments.existing(k) for k in (KEY, OTHER, nothing)}
+            assert [(e.index_node_id, e.position, e.indexed) for e in many[KEY]] == [
+                (i, p, i == ids("b")[0]) for p, i in enumerate(ids("a", "b", "c"))
+            ]
+            assert many[nothing] == [] and r.segments.existing_many([]) == {}
 
     def test_update_inserts_keeps_repositions_resets_and_removes(
         self, uow_factory: UnitOfWorkFactory
@@ -462,6 +513,25 @@ class TestSegments:
             rows = r.segments.by_ids([a, b])
             assert (rows[a].vector_indexed, rows[a].keywords_indexed) == (True, True)
             assert (rows[b].vector_indexed, rows[b].keywords_indexed) == (False, True)
+
+    def test_ids_and_pending_counts_of_many_documents(self, uow_factory: UnitOfWorkFactory) -> None:
+        elsewhere = DocKey("tenant-b", "ds_1", "doc-1")  # same ids, another tenant
+        nothing = DocKey("tenant-a", "ds_1", "doc-none")
+        for key, texts in ((KEY, ["a", "b"]), (OTHER, ["c"]), (elsewhere, ["d", "e", "f"])):
+            create(uow_factory, key=key)
+            split(uow_factory, texts, key=key)
+        mark_indexed(uow_factory, ids("a", key=KEY))
+        with uow_factory(readonly=True) as r:
+            keys = [KEY, OTHER, elsewhere, nothing]
+            assert r.segments.ids_for_documents(keys) == {
+                KEY: set(ids("a", "b")),
+                OTHER: set(ids("c", key=OTHER)),
+                elsewhere: set(ids("d", "e", "f", key=elsewhere)),
+                nothing: set(),
+            }
+            assert r.segments.pending_counts(keys) == {KEY: 1, OTHER: 1, elsewhere: 3, nothing: 0}
+            assert r.segments.ids_for_documents([]) == {}
+            assert r.segments.pending_counts([]) == {}
 
     def test_many_segments_past_the_chunk_size(self, uow_factory: UnitOfWorkFactory) -> None:
         create(uow_factory)
@@ -641,6 +711,23 @@ class TestClaimCheck:
         put(uow_factory, "parsed/t/d/doc-1/1", b"two")
         assert get(uow_factory, "parsed/t/d/doc-1/1") == b"two"
 
+    def test_get_many_and_delete_many_by_exact_key(self, uow_factory: UnitOfWorkFactory) -> None:
+        put(uow_factory, "p/a", b"a")
+        put(uow_factory, "p/a/longer", b"longer")
+        put(uow_factory, "p/b", b"b")
+        with uow_factory(readonly=True) as r:
+            assert r.payloads.get_many(["p/a", "p/b", "p/nothing", "p/a"]) == {
+                "p/a": b"a",
+                "p/b": b"b",
+            }
+            assert r.payloads.get_many([]) == {}
+        with uow_factory() as w:
+            w.payloads.delete_many(["p/a", "p/nothing"])  # exact: p/a/longer stays
+            w.payloads.delete_many([])
+            w.commit()
+        assert (get(uow_factory, "p/a"), get(uow_factory, "p/a/longer")) == (None, b"longer")
+        assert get(uow_factory, "p/b") == b"b"
+
     def test_large_payload(self, uow_factory: UnitOfWorkFactory) -> None:
         data = np.random.default_rng(1).bytes(8 * 1024 * 1024)
         put(uow_factory, "big", data)
@@ -720,6 +807,30 @@ class TestImportJobs:
         with uow_factory(readonly=True) as r:
             assert (r.jobs.get(KEY, "import-1") or {})["status"] == "completed"
             assert r.jobs.get(OTHER, "import-1") is None
+
+    def test_complete_for_many_documents(self, uow_factory: UnitOfWorkFactory) -> None:
+        third = DocKey("tenant-a", "ds_2", "doc-1")
+        with uow_factory() as w:
+            for key in (KEY, OTHER, third):
+                w.jobs.create(key, "import-1", 2)
+                w.jobs.processing(key, "import-1", fresh=2)
+            w.jobs.create(OTHER, "import-2", 5)  # waiting: not completed by a document
+            w.commit()
+        with uow_factory() as w:
+            w.jobs.complete_for_documents([KEY, OTHER])
+            w.jobs.complete_for_documents([])
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            got = {
+                (k, j): (r.jobs.get(k, j) or {}).get("status")
+                for k, j in ((KEY, "import-1"), (OTHER, "import-1"), (OTHER, "import-2"))
+            }
+            assert got == {
+                (KEY, "import-1"): "completed",
+                (OTHER, "import-1"): "completed",
+                (OTHER, "import-2"): "waiting",
+            }
+            assert (r.jobs.get(third, "import-1") or {})["status"] == "processing"
 
     def test_a_replayed_import_completes_at_once(self, uow_factory: UnitOfWorkFactory) -> None:
         with uow_factory() as w:

@@ -290,6 +290,22 @@ def test_ids_for_documents_in_one_call(store: MilvusVectorStore) -> None:
     assert got[DocKey("t1", "ds1", "doc-7")] == set()
 
 
+def test_ids_for_documents_past_the_query_cap(
+    store: MilvusVectorStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk of documents whose answer reaches the query window is asked
+    again in halves, so no id is lost (the cap lowered to 4 rows here)."""
+    import infra.milvus
+
+    monkeypatch.setattr(infra.milvus, "QUERY_CAP", 4)
+    store.upsert(rows(3, "t1", "ds1", "a") + rows(2, "t1", "ds1", "b") + rows(6, "t1", "ds1", "c"))
+    keys = [DocKey("t1", "ds1", d) for d in ("a", "b", "c", "d")]
+    got = store.ids_for_documents(keys)
+    assert {k.document_id: len(v) for k, v in got.items()} == {"a": 3, "b": 2, "c": 6, "d": 0}
+    for key in keys:
+        assert got[key] == set(store.ids_for_document(key))
+
+
 @pytest.mark.parametrize(
     ("uri", "loopback"),
     [

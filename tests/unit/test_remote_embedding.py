@@ -6,7 +6,7 @@ and the split stage's token counter for a remote model."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,6 +72,30 @@ def test_batches_concurrently_and_orders_by_index(server: EmbeddingServer) -> No
     assert sorted(server.stats.batch_sizes) == [2, 4, 4]
     assert server.stats.authorization == "Bearer sk-test"
     assert provider.embed([]) == []
+
+
+class CountingCounter(ApproximateTokenCounter):
+    def __init__(self) -> None:
+        super().__init__(512)
+        self.counted: list[str] = []
+
+    def count_tokens(self, text: str) -> int:
+        self.counted.append(text)
+        return super().count_tokens(text)
+
+    def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
+        return [self.count_tokens(t) for t in texts]
+
+
+def test_texts_are_counted_only_for_a_tokens_per_minute_limit(server: EmbeddingServer) -> None:
+    """The split stage counted every text already: the provider counts again
+    only what a tokens-per-minute budget needs (issue 17)."""
+    free = CountingCounter()
+    OpenAICompatibleProvider(config_for(server), free).embed(TEXTS[:6])
+    assert free.counted == []
+    limited = CountingCounter()
+    OpenAICompatibleProvider(config_for(server, tokens_per_minute=10**6), limited).embed(TEXTS[:6])
+    assert sorted(limited.counted) == sorted(TEXTS[:6])
 
 
 def test_vectors_are_unit_length(server: EmbeddingServer) -> None:

@@ -598,6 +598,16 @@ class TestTokenCountsOnce:
         assert len(every) == len(set(every))
         assert [c.tokens for c in chunks] == [WordCounter().count_tokens(c.content) for c in chunks]
 
+    def test_a_text_that_fits_is_counted_once_and_stays_whole(self) -> None:
+        """Small documents (FAQ entries, tickets) are the common case: one count,
+        not one per paragraph, sentence and merged chunk (issue 17)."""
+        counter = self.CountingCounter()
+        text = "\n\n".join(". ".join(words(3, 10 * p + s) for s in range(2)) for p in range(3))
+        chunks = split(text, counter, max_tokens=64)
+        assert contents(chunks) == [text]
+        assert chunks[0].tokens == WordCounter().count_tokens(text)
+        assert len(counter.calls) + sum(len(b) for b in counter.batches) == 1
+
     def test_the_model_counter_counts_a_batch_like_one_by_one(
         self, model_tokens: ModelTokenCounter
     ) -> None:
