@@ -210,6 +210,7 @@ PIPELINE: tuple[StageSpec, ...] = (
         scaling=Scaling.PROCESSES,
         sizing=Sizing("500m", "768Mi", "1", "1536Mi", 50),
         progress=Progress.KEYWORDS_INDEXED,
+        ready_needs_milvus=True,
     ),
     StageSpec(
         "track_status",

@@ -51,18 +51,18 @@ def publish_and_wait(
     if not emits:
         return
     want = _wanted(emits)
-    with broker_for(container.settings) as runtime:
+    with broker_for(container.settings) as broker:
         # the publisher and the workers journal to the broker's journal, if it has one
-        update: dict[str, object] = {"broker_journal": runtime.journal}
-        if runtime.embedded:
+        update: dict[str, object] = {"broker_journal": broker.journal}
+        if broker.embedded:
             update["allowed_roots"] = _with_read_roots(container.settings, read_roots)
         run = container.scoped(**update)
         pool = None
-        if runtime.embedded:
+        if broker.embedded:
             # the broker is ours alone: no consumer group join to wait for
-            pool = WorkerPool(run, runtime.bootstrap, exclusive=True).start()
+            pool = WorkerPool(run, broker.bootstrap, exclusive=True).start()
         try:
-            _publish(run, runtime.bootstrap, emits, client_id)
+            _publish(run, broker.bootstrap, emits, client_id)
             _wait(run, want, pool, timeout, progress)
         finally:
             if pool is not None:

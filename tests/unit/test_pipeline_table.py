@@ -74,7 +74,11 @@ def test_the_table_keeps_the_facts_it_replaced() -> None:
     assert [s.name for s in PIPELINE if s.needs_model] == ["embed"]
     assert [s.name for s in PIPELINE if s.lingers] == ["embed"]
     assert [s.name for s in PIPELINE if s.extracts] == ["parse"]
-    assert [s.name for s in PIPELINE if s.ready_needs_milvus] == ["load_vectors", "track_status"]
+    assert [s.name for s in PIPELINE if s.ready_needs_milvus] == [
+        "load_vectors",
+        "index_keywords",
+        "track_status",
+    ]
     assert [s.name for s in PIPELINE if s.exports_document_gauges] == ["track_status"]
     assert [s.name for s in PIPELINE if s.progress is None] == ["parse"]
     assert stage_spec("embed").sizing == Sizing("2", "1536Mi", "4", "3Gi", 20)
