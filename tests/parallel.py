@@ -29,7 +29,8 @@ from typing import Any
 
 import pytest
 
-UNITS_KEY = "kbstream_units_dir"
+UNITS_KEY = "kbstream_units_dir"  # in workerinput: where a worker writes its units
+UNITS_DIR = pytest.StashKey[Path]()  # the controller's copy
 # rough seconds per test, by suite: enough to hand out the long units first
 WEIGHT = {"e2e": 20.0, "integration": 1.0}
 DEFAULT_WEIGHT = 0.05
@@ -92,12 +93,12 @@ def order_units(items: list[pytest.Item]) -> dict[str, str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     if parallel(config) and not hasattr(config, "workerinput"):
-        config.stash[_units_dir] = Path(tempfile.mkdtemp(prefix="kbstream-units-"))
+        config.stash[UNITS_DIR] = Path(tempfile.mkdtemp(prefix="kbstream-units-"))
         config.pluginmanager.register(_XdistHooks(), "kbstream-parallel-xdist")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    units_dir = config.stash.get(_units_dir, None)
+    units_dir = config.stash.get(UNITS_DIR, None)
     if units_dir is not None:
         shutil.rmtree(units_dir, ignore_errors=True)
 
@@ -108,14 +109,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     workerinput = getattr(config, "workerinput", None)
     if workerinput is None or UNITS_KEY not in workerinput:
         return
-    units = order_units(items)
-    target = Path(workerinput[UNITS_KEY]) / f"{workerinput['workerid']}.json"
-    partial = target.with_suffix(".part")
+    write_units(Path(workerinput[UNITS_KEY]), workerinput["workerid"], order_units(items))
+
+
+def write_units(units_dir: Path, worker: str, units: dict[str, str]) -> None:
+    partial = units_dir / f"{worker}.part"
     partial.write_text(json.dumps(units))
-    os.replace(partial, target)
+    os.replace(partial, units_dir / f"{worker}.json")
 
 
-_units_dir = pytest.StashKey[Path]()
+def read_units(units_dir: Path) -> dict[str, str]:
+    """The units one worker wrote (every worker collects the same tests, or
+    xdist stops the run)."""
+    written = sorted(units_dir.glob("*.json"))
+    assert written, f"no worker wrote its work units to {units_dir}"
+    units: dict[str, str] = json.loads(written[0].read_text())
+    return units
 
 
 class _XdistHooks:
@@ -123,7 +132,7 @@ class _XdistHooks:
 
     @pytest.hookimpl
     def pytest_configure_node(self, node: Any) -> None:
-        node.workerinput[UNITS_KEY] = str(node.config.stash[_units_dir])
+        node.workerinput[UNITS_KEY] = str(node.config.stash[UNITS_DIR])
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
@@ -146,9 +155,6 @@ class UnitScheduling(LoadScopeScheduling):  # type: ignore[misc,valid-type]
         config.option.loadscopereorder = False  # most tests first would undo the order
 
     def _split_scope(self, nodeid: str) -> str:
-        if self._units is None:
-            units_dir = self.config.stash[_units_dir]
-            written = sorted(units_dir.glob("*.json"))
-            assert written, f"no worker wrote its work units to {units_dir}"
-            self._units = json.loads(written[0].read_text())
+        if self._units is None:  # asked once all workers have collected
+            self._units = read_units(self.config.stash[UNITS_DIR])
         return self._units.get(nodeid, nodeid)
