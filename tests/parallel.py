@@ -8,6 +8,11 @@ A work unit is what one xdist worker runs from start to end:
 - tests marked ``xdist_group(name)`` form one unit per name;
 - every other test is a unit of its own, run wherever a worker is free.
 
+A worker finishes a unit's module fixtures when the unit ends, not when
+pytest leaves the module: the next unit on that worker may come from the same
+module, and a pipeline left idle until then holds its processes and some 30
+PostgreSQL connections (the server allows 100).
+
 Units are handed out heaviest first (the longest-processing-time rule): the
 end-to-end units start at once on every worker, and the many short tests fill
 the gaps at the end instead of one long test running alone after the rest.
@@ -24,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,8 @@ import pytest
 
 UNITS_KEY = "kbstream_units_dir"  # in workerinput: where a worker writes its units
 UNITS_DIR = pytest.StashKey[Path]()  # the controller's copy
+UNIT_OF = pytest.StashKey[dict[str, str]]()  # a worker's: node id -> unit
+SHARED_SCOPES = ("module", "class", "package")
 # rough seconds per test, by suite: enough to hand out the long units first
 WEIGHT = {"e2e": 20.0, "integration": 1.0}
 DEFAULT_WEIGHT = 0.05
@@ -61,8 +69,7 @@ def shared_unit(item: pytest.Item) -> str | None:
     shared = sorted(
         name
         for name in info.names_closure
-        if (defs := info.name2fixturedefs.get(name))
-        and defs[-1].scope in ("module", "class", "package")
+        if (defs := info.name2fixturedefs.get(name)) and defs[-1].scope in SHARED_SCOPES
     )
     if not shared:
         return None
@@ -109,7 +116,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     workerinput = getattr(config, "workerinput", None)
     if workerinput is None or UNITS_KEY not in workerinput:
         return
-    write_units(Path(workerinput[UNITS_KEY]), workerinput["workerid"], order_units(items))
+    units = config.stash[UNIT_OF] = order_units(items)
+    write_units(Path(workerinput[UNITS_KEY]), workerinput["workerid"], units)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """On a worker, after the last test of a unit: finish the module-scoped
+    fixtures it used (as pytest does when a fixture's param changes); a later
+    test that needs one sets it up again."""
+    result = yield
+    units = item.config.stash.get(UNIT_OF, None)
+    if units is not None and (
+        nextitem is None or units.get(nextitem.nodeid) != units.get(item.nodeid)
+    ):
+        info = item._fixtureinfo  # type: ignore[attr-defined]
+        request = item._request  # type: ignore[attr-defined]
+        for name in reversed(info.names_closure):  # dependents before what they depend on
+            defs = info.name2fixturedefs.get(name)
+            if defs and defs[-1].scope in SHARED_SCOPES:
+                defs[-1].finish(request)
+    return result
 
 
 def write_units(units_dir: Path, worker: str, units: dict[str, str]) -> None:

@@ -1,13 +1,13 @@
 """A real pytest-xdist run (`-n 2 --dist loadgroup`, as scripts/test.sh starts
 the suite) with tests/parallel.py: a module fixture is set up once per param,
-all its tests on one worker. xdist's own loadgroup stopped grouping silently
+all its tests on one worker, and finished when they are done, not when the
+worker leaves the module. xdist's own loadgroup stopped grouping silently
 under pytest 9.2 (pytest-dev/pytest-xdist#1386); this fails if ours does."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,11 +20,18 @@ SUITE = """
 import os
 import pytest
 
+ALIVE = set()
+
+def log(line):
+    with open(os.environ["EVENTS"], "a") as f:
+        f.write(f"{os.environ.get('PYTEST_XDIST_WORKER')} {line}\\n")
+
 @pytest.fixture(scope="module", params=["confluent", "faust"])
 def env(request):
-    with open(os.environ["SETUPS"], "a") as f:
-        f.write(f"{request.param} {os.environ.get('PYTEST_XDIST_WORKER')}\\n")
-    return request.param
+    log(f"setup {request.param}")
+    ALIVE.add(request.param)
+    yield request.param
+    ALIVE.discard(request.param)
 
 @pytest.mark.parametrize("n", range(6))
 def test_with_env(env, n):
@@ -32,7 +39,7 @@ def test_with_env(env, n):
 
 @pytest.mark.parametrize("n", range(6))
 def test_alone(n):
-    pass
+    log(f"alone {sorted(ALIVE)}")
 """
 
 
@@ -40,8 +47,8 @@ def test_module_fixture_params_each_run_on_one_worker(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     pytest.importorskip("xdist")
-    setups = tmp_path / "setups.txt"
-    monkeypatch.setenv("SETUPS", str(setups))
+    events = tmp_path / "events.txt"
+    monkeypatch.setenv("EVENTS", str(events))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     pytester.makeconftest('pytest_plugins = ("tests.parallel",)')
     pytester.makepyfile(test_suite=SUITE)
@@ -58,6 +65,10 @@ def test_module_fixture_params_each_run_on_one_worker(
             workers.setdefault(first, set()).add(worker)
     assert workers.keys() == {"confluent", "faust"}, result.stdout.str()
     assert all(len(w) == 1 for w in workers.values()), workers
+    lines = events.read_text().splitlines()
     # each param's module fixture set up once, on the worker that ran its tests
-    lines = setups.read_text().splitlines()
-    assert Counter(line.split()[0] for line in lines) == {"confluent": 1, "faust": 1}, lines
+    setups = [line.split()[1:] for line in lines if " setup " in line]
+    assert sorted(p for _, p in setups) == ["confluent", "faust"], lines
+    # and finished before the worker went on with the module's other tests
+    alone = [line for line in lines if " alone " in line]
+    assert len(alone) == 6 and all(line.endswith("alone []") for line in alone), lines
