@@ -21,4 +21,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/pytest "$@"
+# The tests run in KBSTREAM_TEST_WORKERS parallel processes (default 2, CI's
+# cores: most tests wait on brokers, child processes and the database), cut
+# into work units by tests/parallel.py; 0 runs them serially in this process,
+# as does `-n 0` among the arguments.
+WORKERS=${KBSTREAM_TEST_WORKERS:-2}
+PARALLEL=()
+[ "$WORKERS" = 0 ] || PARALLEL=(-n "$WORKERS" --dist loadgroup)
+exec .venv/bin/pytest ${PARALLEL[@]+"${PARALLEL[@]}"} "$@"

@@ -26,6 +26,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 __all__ = ["HashingEmbeddingDouble"]  # re-exported: tests import it from here
 
+# how `-n N --dist loadgroup` cuts the suite into work units (scripts/test.sh)
+pytest_plugins = ("tests.parallel",)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_logging() -> Iterator[None]:

@@ -164,54 +164,67 @@ class Pipeline:
 
     def drain(self, timeout: float = 60.0, quiet: float = 0.6) -> None:
         """Wait until every stage's consumer group has committed every message
-        of its input topics, seen twice in a row ``quiet`` seconds apart (a stage
-        that just finished may still be publishing the next stage's events).
-        For checks that nothing further happens, e.g. after a replay."""
-        from confluent_kafka import Consumer, TopicPartition
-
+        of its input topics (see ``wait_drained``). For checks that nothing
+        further happens, e.g. after a replay."""
         assert self.pool is not None and self.settings.brokers
-        probes = []
-        for runner in self.pool.runners:
-            consumer = Consumer(
-                {
-                    "bootstrap.servers": self.settings.brokers,
-                    "group.id": runner.config.group_id,
-                    "enable.auto.commit": False,
-                },
-                logger=_quiet_logger(),
-            )
-            meta = consumer.list_topics(timeout=10).topics
-            parts = [
-                TopicPartition(t, p) for t in runner.inputs for p in sorted(meta[t].partitions)
-            ]
-            probes.append((consumer, parts))
+        wait_drained(self.settings, self.pool.stages, timeout, quiet)
 
-        def lag() -> tuple[int, tuple[int, ...]]:
-            behind = 0
-            marks: list[int] = []
-            for consumer, parts in probes:
-                for tp in consumer.committed(parts, timeout=10):
-                    _, high = consumer.get_watermark_offsets(tp, timeout=10)
-                    marks.append(high)
-                    behind += max(0, high - max(tp.offset, 0))
-            return behind, tuple(marks)
 
-        deadline = time.monotonic() + timeout
-        previous: tuple[int, ...] | None = None
-        try:
-            while True:
-                behind, marks = lag()
-                if behind == 0 and marks == previous:
-                    return
-                previous = marks if behind == 0 else None
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"stages did not drain within {timeout}s ({behind} behind)"
-                    )
-                time.sleep(quiet if behind == 0 else 0.2)
-        finally:
-            for consumer, _ in probes:
-                consumer.close()
+def wait_drained(
+    settings: Settings, stages: Iterable[str], timeout: float = 60.0, quiet: float = 0.6
+) -> None:
+    """Wait until the consumer group of each of ``stages`` has committed every
+    message of its input topics, seen twice in a row ``quiet`` seconds apart (a
+    stage that just finished may still be publishing the next stage's events).
+    Then whatever those messages cause (a next event, a dead letter) is written:
+    a stage commits only after its side effects are durable."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from consumers.pipeline import stage_spec
+    from infra.kafka.topics import Topics
+
+    assert settings.brokers
+    topics = Topics(settings.topic_prefix)
+    probes = []
+    for stage in stages:
+        spec = stage_spec(stage)
+        consumer = Consumer(
+            {
+                "bootstrap.servers": settings.brokers,
+                "group.id": settings.group(spec.group),
+                "enable.auto.commit": False,
+            },
+            logger=_quiet_logger(),
+        )
+        meta = consumer.list_topics(timeout=10).topics
+        inputs = [topics.name(t) for t in spec.inputs]
+        parts = [TopicPartition(t, p) for t in inputs for p in sorted(meta[t].partitions)]
+        probes.append((consumer, parts))
+
+    def lag() -> tuple[int, tuple[int, ...]]:
+        behind = 0
+        marks: list[int] = []
+        for consumer, parts in probes:
+            for tp in consumer.committed(parts, timeout=10):
+                _, high = consumer.get_watermark_offsets(tp, timeout=10)
+                marks.append(high)
+                behind += max(0, high - max(tp.offset, 0))
+        return behind, tuple(marks)
+
+    deadline = time.monotonic() + timeout
+    previous: tuple[int, ...] | None = None
+    try:
+        while True:
+            behind, marks = lag()
+            if behind == 0 and marks == previous:
+                return
+            previous = marks if behind == 0 else None
+            if time.monotonic() > deadline:
+                raise AssertionError(f"stages did not drain within {timeout}s ({behind} behind)")
+            time.sleep(quiet if behind == 0 else 0.2)
+    finally:
+        for consumer, _ in probes:
+            consumer.close()
 
 
 def _quiet_logger() -> Any:

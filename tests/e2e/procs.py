@@ -33,6 +33,7 @@ from kbstream.bootstrap import Container
 from kbstream.settings import Settings
 from kbstream.stack import MilvusLiteServer
 from tests.conftest import PG_ADMIN_URL
+from tests.harness import wait_drained
 from tests.polling import poll
 
 REPO = Path(__file__).resolve().parents[2]
@@ -309,6 +310,11 @@ class Cluster:
     def restart(self, stage: str) -> Worker:
         self.restarts += 1
         return self.start(stage)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Until the stages with a live worker have committed everything on
+        their input topics: all the dead letters and events it causes are out."""
+        wait_drained(self.settings, [s for s in self.workers if self.live(s)], timeout)
 
     def alive(self) -> dict[str, int]:
         """Live worker processes per stage."""

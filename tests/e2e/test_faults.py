@@ -795,8 +795,8 @@ def poisoned(
             )
             expected = {d: expected_segments(c, dataset, docs[d]) for d in ids}
             n = sum(sent.values())
-            wait_until(lambda: len(list_dead_letters(c.bootstrap, c.topics)) >= n, 120, 2)
-            time.sleep(3)  # anything beyond the poison would show up now
+            wait_until(lambda: len(list_dead_letters(c.bootstrap, c.topics)) >= n, 120, 0.5)
+            c.drain()  # anything beyond the poison would show up now
             yield {
                 "cluster": c,
                 "dataset": dataset,
@@ -853,7 +853,7 @@ def test_dlq_list_and_replay_through_the_cli(poisoned) -> None:
     n_parse = sum(1 for d in before if d.headers["kb-stage"] == "parse")
     dry = json.loads(c.cli("dlq", "replay", "--stage", "parse", "--dry-run", "--json").stdout)
     assert dry["dry_run"] and dry["replayed"] == n_parse
-    time.sleep(3)
+    c.drain()
     assert len(list_dead_letters(c.bootstrap, c.topics)) == len(before)
 
     # replayed to their original topic, the poison is dead-lettered again by parse
@@ -861,9 +861,9 @@ def test_dlq_list_and_replay_through_the_cli(poisoned) -> None:
     assert done["replayed"] == n_parse and not done["dry_run"]
     assert {d["original_topic"] for d in done["letters"]} == {c.topics.lifecycle}
     assert wait_until(
-        lambda: len(list_dead_letters(c.bootstrap, c.topics)) >= len(before) + n_parse, 60, 1
+        lambda: len(list_dead_letters(c.bootstrap, c.topics)) >= len(before) + n_parse, 60, 0.5
     )
-    time.sleep(2)
+    c.drain()
     after = list_dead_letters(c.bootstrap, c.topics)
     new = [d for d in after if d not in before]
     assert len(after) == len(before) + n_parse
@@ -875,8 +875,8 @@ def test_dlq_list_and_replay_through_the_cli(poisoned) -> None:
     # a full replay commits its position: a second one replays nothing old
     full = json.loads(c.cli("dlq", "replay", "--json").stdout)
     assert full["replayed"] == len(after)
-    assert wait_until(lambda: len(list_dead_letters(c.bootstrap, c.topics)) > len(after), 60, 1)
-    time.sleep(3)
+    assert wait_until(lambda: len(list_dead_letters(c.bootstrap, c.topics)) > len(after), 60, 0.5)
+    c.drain()
     grown = list_dead_letters(c.bootstrap, c.topics)
     again = json.loads(c.cli("dlq", "replay", "--dry-run", "--json").stdout)
     assert again["replayed"] == len(grown) - len(after)
