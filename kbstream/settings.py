@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     keyword_tokenizer: Literal["standard", "jieba", "whitespace"] = "standard"
     # `kbstream serve`: the bearer token clients (Dify) send; unset = no auth
     api_key: str | None = None
+    # a longer query is a 400 before any work (1 MB cost 4 s of CPU); the model
+    # reads its first 256 tokens anyway
+    max_query_chars: int = Field(default=4000, ge=1)
+    # /docs, /redoc and /openapi.json without the key (they list every endpoint)
+    api_docs_open: bool = False
+    # records carry the document's absolute source path (a server path) too
+    api_expose_paths: bool = False
 
     allowed_roots: str = Field(
         default="", description="os.pathsep-separated roots for file:// refs"

@@ -144,7 +144,13 @@ def test_unit_scores_lie_on_zero_one() -> None:
     assert unit_score("hybrid", 0.7) == 0.7
 
 
-META = {"title": "kafka.md", "document_id": "doc-1", "position": 3, "status": "completed"}
+META = {
+    "title": "kafka.md",
+    "document_id": "doc-1",
+    "position": 3,
+    "status": "completed",
+    "uploaded": 1_700_000_000,
+}
 
 
 @pytest.mark.parametrize(
@@ -166,6 +172,22 @@ META = {"title": "kafka.md", "document_id": "doc-1", "position": 3, "status": "c
         ("position", "≥", 3, True),
         ("position", "<=", 2, False),
         ("title", ">", 2, False),  # not a number: never matches a numeric comparison
+        ("title", "in", ["a.md", "kafka.md"], True),
+        ("title", "in", "a.md, kafka.md", True),  # Dify's UI: comma-separated
+        ("title", "not in", "a.md,kafka.md", False),
+        ("position", "in", [3, 4], True),
+        ("title", "in", [], False),
+        ("missing", "not in", [], True),  # Dify: literal(True)
+        ("uploaded", "before", 1_700_000_001, True),
+        ("uploaded", "after", 1_700_000_001, False),
+        ("uploaded", "after", "2023-11-14T00:00:00+00:00", True),
+        # a field a hit lacks is SQL NULL in Dify: no comparison holds for it
+        ("missing", "not contains", "x", False),
+        ("missing", "is not", "x", False),
+        ("missing", "not in", "a,b", False),
+        ("missing", "<", 5, False),
+        ("missing", "not empty", None, False),
+        ("title", "empty", None, False),
     ],
 )
 def test_each_operator(name: str, op: str, value: object, expected: bool) -> None:
@@ -194,10 +216,28 @@ def test_logical_operators_and_several_names() -> None:
     assert parse_condition(None) is None
 
 
+def test_what_dify_sends_as_null() -> None:
+    # Dify's model allows nulls and sends them
+    assert parse_condition({"logical_operator": None, "conditions": None}) is not None
+    nothing = parse_condition({"logical_operator": "and", "conditions": None})
+    assert nothing is not None and nothing.matches({})
+    a = {"name": "title", "comparison_operator": "contains", "value": "kafka"}
+    b = {"name": "status", "comparison_operator": "is", "value": "error"}
+    # null logical_operator is Dify's or_ (``and_ if op == "and" else or_``)
+    either = parse_condition({"logical_operator": None, "conditions": [a, b]})
+    assert either is not None and either.matches(META)
+    # a condition without a value is left out, as Dify leaves it out of its SQL
+    no_value = {"name": "status", "comparison_operator": "is", "value": None}
+    only_a = parse_condition({"logical_operator": "and", "conditions": [a, no_value]})
+    assert only_a is not None and only_a.matches(META) and len(only_a.conditions) == 1
+
+
 @pytest.mark.parametrize(
     "raw",
     [
         {"conditions": [{"name": ["title"], "comparison_operator": "before", "value": "x"}]},
+        {"conditions": [{"name": ["title"], "comparison_operator": "like", "value": "x"}]},
+        {"conditions": [{"name": "title", "comparison_operator": "is", "value": ["a"]}]},
         {"conditions": [{"name": [], "comparison_operator": "is", "value": "x"}]},
         {"logical_operator": "xor", "conditions": []},
         {"conditions": "title"},
