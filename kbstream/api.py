@@ -7,13 +7,13 @@
 
 The container, and with it the model, is built once and warmed at start-up
 (one embed, one jieba cut), so the first query is as fast as the rest; the
-database and Milvus are read per request. Scores are on [0, 1]
-(domain.fusion.unit_score): vector = cosine clamped at 0, keyword =
-1 - exp(-score), hybrid = the fused score (weighted RRF scaled so 1.0 is a
-node ranked first by every weighted side). Errors are Dify's
+database and Milvus are read per request. Scores are relevances on [0, 1]
+that mean the same for every query (kbstream/search.py, domain/fusion.py);
+0.5 is the threshold they were calibrated for. Errors are Dify's
 ``{"error_code", "error_msg"}``: 1001 malformed Authorization header and 1002
 wrong key (403), 2001 unknown dataset (404); others carry the HTTP status as
-error_code (400 unsupported metadata condition, 422 invalid request).
+error_code (400 unsupported metadata condition or a query over the limit, 413
+a body over the limit, 422 invalid request).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from domain.documents import Document
-from domain.fusion import unit_score
 from domain.metadata_filter import MetadataFilter, UnsupportedCondition, parse_condition
 from kbstream import queries
 from kbstream.bootstrap import Container
@@ -106,7 +105,7 @@ class SearchRequest(BaseModel):
 
 class SearchHit(BaseModel):
     score: float = Field(description="relevance on [0, 1]")
-    raw_score: float = Field(description="the mode's own score (cosine, keyword sum, fused)")
+    raw_score: float = Field(description="the mode's own score (cosine, BM25, fused rank)")
     title: str
     content: str
     metadata: dict[str, Any]
@@ -197,7 +196,7 @@ def retrieve(
     by_id = {d.document_id: d for d in docs}
     out = []
     for h in hits:
-        score = round(unit_score(mode, h.score), 6)
+        score = h.score
         if score < threshold:
             continue
         meta = hit_metadata(dataset, h, by_id.get(h.document_id), c.settings.api_expose_paths)
@@ -401,7 +400,11 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
             mode=body.mode,
             hits=[
                 SearchHit(
-                    score=s, raw_score=h.score, title=m["title"], content=h.content, metadata=m
+                    score=s,
+                    raw_score=h.raw_score if h.raw_score is not None else s,
+                    title=m["title"],
+                    content=h.content,
+                    metadata=m,
                 )
                 for s, h, m in found
             ],

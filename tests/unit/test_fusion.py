@@ -6,13 +6,19 @@ from __future__ import annotations
 import pytest
 
 from domain.fusion import (
+    VECTOR_RELEVANCE,
     FusionWeights,
+    RelevanceScale,
     fuse,
     fusion_weights,
+    hybrid_relevance,
+    keyword_coverage,
     keyword_evidence,
+    keyword_relevance,
     script_coverage,
     script_tokens,
     unit_score,
+    vector_relevance,
     weighted_rrf,
     weighted_score_fusion,
 )
@@ -246,3 +252,41 @@ def test_what_dify_sends_as_null() -> None:
 def test_unsupported_conditions_are_refused(raw: dict[str, object]) -> None:
     with pytest.raises(UnsupportedCondition):
         parse_condition(raw)
+
+
+# -- relevance: the reported score --------------------------------------------------
+
+
+def test_a_relevance_scale_maps_floor_to_0_and_full_to_1() -> None:
+    scale = RelevanceScale(0.2, 0.6)
+    assert scale(0.1) == 0.0 and scale(0.2) == 0.0
+    assert scale(0.4) == pytest.approx(0.5)
+    assert scale(0.6) == 1.0 and scale(0.9) == 1.0
+    with pytest.raises(ValueError, match="above floor"):
+        RelevanceScale(0.5, 0.5)
+
+
+def test_the_model_is_trusted_as_far_as_it_reads_the_query() -> None:
+    cosine = VECTOR_RELEVANCE.full
+    assert vector_relevance(cosine, model_share=1.0) == 1.0
+    assert vector_relevance(cosine, model_share=0.5) == 0.5
+    assert vector_relevance(cosine, model_share=0.0) == 0.0  # an English model, a Chinese query
+
+
+def test_hybrid_relevance_lets_the_model_vouch_alone_and_words_only_with_it() -> None:
+    english = FusionWeights(vector=1.0, keyword=0.5)
+    assert hybrid_relevance(0.8, 0.0, english) == 0.8
+    # every query word in a text the model finds unrelated: not relevant
+    assert hybrid_relevance(0.0, 1.0, english) == pytest.approx(1 / 3)
+    # words lift what the model half believes
+    assert hybrid_relevance(0.4, 1.0, english) == pytest.approx(0.6)
+    chinese = FusionWeights(vector=0.0, keyword=0.5)  # the model cannot read it
+    assert hybrid_relevance(0.9, 0.7, chinese) == pytest.approx(0.7)
+    assert hybrid_relevance(0.9, 0.7, FusionWeights(0.0, 0.0)) == 0.0
+
+
+def test_keyword_coverage_is_the_weighted_share_of_query_keywords() -> None:
+    terms = {"rows": 2.0, "spreadsheet": 2.0}
+    assert keyword_coverage(terms, "rows and columns") == 0.5
+    assert keyword_relevance(keyword_coverage(terms, "rows in a spreadsheet")) == 1.0
+    assert keyword_relevance(keyword_coverage(terms, "nothing here")) == 0.0
