@@ -231,7 +231,9 @@ class CollapseSlashes:
             if len(path) > 1:
                 path = path.rstrip("/")
             if path != scope["path"]:
-                scope = {**scope, "path": path, "raw_path": path.encode()}
+                raw = re.sub(b"/{2,}", b"/", scope.get("raw_path") or path.encode())
+                raw = raw.rstrip(b"/") if len(raw) > 1 else raw
+                scope = {**scope, "path": path, "raw_path": raw}
         await self.app(scope, receive, send)
 
 
