@@ -19,9 +19,17 @@ latency p50/p95 through `kbstream serve` (warm). From the repository root:
             default was chosen on the first English half only (en1).
 5. latency  the English queries --repeat times per mode, after one warm-up
             query: p50 and p95 of the client-side round trip.
+6. scores   at score threshold 0.5 (THRESHOLD): recall@5 of the on-topic
+            questions with the hits under it left out, and the share of
+            off-topic questions (benchmarks/queries/{en,zh}_off.jsonl: cooking,
+            travel, sports, ... against the same datasets) that get no hit at
+            all; per mode over /v1/datasets/{dataset}/search, and through Dify's
+            endpoint POST /retrieval with score_threshold 0.5.
 
 Exits 1 if hybrid is worse than the better of vector and keyword (recall@5 or
-MRR) on either set. The last stdout line is the result as JSON.
+MRR) on either set, or if through /retrieval at 0.5 fewer than 90% of the
+off-topic questions get nothing or recall@5 drops by more than 5 points. The
+last stdout line is the result as JSON.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ QUERIES = REPO / "benchmarks" / "queries"
 CACHE = Path.home() / ".cache" / "kbstream-bench"
 MODES = ("vector", "keyword", "hybrid")
 API_KEY = "retrieval-benchmark"
+THRESHOLD = 0.5  # what the README tells a Dify user to set
 
 EN_PAGES = [
     "argparse",
@@ -251,12 +260,74 @@ def load_queries(name: str) -> list[dict[str, str]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def ask(client: httpx.Client, dataset: str, query: str, mode: str, k: int) -> list[str]:
+def ask(
+    client: httpx.Client, dataset: str, query: str, mode: str, k: int, threshold: float = 0.0
+) -> list[str]:
+    return [t for t, s in ask_scored(client, dataset, query, mode, k) if s >= threshold]
+
+
+def ask_scored(
+    client: httpx.Client, dataset: str, query: str, mode: str, k: int
+) -> list[tuple[str, float]]:
     r = client.post(
         f"/v1/datasets/{dataset}/search", json={"query": query, "mode": mode, "top_k": k}
     )
     r.raise_for_status()
-    return [h["title"] for h in r.json()["hits"]]
+    return [(h["title"], h["score"]) for h in r.json()["hits"]]
+
+
+def retrieval(
+    client: httpx.Client, dataset: str, query: str, k: int, threshold: float
+) -> list[str]:
+    """Dify's endpoint, as Dify asks it."""
+    body = {
+        "knowledge_id": dataset,
+        "query": query,
+        "retrieval_setting": {"top_k": k, "score_threshold": threshold},
+    }
+    r = client.post("/retrieval", json=body)
+    r.raise_for_status()
+    return [rec["title"] for rec in r.json()["records"]]
+
+
+def thresholded(
+    client: httpx.Client,
+    dataset: str,
+    on_topic: list[dict[str, str]],
+    off_topic: list[dict[str, str]],
+) -> dict[str, Any]:
+    """recall@5 at THRESHOLD (and without) and the share of off-topic questions
+    with no hit at THRESHOLD, per mode and through /retrieval."""
+    out: dict[str, Any] = {}
+    for mode in (*MODES, "retrieval"):
+        found = found_at = empty = 0
+        for q in on_topic:
+            if mode == "retrieval":
+                every = retrieval(client, dataset, q["query"], 10, 0.0)
+                kept = retrieval(client, dataset, q["query"], 10, THRESHOLD)
+            else:
+                scored = ask_scored(client, dataset, q["query"], mode, 10)
+                every = [t for t, _ in scored]
+                kept = [t for t, s in scored if s >= THRESHOLD]
+            found += q["page"] in every[:5]
+            found_at += q["page"] in kept[:5]
+        tops = []
+        for q in off_topic:
+            if mode == "retrieval":
+                kept = retrieval(client, dataset, q["query"], 10, THRESHOLD)
+            else:
+                scored = ask_scored(client, dataset, q["query"], mode, 10)
+                tops.append(scored[0][1] if scored else 0.0)
+                kept = [t for t, s in scored if s >= THRESHOLD]
+            empty += not kept
+        out[mode] = {
+            "recall@5": round(found / len(on_topic), 3),
+            f"recall@5_at_{THRESHOLD}": round(found_at / len(on_topic), 3),
+            f"off_topic_empty_at_{THRESHOLD}": round(empty / len(off_topic), 3),
+        }
+        if tops:
+            out[mode]["off_topic_best_score_max"] = round(max(tops), 3)
+    return out
 
 
 def score(ranks: list[int | None], pages: list[str]) -> dict[str, Any]:
@@ -369,6 +440,10 @@ def main() -> int:
                     result["quality"][name] = whole
                     for h, q in halves.items():
                         result["halves"][f"{name}{h}"] = q
+                result["thresholded"] = {
+                    name: thresholded(client, name, sets[name], load_queries(f"{name}_off"))
+                    for name in sets
+                }
                 result["latency_en"] = latency(client, "en", sets["en"], args.repeat)
         finally:
             server.terminate()
@@ -389,7 +464,21 @@ def main() -> int:
     for name, q in result["halves"].items():
         for mode in MODES:
             print(f"{name:4} {mode:8} {q[mode]['recall@5']:>9.3f} {q[mode]['mrr']:>6.3f}")
+    print(f"at score threshold {THRESHOLD}:")
+    print(f"{'set':4} {'mode':9} {'recall@5':>9} {'at 0.5':>7} {'off-topic empty':>16}")
+    for name, t in result["thresholded"].items():
+        for mode, m in t.items():
+            print(
+                f"{name:4} {mode:9} {m['recall@5']:>9.3f} {m[f'recall@5_at_{THRESHOLD}']:>7.3f} "
+                f"{m[f'off_topic_empty_at_{THRESHOLD}']:>16.3f}"
+            )
     problems = [f"{n}: {p}" for n, q in result["quality"].items() for p in not_worse(q)]
+    for name, t in result["thresholded"].items():
+        m = t["retrieval"]
+        if m[f"off_topic_empty_at_{THRESHOLD}"] < 0.9:
+            problems.append(f"{name}: /retrieval at {THRESHOLD} answers off-topic questions")
+        if m["recall@5"] - m[f"recall@5_at_{THRESHOLD}"] > 0.05 + 1e-9:
+            problems.append(f"{name}: /retrieval at {THRESHOLD} loses on-topic answers")
     result["problems"] = problems
     for p in problems:
         print(f"FAIL {p}")

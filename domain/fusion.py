@@ -89,16 +89,21 @@ def _contains(text: str, term: str) -> bool:
     return re.search(rf"(?<![0-9a-z_]){re.escape(term)}(?![0-9a-z_])", text) is not None
 
 
-def keyword_evidence(terms: Mapping[str, float], text: str) -> float:
-    """How much of a query a keyword hit holds: the share of the query's
-    keywords (weighted, e.g. by idf) found in ``text``, to EVIDENCE_POWER;
-    1.0 when the query has no keywords (nothing to weigh against)."""
+def keyword_coverage(terms: Mapping[str, float], text: str) -> float:
+    """The share of the query's keywords (weighted, e.g. by idf) found in
+    ``text``; 1.0 when the query has no keywords (nothing to weigh against)."""
     total = sum(w for w in terms.values() if w > 0)
     if total <= 0:
         return 1.0
     lowered = text.lower()
     found = sum(w for t, w in terms.items() if w > 0 and _contains(lowered, t))
-    return float((found / total) ** EVIDENCE_POWER)
+    return float(found / total)
+
+
+def keyword_evidence(terms: Mapping[str, float], text: str) -> float:
+    """How much of a query a keyword hit holds: keyword_coverage to
+    EVIDENCE_POWER."""
+    return float(keyword_coverage(terms, text) ** EVIDENCE_POWER)
 
 
 @dataclass(frozen=True)
@@ -205,3 +210,74 @@ def unit_score(mode: str, score: float) -> float:
     if mode == "keyword":
         return 1.0 - math.exp(-max(0.0, score) / KEYWORD_SCALE)
     return min(1.0, max(0.0, score))
+
+
+# -- relevance: the score a search reports ------------------------------------------
+#
+# Ranking and reporting are separate. A fused rank (or a BM25 sum, which grows
+# with the query's length) says which hit is better, not whether any is good:
+# the old hybrid score was 0.667, 0.656, ... for every query, "chocolate cake"
+# against the Python docs included. The reported score is a relevance on
+# [0, 1] from two signals that mean the same thing for every query:
+#
+# - the model's: cosine similarity, mapped linearly from a floor (unrelated
+#   text) to a full mark, times the share of the query in scripts the model
+#   reads (an English model's cosine for a Chinese query is noise);
+# - the words': the share of the query's keywords (idf-weighted) the hit holds,
+#   mapped the same way.
+#
+# Hybrid reports the model's relevance, or the fusion-weighted mean of both
+# where the words lift it: the model vouches for a hit alone, word overlap
+# only together with the model (or alone where the model cannot read the
+# query, whose weight is then 0). 0.5 is the boundary the floors and full
+# marks were set for, on the benchmark's on- and off-topic questions
+# (benchmarks/README.md): at threshold 0.5 no on-topic answer was lost in
+# hybrid and 100% / 95% of off-topic English / Chinese questions got nothing.
+
+
+@dataclass(frozen=True)
+class RelevanceScale:
+    """A signal mapped linearly onto [0, 1]: ``floor`` and below is 0 (what
+    unrelated text scores), ``full`` and above is 1; halfway is 0.5."""
+
+    floor: float
+    full: float
+
+    def __post_init__(self) -> None:
+        if not self.full > self.floor:
+            raise ValueError(
+                f"relevance scale: full ({self.full}) must be above floor ({self.floor})"
+            )
+
+    def __call__(self, signal: float) -> float:
+        return min(1.0, max(0.0, (signal - self.floor) / (self.full - self.floor)))
+
+
+# all-MiniLM-L6-v2: on-topic answers had cosine 0.39-0.69, off-topic questions'
+# best hits 0.11-0.35 (KBSTREAM_VECTOR_RELEVANCE sets it for another model)
+VECTOR_RELEVANCE = RelevanceScale(0.15, 0.6)
+# on-topic answers held 25-100% of the query's weighted keywords, off-topic
+# questions' best hits 0-50% (a common word or two): words alone rarely decide
+KEYWORD_RELEVANCE = RelevanceScale(0.2, 0.5)
+
+
+def vector_relevance(
+    cosine: float, model_share: float, scale: RelevanceScale = VECTOR_RELEVANCE
+) -> float:
+    """The model's relevance: ``scale(cosine)`` times the share of the query
+    the model reads (script_coverage)."""
+    return scale(cosine) * min(1.0, max(0.0, model_share))
+
+
+def keyword_relevance(coverage: float, scale: RelevanceScale = KEYWORD_RELEVANCE) -> float:
+    """The words' relevance: ``scale`` of keyword_coverage."""
+    return scale(coverage)
+
+
+def hybrid_relevance(vector: float, keyword: float, weights: FusionWeights) -> float:
+    """The model's relevance, or the weighted mean of both where higher."""
+    total = weights.vector + weights.keyword
+    if total <= 0:
+        return 0.0
+    mean = (weights.vector * vector + weights.keyword * keyword) / total
+    return max(vector if weights.vector > 0 else 0.0, mean)

@@ -62,6 +62,11 @@ _local_lock = threading.Lock()
 def connect(uri: str, token: str | None = None) -> MilvusClient:
     """A client for ``uri``; close it with ``disconnect``. Raises PermanentError
     when another process holds the local file, TransientError otherwise."""
+    if is_local(uri):
+        # this process serves the file: BM25 over the dataset's statistics
+        from infra import milvus_lite_bm25
+
+        milvus_lite_bm25.install()
     kwargs: dict[str, Any] = {"uri": uri, "grpc_options": grpc_options(uri)}
     if token:
         kwargs["token"] = token

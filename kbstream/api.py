@@ -7,30 +7,34 @@
 
 The container, and with it the model, is built once and warmed at start-up
 (one embed, one jieba cut), so the first query is as fast as the rest; the
-database and Milvus are read per request. Scores are on [0, 1]
-(domain.fusion.unit_score): vector = cosine clamped at 0, keyword =
-1 - exp(-score), hybrid = the fused score (weighted RRF scaled so 1.0 is a
-node ranked first by every weighted side). Errors are Dify's
+database and Milvus are read per request. Scores are relevances on [0, 1]
+that mean the same for every query (kbstream/search.py, domain/fusion.py);
+0.5 is the threshold they were calibrated for. Errors are Dify's
 ``{"error_code", "error_msg"}``: 1001 malformed Authorization header and 1002
 wrong key (403), 2001 unknown dataset (404); others carry the HTTP status as
-error_code (400 unsupported metadata condition, 422 invalid request).
+error_code (400 unsupported metadata condition or a query over the limit, 413
+a body over the limit, 422 invalid request).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
+from datetime import UTC
+from pathlib import PurePath, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from domain.fusion import unit_score
+from domain.documents import Document
 from domain.metadata_filter import MetadataFilter, UnsupportedCondition, parse_condition
 from kbstream import queries
 from kbstream.bootstrap import Container
@@ -39,6 +43,7 @@ from kbstream.search import Hit, Mode, search
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 1000
+DEFAULT_TOP_K = 5
 # with a metadata filter or threshold, rank this many candidates, then filter
 FILTER_DEPTH = 200
 
@@ -59,13 +64,15 @@ class MetadataConditionItem(BaseModel):
 
 
 class MetadataCondition(BaseModel):
-    logical_operator: str = "and"
-    conditions: list[MetadataConditionItem] = Field(default_factory=list)
+    # Dify's model allows null for both and sends it (null logical_operator is its "or")
+    logical_operator: str | None = "and"
+    conditions: list[MetadataConditionItem] | None = None
 
 
 class RetrievalSetting(BaseModel):
-    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
-    score_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Dify sends null when the user set no Top K or threshold
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K, description="null: 5")
+    score_threshold: float | None = Field(default=None, ge=0.0, le=1.0, description="null: 0")
 
 
 class RetrievalRequest(BaseModel):
@@ -98,7 +105,7 @@ class SearchRequest(BaseModel):
 
 class SearchHit(BaseModel):
     score: float = Field(description="relevance on [0, 1]")
-    raw_score: float = Field(description="the mode's own score (cosine, keyword sum, fused)")
+    raw_score: float = Field(description="the mode's own score (cosine, BM25, fused rank)")
     title: str
     content: str
     metadata: dict[str, Any]
@@ -113,23 +120,54 @@ class SearchResponse(BaseModel):
 # -- retrieval -------------------------------------------------------------------
 
 
-def hit_metadata(dataset: str, hit: Hit, status: str | None) -> dict[str, Any]:
-    """What a metadata filter sees, and what a record's `metadata` holds."""
+def public_source(source: str, expose_paths: bool = False) -> str:
+    """A document's source as a record shows it: an absolute path on this
+    server is cut to its file name unless the operator opts in
+    (KBSTREAM_API_EXPOSE_PATHS); URLs and relative names stay."""
+    if expose_paths:
+        return source
+    if source.startswith("file://"):
+        source = source[len("file://") :]
+    if source.startswith("/"):
+        return PurePosixPath(source).name
+    if PureWindowsPath(source).drive:
+        return PureWindowsPath(source).name
+    return source
+
+
+def hit_metadata(
+    dataset: str, hit: Hit, document: Document | None, expose_paths: bool = False
+) -> dict[str, Any]:
+    """What a metadata filter sees, and what a record's `metadata` holds:
+    Dify's built-in fields (document_name, source, last_update_date as a unix
+    timestamp, doc_form) and kbstream's own."""
+    source = public_source(hit.document, expose_paths)
+    name = PurePath(hit.document).name
     meta: dict[str, Any] = {
         "dataset": dataset,
         "document_id": hit.document_id,
-        "document": hit.document,
-        "source": hit.document,
-        "title": Path(hit.document).name,
+        "document": source,
+        "document_name": name,
+        "source": source,
+        "title": name,
         "index_node_id": hit.index_node_id,
         "position": hit.position,
-        "status": status,
+        "status": document.status.value if document else None,
         "mode": hit.mode,
     }
+    if document is not None:
+        meta["doc_form"] = document.doc_form
+        if document.updated_at is not None:
+            updated = document.updated_at
+            if updated.tzinfo is None:
+                updated = updated.replace(tzinfo=UTC)  # the database keeps UTC
+            meta["last_update_date"] = int(updated.timestamp())
     if hit.answer is not None:
         meta["answer"] = hit.answer
     if hit.parent is not None:
         meta["parent"] = hit.parent
+    if expose_paths:
+        meta["path"] = hit.document
     return meta
 
 
@@ -155,13 +193,13 @@ def retrieve(
     hits = search(c, dataset, query, mode, depth)
     with c.uow(readonly=True) as uow:
         docs = uow.documents.list(c.settings.tenant, dataset, sorted({h.document_id for h in hits}))
-    status = {d.document_id: d.status.value for d in docs}
+    by_id = {d.document_id: d for d in docs}
     out = []
     for h in hits:
-        score = round(unit_score(mode, h.score), 6)
+        score = h.score
         if score < threshold:
             continue
-        meta = hit_metadata(dataset, h, status.get(h.document_id))
+        meta = hit_metadata(dataset, h, by_id.get(h.document_id), c.settings.api_expose_paths)
         if condition is not None and not condition.matches(meta):
             continue
         out.append((score, h, meta))
@@ -178,6 +216,49 @@ def _condition(raw: MetadataCondition | None) -> MetadataFilter | None:
 
 
 # -- the app ----------------------------------------------------------------------
+
+
+class CollapseSlashes:
+    """``//retrieval`` and ``/retrieval/`` are ``/retrieval``: Dify appends
+    ``/retrieval`` to the endpoint as the user typed it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = re.sub("/{2,}", "/", scope["path"])
+            if len(path) > 1:
+                path = path.rstrip("/")
+            if path != scope["path"]:
+                raw = re.sub(b"/{2,}", b"/", scope.get("raw_path") or path.encode())
+                raw = raw.rstrip(b"/") if len(raw) > 1 else raw
+                scope = {**scope, "path": path, "raw_path": raw}
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """A request whose declared body is over ``max_bytes`` is a 413 before it is
+    read (the query limit is checked once it is parsed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = JSONResponse(
+                    {
+                        "error_code": 413,
+                        "error_msg": f"request body over {self.max_bytes} bytes",
+                    },
+                    413,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def warm_up(c: Container) -> None:
@@ -199,12 +280,21 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
             warm_up(container)
         yield
 
+    settings = container.settings
+    docs_open = api_key is None or settings.api_docs_open
     app = FastAPI(
         title="kbstream retrieval API",
         summary="Search kbstream datasets; Dify external knowledge API at POST /retrieval.",
         version="1",
         lifespan=lifespan,
+        # behind the key unless opened: routed below with the other endpoints
+        docs_url="/docs" if docs_open else None,
+        redoc_url="/redoc" if docs_open else None,
+        openapi_url="/openapi.json" if docs_open else None,
     )
+    # outermost first: a Dify endpoint saved with a trailing slash asks for //retrieval
+    app.add_middleware(BodyLimit, max_bytes=4 * settings.max_query_chars + 64 * 1024)
+    app.add_middleware(CollapseSlashes)
 
     def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
         if api_key is None:
@@ -220,6 +310,29 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
             raise ApiError(403, 1002, "Authorization failed")
 
     auth = [Depends(authorized)]
+
+    def check_query(query: str) -> None:
+        if len(query) > settings.max_query_chars:
+            raise ApiError(
+                400,
+                400,
+                f"query is {len(query)} characters; the limit is {settings.max_query_chars} "
+                "(KBSTREAM_MAX_QUERY_CHARS)",
+            )
+
+    if not docs_open:
+
+        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+        def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", dependencies=auth, include_in_schema=False)
+        def docs() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+        @app.get("/redoc", dependencies=auth, include_in_schema=False)
+        def redoc() -> HTMLResponse:
+            return get_redoc_html(openapi_url="/openapi.json", title=app.title)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -239,6 +352,7 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
     @app.post("/retrieval", dependencies=auth, response_model=RetrievalResponse)
     def retrieval(body: RetrievalRequest) -> RetrievalResponse:
         """Dify's external knowledge API: hybrid search of dataset `knowledge_id`."""
+        check_query(body.query)
         condition = _condition(body.metadata_condition)
         require_dataset(container, body.knowledge_id)
         setting = body.retrieval_setting
@@ -247,8 +361,8 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
             body.knowledge_id,
             body.query,
             "hybrid",
-            setting.top_k,
-            setting.score_threshold,
+            setting.top_k or DEFAULT_TOP_K,
+            setting.score_threshold or 0.0,
             condition,
         )
         return RetrievalResponse(
@@ -277,6 +391,7 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
     @app.post("/v1/datasets/{dataset}/search", dependencies=auth, response_model=SearchResponse)
     def dataset_search(dataset: str, body: SearchRequest) -> SearchResponse:
         """Search one dataset in any mode, with a score threshold and a metadata filter."""
+        check_query(body.query)
         condition = _condition(body.filter)
         require_dataset(container, dataset)
         found = retrieve(
@@ -287,7 +402,11 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
             mode=body.mode,
             hits=[
                 SearchHit(
-                    score=s, raw_score=h.score, title=m["title"], content=h.content, metadata=m
+                    score=s,
+                    raw_score=h.raw_score if h.raw_score is not None else s,
+                    title=m["title"],
+                    content=h.content,
+                    metadata=m,
                 )
                 for s, h, m in found
             ],

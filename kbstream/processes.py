@@ -205,9 +205,12 @@ class MilvusLiteServer:
         if reason:
             raise StackError(reason)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        exe = Path(sys.executable).with_name("milvus-lite")
+        # milvus-lite's own command line, with BM25 over a dataset's statistics
+        # (infra/milvus_lite_bm25.py)
         cmd = [
-            str(exe) if exe.exists() else "milvus-lite",
+            sys.executable,
+            "-m",
+            "infra.milvus_lite_bm25",
             "server",
             "--data-dir",
             str(self.data_dir),

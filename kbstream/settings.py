@@ -123,10 +123,21 @@ class Settings(BaseSettings):
     hybrid_keyword_evidence: bool = Field(
         default=False, description="scale each keyword hit by the share of the query it holds"
     )
+    # the cosine the model gives unrelated text (relevance 0) and a clear
+    # answer (relevance 1); domain/fusion.py, measured for all-MiniLM-L6-v2
+    vector_relevance_floor: float = Field(default=0.15, ge=-1, le=1)
+    vector_relevance_full: float = Field(default=0.6, ge=-1, le=1)
     # Milvus's tokenizer for the keyword index (infra/keyword_index.py)
     keyword_tokenizer: Literal["standard", "jieba", "whitespace"] = "standard"
     # `kbstream serve`: the bearer token clients (Dify) send; unset = no auth
     api_key: str | None = None
+    # a longer query is a 400 before any work (1 MB cost 4 s of CPU); the model
+    # reads its first 256 tokens anyway
+    max_query_chars: int = Field(default=4000, ge=1)
+    # /docs, /redoc and /openapi.json without the key (they list every endpoint)
+    api_docs_open: bool = False
+    # records carry the document's absolute source path (a server path) too
+    api_expose_paths: bool = False
 
     allowed_roots: str = Field(
         default="", description="os.pathsep-separated roots for file:// refs"
@@ -163,6 +174,14 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         default=None, description="/metrics, /healthz and /readyz on this port"
     )
+
+    @model_validator(mode="after")
+    def _relevance_scale(self) -> Settings:
+        if not self.vector_relevance_full > self.vector_relevance_floor:
+            raise ValueError(
+                "KBSTREAM_VECTOR_RELEVANCE_FULL must be above KBSTREAM_VECTOR_RELEVANCE_FLOOR"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> Settings:

@@ -18,7 +18,7 @@ def serve(
         bool, typer.Option("--no-auth", help="serve without KBSTREAM_API_KEY (local use only)")
     ] = False,
 ) -> None:
-    """Serve search over HTTP (OpenAPI at /docs; Dify external knowledge API at
+    """Serve search over HTTP (OpenAPI at /docs, behind the key; Dify external knowledge API at
     POST /retrieval, bearer token KBSTREAM_API_KEY). Runs until interrupted."""
     import uvicorn
 

@@ -165,6 +165,22 @@ def test_metadata_condition(client: httpx.Client) -> None:
     assert r.json()["error_code"] == 400 and "before" in r.json()["error_msg"]
 
 
+def test_scores_mean_relevance_at_difys_threshold(client: httpx.Client) -> None:
+    """At 0.5 (what the README tells a Dify user to set) an off-topic question
+    gets nothing and an on-topic one keeps its answer; before, every query got
+    0.667, 0.656, ... whatever it asked."""
+    assert retrieval(client, "recipe for chocolate cake").json()["records"]  # without a threshold
+    for off_topic in ("recipe for chocolate cake", "who won the world cup in 2014", "红烧肉怎么做"):
+        every = retrieval(client, off_topic).json()["records"]
+        # (the Chinese question shares no word with the pages: no candidate at all)
+        assert all(r["score"] < 0.5 for r in every), (off_topic, every[:1])
+        assert retrieval(client, off_topic, threshold=0.5).json()["records"] == []
+    kept = retrieval(client, "How does doc_hash make replays idempotent?", threshold=0.5)
+    assert kept.json()["records"][0]["title"] == "streaming-indexing.md"
+    zh = retrieval(client, "结巴分词怎样提取关键词", threshold=0.5).json()["records"]
+    assert zh and zh[0]["title"] == "关键词索引.txt"
+
+
 @pytest.mark.parametrize("mode", ["vector", "keyword", "hybrid"])
 def test_search_in_each_mode(client: httpx.Client, mode: str) -> None:
     r = client.post(
@@ -187,10 +203,137 @@ def test_datasets_and_document_status(client: httpx.Client) -> None:
     assert client.get(f"/v1/datasets/{DS}/documents/nope").status_code == 404
 
 
-def test_openapi_and_health(base_url: str) -> None:
+def test_openapi_and_health(base_url: str, client: httpx.Client) -> None:
     assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok"}
-    spec = httpx.get(f"{base_url}/openapi.json").json()
+    # the API's documentation is behind the key unless the operator opens it
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert httpx.get(f"{base_url}{path}").status_code == 403, path
+        assert client.get(path).status_code == 200, path
+    spec = client.get("/openapi.json").json()
     assert {"/retrieval", "/v1/datasets", "/v1/datasets/{dataset}/search"} <= set(spec["paths"])
+
+
+def test_a_query_over_the_limit_is_a_clear_400(client: httpx.Client) -> None:
+    r = retrieval(client, "kafka " * 1000)  # 6,000 characters, the limit is 4,000
+    assert r.status_code == 400
+    assert "KBSTREAM_MAX_QUERY_CHARS" in r.json()["error_msg"]
+    r = client.post(f"/v1/datasets/{DS}/search", json={"query": "x" * 4001})
+    assert r.status_code == 400
+    # a megabyte is refused before it is read
+    r = retrieval(client, "kafka " * 200_000)
+    assert r.status_code == 413 and r.json()["error_code"] == 413
+
+
+# -- Dify's own client (tests/dify_client.py, ported from Dify's source) --------------
+
+
+def dify(
+    base_url: str,
+    query: str = "Kafka consumer groups, Milvus vectors and jieba keywords",
+    condition: Any = None,
+    endpoint: str | None = None,
+    **params: Any,
+) -> list[dict[str, Any]]:
+    from tests.dify_client import fetch_external_knowledge_retrieval
+
+    return fetch_external_knowledge_retrieval(
+        endpoint or base_url, KEY, DS, query, {"top_k": 10, **params}, condition
+    )
+
+
+def _cond(name: str, op: str, value: Any, logical: str | None = "and") -> Any:
+    from tests.dify_client import Condition, MetadataCondition
+
+    c = Condition(name=name, comparison_operator=op, value=value)  # type: ignore[arg-type]
+    return MetadataCondition(logical_operator=logical, conditions=[c])  # type: ignore[arg-type]
+
+
+TITLES = {"streaming-indexing.md", "vector-search.html", "关键词索引.txt"}
+
+
+@pytest.mark.parametrize(
+    ("name", "op", "value", "titles"),
+    [
+        (
+            "title",
+            "in",
+            ["streaming-indexing.md", "关键词索引.txt"],
+            {"streaming-indexing.md", "关键词索引.txt"},
+        ),
+        (
+            "document_name",
+            "in",
+            "vector-search.html, 关键词索引.txt",
+            {"vector-search.html", "关键词索引.txt"},
+        ),
+        ("title", "not in", ["streaming-indexing.md"], {"vector-search.html", "关键词索引.txt"}),
+        ("title", "not in", "streaming-indexing.md,vector-search.html", {"关键词索引.txt"}),
+        ("last_update_date", "before", 4_102_444_800, TITLES),  # 2100
+        ("last_update_date", "after", 946_684_800, TITLES),  # 2000
+        ("last_update_date", "after", 4_102_444_800, set()),
+        ("title", "is not", "vector-search.html", {"streaming-indexing.md", "关键词索引.txt"}),
+        ("title", "not contains", ".md", {"vector-search.html", "关键词索引.txt"}),
+        # a field no document has is SQL NULL in Dify: these match nothing
+        ("author", "not contains", "x", set()),
+        ("author", "is not", "x", set()),
+        ("author", "empty", None, TITLES),
+        ("doc_form", "is", "text", TITLES),
+        ("position", "≥", 0, TITLES),
+    ],
+)
+def test_every_dify_operator_through_difys_client(
+    base_url: str, client: httpx.Client, name: str, op: str, value: Any, titles: set[str]
+) -> None:
+    cond = _cond(name, op, value)
+    records = dify(base_url, condition=cond)
+    assert {r["title"] for r in records} == titles, (name, op, value, records[:1])
+    # Dify turns every non-200 into no records: an empty answer must be a 200
+    body = {
+        "knowledge_id": DS,
+        "query": "kafka",
+        "retrieval_setting": {"top_k": 10, "score_threshold": 0.0},
+        "metadata_condition": cond.model_dump(),
+    }
+    assert client.post("/retrieval", json=body).status_code == 200
+
+
+def test_what_dify_sends_as_null(base_url: str) -> None:
+    from tests.dify_client import MetadataCondition
+
+    assert dify(base_url, top_k=None)  # Top K unset
+    nulls = MetadataCondition(logical_operator=None, conditions=None)
+    assert dify(base_url, condition=nulls)
+    # null logical_operator is Dify's "or"
+    from tests.dify_client import Condition
+
+    either = MetadataCondition(
+        logical_operator=None,
+        conditions=[
+            Condition(name="title", comparison_operator="is", value="vector-search.html"),
+            Condition(name="title", comparison_operator="is", value="关键词索引.txt"),
+        ],
+    )
+    assert {r["title"] for r in dify(base_url, condition=either)} == {
+        "vector-search.html",
+        "关键词索引.txt",
+    }
+
+
+def test_an_endpoint_saved_with_a_trailing_slash_works(base_url: str) -> None:
+    assert dify(base_url, endpoint=base_url + "/")  # Dify asks for //retrieval
+
+
+def test_records_are_what_dify_uses_and_hold_no_server_paths(base_url: str) -> None:
+    from tests.dify_client import external_documents
+
+    records = dify(base_url)
+    docs = external_documents(records)
+    assert docs and all(d["page_content"] and 0.0 <= d["metadata"]["score"] <= 1.0 for d in docs)
+    for r in records:
+        meta = r["metadata"]
+        assert meta["source"] == meta["document_name"] == r["title"] in TITLES
+        assert not any(isinstance(v, str) and v.startswith("/") for v in meta.values()), meta
+        assert "path" not in meta
 
 
 def test_serve_refuses_to_start_without_a_key(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ completion, reopening from disk."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from domain.ports import KeywordRow
 from infra.keyword_index import MAX_TEXT_BYTES, MilvusKeywordIndex, clip
 from infra.keywords import JiebaKeywordExtractor
 from infra.vectors import MilvusVectorStore, collection_name
+from kbstream.processes import MilvusLiteServer
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +144,102 @@ def test_the_index_recovers_when_its_collection_was_released(index: MilvusKeywor
     index.client.release_collection(index.collection)  # an operator, or another worker
     assert index.search("socket", "t1", "ds1", limit=5)[0][0] == "n-socket"
     assert index.count("t1", "ds1") == len(TEXTS)
+
+
+# -- statistics of the whole dataset, whenever its texts arrived (issue 18) ----------
+
+# 60 texts, one in ten about files: "files" is a fairly rare word here (idf 2.2)
+FILLER = [
+    f"reading and writing {'files' if i % 10 == 0 else 'data'} with the {w} module, example {i}"
+    for i, w in enumerate(["os", "io", "pathlib", "shutil", "glob", "tempfile"] * 10)
+]
+
+
+def _flushed(idx: MilvusKeywordIndex, rows: list[KeywordRow]) -> None:
+    """Rows written, then sealed into their own milvus-lite segment (what a
+    run's end, or a full memtable, does)."""
+    idx.upsert(rows)
+    idx.client.flush(idx.collection)
+
+
+def test_a_text_written_after_the_rest_scores_as_if_indexed_with_it(milvus_uri: str) -> None:
+    vectors, idx = open_index(milvus_uri)
+    try:
+        late = KeywordRow("late", DocKey("t1", "late", "edited"), "the zymurgy of files")
+        # the dataset "late" gets its edited sentence after the rest
+        _flushed(
+            idx, [KeywordRow(f"f{i}", DocKey("t1", "late", "d"), t) for i, t in enumerate(FILLER)]
+        )
+        idx.upsert([late])
+        # the dataset "once" holds the same texts, indexed in one go
+        idx.upsert(
+            [KeywordRow(f"o{i}", DocKey("t1", "once", "d"), t) for i, t in enumerate(FILLER)]
+            + [KeywordRow("once-late", DocKey("t1", "once", "edited"), late.text)]
+        )
+        late_hits = idx.search("zymurgy files", "t1", "late", 3)
+        once_hits = idx.search("zymurgy files", "t1", "once", 3)
+        assert late_hits[0][0] == "late"
+        # one segment's statistics gave ln(4/3) = 0.288 for the rare word
+        assert late_hits[0][1] == pytest.approx(once_hits[0][1], rel=1e-4)
+        assert late_hits[0][1] > 4.0
+    finally:
+        vectors.close()
+
+
+def test_documents_indexed_one_run_at_a_time_are_each_the_top_hit_for_their_rare_word(
+    milvus_uri: str,
+) -> None:
+    rare = ["quokka", "axolotl", "pangolin", "narwhal"]
+    vectors, idx = open_index(milvus_uri)
+    try:
+        _flushed(
+            idx, [KeywordRow(f"f{i}", DocKey("t1", "ds", "old"), t) for i, t in enumerate(FILLER)]
+        )
+        vectors.close()
+        for word in rare:  # one run each: a fresh process opens the file, writes, closes
+            vectors, idx = open_index(milvus_uri)
+            idx.upsert([KeywordRow(word, DocKey("t1", "ds", word), f"the {word} reads files")])
+            vectors.close()
+        vectors, idx = open_index(milvus_uri)
+        for word in rare:
+            hits = idx.search(f"{word} files", "t1", "ds", 5)
+            assert hits[0][0] == word, (word, hits)
+            # the other rare-word documents match "files" only, below it
+            assert hits[0][1] > 2 * hits[1][1]
+    finally:
+        vectors.close()
+
+
+def test_statistics_leave_out_deleted_texts_and_other_datasets(milvus_uri: str) -> None:
+    vectors, idx = open_index(milvus_uri)
+    try:
+        key = DocKey("t1", "ds", "d")
+        _flushed(idx, [KeywordRow(f"w{i}", key, "wombat burrow") for i in range(30)])
+        idx.upsert([KeywordRow("other", DocKey("t1", "ds2", "d"), "wombat " * 5)])
+        idx.upsert([KeywordRow("one", key, "wombat")])
+        common = idx.search("wombat", "t1", "ds", 1)[0][1]
+        idx.delete([f"w{i}" for i in range(30)])
+        # now the only text of "ds" with the word: as rare as a word can be in it
+        alone = idx.search("wombat", "t1", "ds", 1)
+        assert alone[0][0] == "one" and alone[0][1] > 5 * common
+    finally:
+        vectors.close()
+
+
+def test_the_milvus_lite_server_of_kbstream_up_scores_with_the_dataset_statistics(
+    tmp_path: Path,
+) -> None:
+    """`kbstream up` serves milvus-lite from a child process: the same fix there."""
+    server = MilvusLiteServer(tmp_path / "milvus" / "milvus.db").start()
+    try:
+        vectors, idx = open_index(server.uri)
+        try:
+            key = DocKey("t1", "ds", "d")
+            _flushed(idx, [KeywordRow(f"f{i}", key, t) for i, t in enumerate(FILLER)])
+            idx.upsert([KeywordRow("late", DocKey("t1", "ds", "e"), "the zymurgy of files")])
+            hits = idx.search("zymurgy files", "t1", "ds", 3)
+            assert hits[0][0] == "late" and hits[0][1] > 4.0, hits
+        finally:
+            vectors.close()
+    finally:
+        server.stop()

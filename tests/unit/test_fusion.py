@@ -6,13 +6,19 @@ from __future__ import annotations
 import pytest
 
 from domain.fusion import (
+    VECTOR_RELEVANCE,
     FusionWeights,
+    RelevanceScale,
     fuse,
     fusion_weights,
+    hybrid_relevance,
+    keyword_coverage,
     keyword_evidence,
+    keyword_relevance,
     script_coverage,
     script_tokens,
     unit_score,
+    vector_relevance,
     weighted_rrf,
     weighted_score_fusion,
 )
@@ -144,7 +150,13 @@ def test_unit_scores_lie_on_zero_one() -> None:
     assert unit_score("hybrid", 0.7) == 0.7
 
 
-META = {"title": "kafka.md", "document_id": "doc-1", "position": 3, "status": "completed"}
+META = {
+    "title": "kafka.md",
+    "document_id": "doc-1",
+    "position": 3,
+    "status": "completed",
+    "uploaded": 1_700_000_000,
+}
 
 
 @pytest.mark.parametrize(
@@ -166,6 +178,22 @@ META = {"title": "kafka.md", "document_id": "doc-1", "position": 3, "status": "c
         ("position", "≥", 3, True),
         ("position", "<=", 2, False),
         ("title", ">", 2, False),  # not a number: never matches a numeric comparison
+        ("title", "in", ["a.md", "kafka.md"], True),
+        ("title", "in", "a.md, kafka.md", True),  # Dify's UI: comma-separated
+        ("title", "not in", "a.md,kafka.md", False),
+        ("position", "in", [3, 4], True),
+        ("title", "in", [], False),
+        ("missing", "not in", [], True),  # Dify: literal(True)
+        ("uploaded", "before", 1_700_000_001, True),
+        ("uploaded", "after", 1_700_000_001, False),
+        ("uploaded", "after", "2023-11-14T00:00:00+00:00", True),
+        # a field a hit lacks is SQL NULL in Dify: no comparison holds for it
+        ("missing", "not contains", "x", False),
+        ("missing", "is not", "x", False),
+        ("missing", "not in", "a,b", False),
+        ("missing", "<", 5, False),
+        ("missing", "not empty", None, False),
+        ("title", "empty", None, False),
     ],
 )
 def test_each_operator(name: str, op: str, value: object, expected: bool) -> None:
@@ -194,10 +222,28 @@ def test_logical_operators_and_several_names() -> None:
     assert parse_condition(None) is None
 
 
+def test_what_dify_sends_as_null() -> None:
+    # Dify's model allows nulls and sends them
+    assert parse_condition({"logical_operator": None, "conditions": None}) is not None
+    nothing = parse_condition({"logical_operator": "and", "conditions": None})
+    assert nothing is not None and nothing.matches({})
+    a = {"name": "title", "comparison_operator": "contains", "value": "kafka"}
+    b = {"name": "status", "comparison_operator": "is", "value": "error"}
+    # null logical_operator is Dify's or_ (``and_ if op == "and" else or_``)
+    either = parse_condition({"logical_operator": None, "conditions": [a, b]})
+    assert either is not None and either.matches(META)
+    # a condition without a value is left out, as Dify leaves it out of its SQL
+    no_value = {"name": "status", "comparison_operator": "is", "value": None}
+    only_a = parse_condition({"logical_operator": "and", "conditions": [a, no_value]})
+    assert only_a is not None and only_a.matches(META) and len(only_a.conditions) == 1
+
+
 @pytest.mark.parametrize(
     "raw",
     [
         {"conditions": [{"name": ["title"], "comparison_operator": "before", "value": "x"}]},
+        {"conditions": [{"name": ["title"], "comparison_operator": "like", "value": "x"}]},
+        {"conditions": [{"name": "title", "comparison_operator": "is", "value": ["a"]}]},
         {"conditions": [{"name": [], "comparison_operator": "is", "value": "x"}]},
         {"logical_operator": "xor", "conditions": []},
         {"conditions": "title"},
@@ -206,3 +252,41 @@ def test_logical_operators_and_several_names() -> None:
 def test_unsupported_conditions_are_refused(raw: dict[str, object]) -> None:
     with pytest.raises(UnsupportedCondition):
         parse_condition(raw)
+
+
+# -- relevance: the reported score --------------------------------------------------
+
+
+def test_a_relevance_scale_maps_floor_to_0_and_full_to_1() -> None:
+    scale = RelevanceScale(0.2, 0.6)
+    assert scale(0.1) == 0.0 and scale(0.2) == 0.0
+    assert scale(0.4) == pytest.approx(0.5)
+    assert scale(0.6) == 1.0 and scale(0.9) == 1.0
+    with pytest.raises(ValueError, match="above floor"):
+        RelevanceScale(0.5, 0.5)
+
+
+def test_the_model_is_trusted_as_far_as_it_reads_the_query() -> None:
+    cosine = VECTOR_RELEVANCE.full
+    assert vector_relevance(cosine, model_share=1.0) == 1.0
+    assert vector_relevance(cosine, model_share=0.5) == 0.5
+    assert vector_relevance(cosine, model_share=0.0) == 0.0  # an English model, a Chinese query
+
+
+def test_hybrid_relevance_lets_the_model_vouch_alone_and_words_only_with_it() -> None:
+    english = FusionWeights(vector=1.0, keyword=0.5)
+    assert hybrid_relevance(0.8, 0.0, english) == 0.8
+    # every query word in a text the model finds unrelated: not relevant
+    assert hybrid_relevance(0.0, 1.0, english) == pytest.approx(1 / 3)
+    # words lift what the model half believes
+    assert hybrid_relevance(0.4, 1.0, english) == pytest.approx(0.6)
+    chinese = FusionWeights(vector=0.0, keyword=0.5)  # the model cannot read it
+    assert hybrid_relevance(0.9, 0.7, chinese) == pytest.approx(0.7)
+    assert hybrid_relevance(0.9, 0.7, FusionWeights(0.0, 0.0)) == 0.0
+
+
+def test_keyword_coverage_is_the_weighted_share_of_query_keywords() -> None:
+    terms = {"rows": 2.0, "spreadsheet": 2.0}
+    assert keyword_coverage(terms, "rows and columns") == 0.5
+    assert keyword_relevance(keyword_coverage(terms, "rows in a spreadsheet")) == 1.0
+    assert keyword_relevance(keyword_coverage(terms, "nothing here")) == 0.0
