@@ -20,13 +20,18 @@ from domain.claim_check import parsed_key, parsed_prefix, upload_payload_key
 from domain.documents import DocKey, Document, segment_event_version
 from domain.errors import DocumentError
 from domain.events import (
+    DatasetDeleted,
     DocumentCreated,
     DocumentDeleted,
     DocumentParsed,
+    DocumentSwitch,
     DocumentUpdated,
     Event,
     SegmentDeleted,
+    SegmentDisabled,
+    SegmentEnabled,
     SegmentsBatchImported,
+    SegmentUpdated,
     Topic,
 )
 from domain.ports import DocumentReader, UnitOfWork, UnitOfWorkFactory
@@ -34,6 +39,17 @@ from domain.ports import DocumentReader, UnitOfWork, UnitOfWorkFactory
 log = logging.getLogger(__name__)
 
 Source = DocumentCreated | DocumentUpdated
+# what split applies to the current version's segments
+SegmentOperation = (
+    SegmentsBatchImported | SegmentDeleted | SegmentDisabled | SegmentEnabled | SegmentUpdated
+)
+# (enabled, archived) each document switch sets; None leaves it as it is
+SWITCHES: dict[str, tuple[bool | None, bool | None]] = {
+    "document.disabled": (False, None),
+    "document.enabled": (True, None),
+    "document.archived": (None, True),
+    "document.unarchived": (None, False),
+}
 
 
 def load_or_create(uow: UnitOfWork, key: DocKey, source: str = "") -> Document:
@@ -104,6 +120,9 @@ class ParseStage:
                 key = event.doc_key
                 if isinstance(event, DocumentCreated | DocumentUpdated):
                     doc = load_or_create(uow, key, event.source)
+                    if self._refused(doc, event, result):
+                        uow.documents.save(doc)
+                        continue
                     # no version: a new version, after everything known of the document
                     # a copy of the event that claimed it: that version again
                     version = doc.resolve_version(event.version, event.event_id)
@@ -132,20 +151,85 @@ class ParseStage:
                     else:
                         self._drop(doc, event.type, version, result)
                     uow.documents.save(doc)
-                elif isinstance(event, SegmentsBatchImported | SegmentDeleted):
+                elif isinstance(event, SegmentOperation):
                     # they change the current version's segments, never make a new one
+                    current = uow.documents.get(key, for_update=True)
                     applies_to = event.version
                     if applies_to is None:
-                        applies_to = segment_event_version(None, uow.documents.get(key))
+                        applies_to = segment_event_version(None, current)
                     if isinstance(event, SegmentsBatchImported):
                         uow.jobs.create(key, event.job_id, len(event.segments))
+                    if current is not None and self._refused(current, event, result):
+                        if isinstance(event, SegmentsBatchImported):
+                            uow.jobs.fail(key, event.job_id, current.last_dropped or "")
+                        uow.documents.save(current)
+                        continue
                     slots[i].append(Emit(Topic.PARSED, _versioned(event, applies_to)))
+                elif isinstance(event, DocumentSwitch):
+                    self._switch(uow, event, slots[i], result)
+                elif isinstance(event, DatasetDeleted):
+                    self._delete_dataset(uow, event, slots[i])
                 else:
                     log.warning(
                         "parse: %s does not belong on the lifecycle topic; skipped", event.type
                     )
             uow.commit()
         return claims
+
+    def _switch(
+        self, uow: UnitOfWork, event: DocumentSwitch, emits: list[Emit], result: StageResult
+    ) -> None:
+        """Applied here, in the lifecycle topic's order, so an update right
+        after an archive is refused and search drops a disabled document at
+        once; split then reconciles the indexes with the document's state."""
+        doc = uow.documents.get(event.doc_key, for_update=True)
+        if doc is None:
+            log.info("parse: %s of unknown document %s dropped", event.type, event.doc_key)
+            result.count("stale_dropped")
+            return
+        version = doc.applies_to(event.version)
+        enabled, archived = SWITCHES[event.type]
+        if doc.switch(version, enabled=enabled, archived=archived):
+            emits.append(Emit(Topic.PARSED, _versioned(event, version)))
+        else:
+            self._drop(doc, event.type, version, result)
+        uow.documents.save(doc)
+
+    @staticmethod
+    def _delete_dataset(uow: UnitOfWork, event: DatasetDeleted, emits: list[Emit]) -> None:
+        """Tombstone every document of the dataset as it is now and hand split
+        one document.deleted each, keyed by its document, so each delete runs
+        the document's own delete path in its own order. A redelivery finds
+        the tombstones and sends the same deletes again (split's are
+        idempotent). A document created later, without a version, is a new
+        version again, as after document.deleted."""
+        for doc in uow.documents.list(event.tenant_id, event.dataset_id):
+            if not doc.delete(doc.version):
+                continue  # pragma: no cover - a document's own version is never newer
+            uow.documents.save(doc)
+            emits.append(
+                Emit(
+                    Topic.PARSED,
+                    DocumentDeleted(
+                        tenant_id=doc.tenant_id,
+                        dataset_id=doc.dataset_id,
+                        document_id=doc.document_id,
+                        version=doc.version,
+                        occurred_at=event.occurred_at,
+                    ),
+                )
+            )
+
+    def _refused(self, doc: Document, event: Event, result: StageResult) -> bool:
+        """An archived document refuses updates and segment operations; the
+        reason is kept for `status --document`."""
+        reason = doc.refusal(event.type)
+        if reason is None:
+            return False
+        doc.last_dropped = reason
+        result.count("refused")
+        log.warning("parse: %s: %s", doc.key, reason)
+        return True
 
     def _uploads(self, claims: list[_Claim]) -> dict[int, bytes | DocumentError]:
         """The bytes of every claimed event whose body was uploaded to the
