@@ -103,6 +103,10 @@ def test_dify_operations_beside_up(tmp_path: Path) -> None:
             return doc if "archived" in (doc["last_dropped"] or "") else None
 
         assert poll(lambda: refused() is not None, 120)
+        # `index` of its changed file fails at once with the reason, publishing nothing
+        (docs / "kafka.md").write_text("# Kafka\n\nChanged while archived.")
+        summary = cli("index", str(docs), "--dataset", "notes", rc=1)
+        assert summary["published"] == 0 and "archived" in summary["errors"][0]["error"]
         (row,) = cli("document", "unarchive", kafka, "--dataset", "notes")
         assert (row["archived"], row["version"], row["status"]) == (False, 1, "completed")
         assert search("plimsovar")

@@ -374,6 +374,10 @@ def test_a_sigkill_after_parse_disabled_a_document(bench: Bench) -> None:
     report = retrying(lambda: verify(c.container, case.dataset))
     assert report.drift == [], report.to_dict()
     c.publish(DocumentEnabled(dataset_id=case.dataset, document_id=off))
+    back = set(case.expected[off])
+    c.wait_settled(
+        case.dataset, case.ids, 180, lambda s: s.docs[off].enabled and s.doc_vectors(off) == back
+    )
     check_exact(bench, case)
     assert dead_letters(c, case.dataset) == []
 
