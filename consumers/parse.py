@@ -20,6 +20,7 @@ from domain.claim_check import parsed_key, parsed_prefix, upload_payload_key
 from domain.documents import DocKey, Document, segment_event_version
 from domain.errors import DocumentError
 from domain.events import (
+    SWITCH_STATE,
     DatasetDeleted,
     DocumentCreated,
     DocumentDeleted,
@@ -43,13 +44,6 @@ Source = DocumentCreated | DocumentUpdated
 SegmentOperation = (
     SegmentsBatchImported | SegmentDeleted | SegmentDisabled | SegmentEnabled | SegmentUpdated
 )
-# (enabled, archived) each document switch sets; None leaves it as it is
-SWITCHES: dict[str, tuple[bool | None, bool | None]] = {
-    "document.disabled": (False, None),
-    "document.enabled": (True, None),
-    "document.archived": (None, True),
-    "document.unarchived": (None, False),
-}
 
 
 def load_or_create(uow: UnitOfWork, key: DocKey, source: str = "") -> Document:
@@ -188,7 +182,7 @@ class ParseStage:
             result.count("stale_dropped")
             return
         version = doc.applies_to(event.version)
-        enabled, archived = SWITCHES[event.type]
+        enabled, archived = SWITCH_STATE[event.type]
         if doc.switch(version, enabled=enabled, archived=archived):
             emits.append(Emit(Topic.PARSED, _versioned(event, version)))
         else:

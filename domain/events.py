@@ -451,6 +451,21 @@ class KeywordsIndexed(_Event):
 DocumentSwitch = DocumentDisabled | DocumentEnabled | DocumentArchived | DocumentUnarchived
 SegmentSwitch = SegmentDisabled | SegmentEnabled
 
+# what a person asks for (CLI verbs, HTTP paths) -> the event
+DOCUMENT_SWITCHES: dict[str, type[DocumentSwitch]] = {
+    "disable": DocumentDisabled,
+    "enable": DocumentEnabled,
+    "archive": DocumentArchived,
+    "unarchive": DocumentUnarchived,
+}
+# what each document switch sets: (enabled, archived); None leaves it as it is
+SWITCH_STATE: dict[str, tuple[bool | None, bool | None]] = {
+    "document.disabled": (False, None),
+    "document.enabled": (True, None),
+    "document.archived": (None, True),
+    "document.unarchived": (None, False),
+}
+
 LifecycleEvent = Annotated[
     DocumentCreated
     | DocumentUpdated

@@ -15,11 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from consumers.contract import Emit
 from domain.events import (
+    DOCUMENT_SWITCHES,
     DatasetDeleted,
-    DocumentArchived,
-    DocumentDisabled,
-    DocumentEnabled,
-    DocumentUnarchived,
     Event,
     SegmentDisabled,
     SegmentEnabled,
@@ -30,13 +27,6 @@ from kbstream.publishing import publish_events
 
 if TYPE_CHECKING:
     from kbstream.bootstrap import Container
-
-_DOCUMENT = {
-    "disable": DocumentDisabled,
-    "enable": DocumentEnabled,
-    "archive": DocumentArchived,
-    "unarchive": DocumentUnarchived,
-}
 
 
 class SegmentTarget(BaseModel):
@@ -87,7 +77,7 @@ def add_routes(
         action: Literal["disable", "enable", "archive", "unarchive"],
     ) -> Accepted:
         """Disable, enable, archive or unarchive one document."""
-        return accept(_DOCUMENT[action](**ids(dataset, document_id)))
+        return accept(DOCUMENT_SWITCHES[action](**ids(dataset, document_id)))
 
     @app.post(
         "/v1/datasets/{dataset}/documents/{document_id}/segments/{action}",

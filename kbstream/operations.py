@@ -12,11 +12,9 @@ from consumers.contract import Emit
 from domain.documents import DocKey, Document
 from domain.errors import PermanentError
 from domain.events import (
+    DOCUMENT_SWITCHES,
+    SWITCH_STATE,
     DatasetDeleted,
-    DocumentArchived,
-    DocumentDisabled,
-    DocumentEnabled,
-    DocumentUnarchived,
     Event,
     SegmentDisabled,
     SegmentEnabled,
@@ -33,22 +31,6 @@ if TYPE_CHECKING:
 
 DocumentAction = Literal["disable", "enable", "archive", "unarchive"]
 SegmentAction = Literal["disable", "enable"]
-
-_DOCUMENT_EVENTS: dict[
-    str, type[DocumentDisabled | DocumentEnabled | DocumentArchived | DocumentUnarchived]
-] = {
-    "disable": DocumentDisabled,
-    "enable": DocumentEnabled,
-    "archive": DocumentArchived,
-    "unarchive": DocumentUnarchived,
-}
-# what the document says once each switch applied: (enabled, archived)
-_DOCUMENT_STATE: dict[str, tuple[bool | None, bool | None]] = {
-    "disable": (False, None),
-    "enable": (True, None),
-    "archive": (None, True),
-    "unarchive": (None, False),
-}
 
 
 def _documents(c: Container, dataset: str, document_ids: list[str]) -> dict[str, Document]:
@@ -77,8 +59,8 @@ def switch_documents(
     """disable / enable / archive / unarchive documents; returns them once
     each shows the switch and is finished (the indexes followed)."""
     docs = _documents(c, dataset, document_ids)
-    kind = _DOCUMENT_EVENTS[action]
-    enabled, archived = _DOCUMENT_STATE[action]
+    kind = DOCUMENT_SWITCHES[action]
+    enabled, archived = SWITCH_STATE[kind.model_fields["type"].default]
     tenant = c.settings.tenant
     emits = [
         Emit(
@@ -170,8 +152,7 @@ def update_segment(
     event = SegmentUpdated(**fields, content=content, answer=answer)
 
     def done(run: Container, uow: UnitOfWork) -> bool:
-        rows = uow.segments.by_ids(sorted(uow.segments.ids_for_document(doc.key)))
-        hashes = {r.doc_hash for r in rows.values()}
+        _, hashes = uow.segments.hashes(doc.key)  # every row, a disabled one too
         return doc_hash in hashes and _settled(uow.documents.get(doc.key))
 
     publish_until(c, [Emit(Topic.LIFECYCLE, event)], done, timeout, client_id="kbstream-segments")
