@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from consumers.contract import Emit
+from domain.claim_check import dataset_prefix
 from domain.documents import DocKey, Document
 from domain.errors import PermanentError
 from domain.events import (
@@ -171,6 +172,9 @@ class DatasetDeleteReport:
     dataset: str
     documents: list[str] = field(default_factory=list)  # deleted by this dataset.deleted
     purged: PurgeReport | None = None
+    # live documents of the dataset afterwards: created by events queued on other
+    # partitions before the delete (it is keyed by the dataset); run it again
+    remaining: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,4 +197,11 @@ def delete_dataset(c: Container, dataset: str, timeout: float | None = None) -> 
     event = DatasetDeleted(tenant_id=tenant, dataset_id=dataset)
     publish_until(c, [Emit(Topic.LIFECYCLE, event)], done, timeout, client_id="kbstream-datasets")
     report.purged = purge(c, dataset)
+    with c.uow() as uow:
+        live = [d.document_id for d in uow.documents.list(tenant, dataset) if not d.deleted]
+        if not live:
+            # uploads no document ever claimed (an `index` whose events never ran)
+            uow.payloads.delete_prefix(dataset_prefix(tenant, dataset))
+            uow.commit()
+    report.remaining = sorted(live)
     return report

@@ -186,3 +186,8 @@ def dataset_delete(
         f"{len(purged.documents)} tombstone(s), {purged.jobs_removed} job record(s), "
         f"{purged.cache_entries_removed} cached embedding(s)"
     )
+    if report.remaining:
+        out.print(
+            f"{len(report.remaining)} document(s) were created meanwhile by events queued "
+            f"before the delete: {', '.join(report.remaining[:10])}; run it again"
+        )

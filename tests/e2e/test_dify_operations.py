@@ -117,6 +117,7 @@ def test_dify_operations_beside_up(tmp_path: Path) -> None:
         # dataset.deleted: every document goes, and no text of it stays
         report = cli("dataset", "delete", "--dataset", "notes")
         assert sorted(report["documents"]) == sorted(ids.values()), report
+        assert report["remaining"] == [], report
         stats = cli("stats", "--dataset", "notes")
         assert (stats["documents"], stats["segments"], stats["vectors"]) == (0, 0, 0), stats
         assert stats["keyword_entities"] == 0, stats
