@@ -79,6 +79,21 @@ def add_routes(
         """Disable, enable, archive or unarchive one document."""
         return accept(DOCUMENT_SWITCHES[action](**ids(dataset, document_id)))
 
+    # before segments/{action}: routes match in order
+    @app.post(
+        "/v1/datasets/{dataset}/documents/{document_id}/segments/update",
+        dependencies=list(auth),
+        status_code=202,
+        name="segment_update",
+    )
+    def segment_update(dataset: str, document_id: str, body: SegmentEdit) -> Accepted:
+        """New text for one segment; only it is embedded again."""
+        try:
+            event = SegmentUpdated(**ids(dataset, document_id), **body.model_dump())
+        except ValueError as exc:
+            raise error(422, 422, str(exc)) from None
+        return accept(event)
+
     @app.post(
         "/v1/datasets/{dataset}/documents/{document_id}/segments/{action}",
         dependencies=list(auth),
@@ -94,20 +109,6 @@ def add_routes(
         kind = SegmentDisabled if action == "disable" else SegmentEnabled
         try:
             event = kind(**ids(dataset, document_id), **body.model_dump())
-        except ValueError as exc:
-            raise error(422, 422, str(exc)) from None
-        return accept(event)
-
-    @app.post(
-        "/v1/datasets/{dataset}/documents/{document_id}/segments/update",
-        dependencies=list(auth),
-        status_code=202,
-        name="segment_update",
-    )
-    def segment_update(dataset: str, document_id: str, body: SegmentEdit) -> Accepted:
-        """New text for one segment; only it is embedded again."""
-        try:
-            event = SegmentUpdated(**ids(dataset, document_id), **body.model_dump())
         except ValueError as exc:
             raise error(422, 422, str(exc)) from None
         return accept(event)
