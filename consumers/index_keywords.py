@@ -43,7 +43,8 @@ class IndexKeywordsStage:
         with self.uow(readonly=True) as uow:
             ids = [s.index_node_id for sp in splits for s in sp.segments]
             owners = uow.segments.owners(ids + [i for r in removed for i in r.index_node_ids])
-            alive = set(owners)
+            # a disabled or archived segment is sent like any other and deleted
+            alive = uow.segments.searchable(list(owners))
             # nothing is written or deleted for an event naming another document's ids
             events = own_events(events, owners, result)
             removed = [e for e in events if isinstance(e, SegmentsRemoved)]

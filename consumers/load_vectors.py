@@ -59,7 +59,8 @@ class LoadVectorsStage:
             ids = [r.index_node_id for e in embedded for r in e.segments]
             ids += [i for e in removed for i in e.index_node_ids]
             owners = uow.segments.owners(ids)
-            alive = set(owners)
+            # a disabled or archived segment is sent like any other and deleted
+            alive = uow.segments.searchable(list(owners))
             # nothing is written or deleted for an event naming another document's ids
             kept = {id(e) for e in own_events(events, owners, result)}
             embedded = [e for e in embedded if id(e) in kept]

@@ -20,13 +20,19 @@ from domain.claim_check import parsed_key, parsed_prefix, upload_payload_key
 from domain.documents import DocKey, Document, segment_event_version
 from domain.errors import DocumentError
 from domain.events import (
+    SWITCH_STATE,
+    DatasetDeleted,
     DocumentCreated,
     DocumentDeleted,
     DocumentParsed,
+    DocumentSwitch,
     DocumentUpdated,
     Event,
     SegmentDeleted,
+    SegmentDisabled,
+    SegmentEnabled,
     SegmentsBatchImported,
+    SegmentUpdated,
     Topic,
 )
 from domain.ports import DocumentReader, UnitOfWork, UnitOfWorkFactory
@@ -34,6 +40,10 @@ from domain.ports import DocumentReader, UnitOfWork, UnitOfWorkFactory
 log = logging.getLogger(__name__)
 
 Source = DocumentCreated | DocumentUpdated
+# what split applies to the current version's segments
+SegmentOperation = (
+    SegmentsBatchImported | SegmentDeleted | SegmentDisabled | SegmentEnabled | SegmentUpdated
+)
 
 
 def _load_or_create_many(
@@ -120,6 +130,8 @@ class ParseStage:
                 if isinstance(event, DocumentCreated | DocumentUpdated):
                     doc = touched[key] = docs[key]
                     reached.add(key)
+                    if self._refused(doc, event, result):
+                        continue
                     # no version: a new version, after everything known of the document
                     # a copy of the event that claimed it: that version again
                     version = doc.resolve_version(event.version, event.event_id)
@@ -147,16 +159,27 @@ class ParseStage:
                         slots[i].append(Emit(Topic.PARSED, _versioned(event, version)))
                     else:
                         self._drop(doc, event.type, version, result)
-                elif isinstance(event, SegmentsBatchImported | SegmentDeleted):
+                elif isinstance(event, SegmentOperation):
                     # they change the current version's segments, never make a new one
+                    # (a document this batch creates later does not exist yet for them)
+                    known = key not in created or key in reached
+                    current = docs.get(key) if known else None
                     applies_to = event.version
                     if applies_to is None:
-                        # a document this batch creates later does not exist yet for it
-                        known = key not in created or key in reached
-                        applies_to = segment_event_version(None, docs.get(key) if known else None)
+                        applies_to = segment_event_version(None, current)
                     if isinstance(event, SegmentsBatchImported):
                         uow.jobs.create(key, event.job_id, len(event.segments))
+                    if current is not None and self._refused(current, event, result):
+                        touched[key] = current
+                        if isinstance(event, SegmentsBatchImported):
+                            uow.jobs.fail(key, event.job_id, current.last_dropped or "")
+                        continue
                     slots[i].append(Emit(Topic.PARSED, _versioned(event, applies_to)))
+                elif isinstance(event, DocumentSwitch):
+                    known = key not in created or key in reached
+                    self._switch(docs.get(key) if known else None, event, slots[i], result, touched)
+                elif isinstance(event, DatasetDeleted):
+                    self._delete_dataset(uow, event, slots[i], docs, touched)
                 else:
                     log.warning(
                         "parse: %s does not belong on the lifecycle topic; skipped", event.type
@@ -164,6 +187,73 @@ class ParseStage:
             uow.documents.save_many(list(touched.values()))
             uow.commit()
         return claims
+
+    def _switch(
+        self,
+        doc: Document | None,
+        event: DocumentSwitch,
+        emits: list[Emit],
+        result: StageResult,
+        touched: dict[DocKey, Document],
+    ) -> None:
+        """Applied here, in the lifecycle topic's order, so an update right
+        after an archive is refused and search drops a disabled document at
+        once; split then reconciles the indexes with the document's state."""
+        if doc is None:
+            log.info("parse: %s of unknown document %s dropped", event.type, event.doc_key)
+            result.count("stale_dropped")
+            return
+        touched[doc.key] = doc
+        version = doc.applies_to(event.version)
+        enabled, archived = SWITCH_STATE[event.type]
+        if doc.switch(version, enabled=enabled, archived=archived):
+            emits.append(Emit(Topic.PARSED, _versioned(event, version)))
+        else:
+            self._drop(doc, event.type, version, result)
+
+    @staticmethod
+    def _delete_dataset(
+        uow: UnitOfWork,
+        event: DatasetDeleted,
+        emits: list[Emit],
+        docs: dict[DocKey, Document],
+        touched: dict[DocKey, Document],
+    ) -> None:
+        """Tombstone every document of the dataset as it is now and hand split
+        one document.deleted each, keyed by its document, so each delete runs
+        the document's own delete path in its own order. A redelivery finds
+        the tombstones and sends the same deletes again (split's are
+        idempotent). A document created later, without a version, is a new
+        version again, as after document.deleted."""
+        for listed in uow.documents.list(event.tenant_id, event.dataset_id):
+            # the batch's own copy where it has one: it holds this batch's changes
+            doc = docs.get(listed.key, listed)
+            if not doc.delete(doc.version):
+                continue  # pragma: no cover - a document's own version is never newer
+            touched[doc.key] = doc
+            emits.append(
+                Emit(
+                    Topic.PARSED,
+                    DocumentDeleted(
+                        tenant_id=doc.tenant_id,
+                        dataset_id=doc.dataset_id,
+                        document_id=doc.document_id,
+                        version=doc.version,
+                        occurred_at=event.occurred_at,
+                    ),
+                )
+            )
+
+    def _refused(self, doc: Document, event: Event, result: StageResult) -> bool:
+        """An archived document refuses updates and segment operations; the
+        reason is kept for `status --document`."""
+        reason = doc.refusal(event.type)
+        if reason is None:
+            return False
+        doc.last_dropped = reason
+        result.count("refused")
+        log.warning("parse: %s: %s", doc.key, reason)
+        return True
 
     def _uploads(self, claims: list[_Claim]) -> dict[int, bytes | DocumentError]:
         """The bytes of every claimed event whose body was uploaded to the

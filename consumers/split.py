@@ -19,15 +19,21 @@ from dataclasses import dataclass
 from consumers.contract import StageResult
 from consumers.ownership import foreign_ids_error
 from domain.claim_check import check_text_ref, document_prefix, removals_key
-from domain.documents import DocKey, Document, SplitCounts, owed_removals
+from domain.documents import DocKey, Document, IndexingStatus, SplitCounts, owed_removals
 from domain.errors import DocumentError
 from domain.events import (
     DocumentDeleted,
+    DocumentEnabled,
     DocumentParsed,
+    DocumentSwitch,
+    DocumentUnarchived,
     Event,
     SegmentDeleted,
+    SegmentDisabled,
     SegmentsBatchImported,
     SegmentsRemoved,
+    SegmentSwitch,
+    SegmentUpdated,
     Topic,
     resolved_version,
     split_batches,
@@ -71,6 +77,8 @@ class SplitStage:
                     skip.add(i)
             elif isinstance(event, SegmentsBatchImported):
                 token_counts[i] = [self.tokens.count_tokens(s.content) for s in event.segments]
+            elif isinstance(event, SegmentUpdated):
+                token_counts[i] = [self.tokens.count_tokens(event.content)]
         with self.uow() as uow:
             # the batch's documents and owed removals read once, written once at the end
             keys = [e.doc_key for i, e in enumerate(events) if i not in skip]
@@ -87,6 +95,12 @@ class SplitStage:
                     self._delete_segment(batch, event, result)
                 elif isinstance(event, SegmentsBatchImported):
                     self._import(batch, event, token_counts[i], result)
+                elif isinstance(event, DocumentSwitch):
+                    self._reconcile_document(batch, event, result)
+                elif isinstance(event, SegmentSwitch):
+                    self._switch_segment(batch, event, result)
+                elif isinstance(event, SegmentUpdated):
+                    self._update_segment(batch, event, token_counts[i][0], result)
                 else:
                     log.warning(
                         "split: %s does not belong on the parsed topic; skipped", event.type
@@ -317,6 +331,124 @@ class SplitStage:
         ]
         uow.jobs.processing(key, event.job_id, len(todo))
         self._emit_segments(result, event, todo)
+
+    # -- Dify's switches and segment edits ---------------------------------------
+
+    def _current(self, batch: _Batch, event: Event) -> Document | None:
+        """The document, locked, if the event applies to its current version
+        (else the event is dropped as stale)."""
+        doc = batch.docs.get(event.doc_key)
+        if doc is None or doc.deleted or resolved_version(event) < doc.version:
+            _drop(doc, event)
+            return None
+        return doc
+
+    def _reconcile_document(
+        self, batch: _Batch, event: DocumentSwitch, result: StageResult
+    ) -> None:
+        """Parse already switched the document; make the indexes follow its
+        state (not the event's: a disable and an enable in quick succession
+        both end in what the document is now). A whole-document removal drops
+        every entity of it that is not searchable; an enable or unarchive
+        that reopened the document sends its searchable segments again, from
+        the embedding cache."""
+        doc = self._current(batch, event)
+        if doc is None:
+            return
+        result.emit(Topic.SEGMENTS, _removed(event, [], whole_document=True))
+        reopened = doc.status is IndexingStatus.INDEXING
+        if isinstance(event, DocumentEnabled | DocumentUnarchived) and reopened:
+            self._resend(batch, event, result, everything=True)
+
+    def _switch_segment(self, batch: _Batch, event: SegmentSwitch, result: StageResult) -> None:
+        doc = self._current(batch, event)
+        if doc is None:
+            return
+        uow = batch.uow
+        row = uow.segments.find(doc.key, event.index_node_id, event.segment_id)
+        if row is None:
+            log.info(
+                "split: %s: segment %s of %s not found",
+                event.type,
+                event.index_node_id or event.segment_id,
+                event.document_id,
+            )
+            return
+        enabled = not isinstance(event, SegmentDisabled)
+        uow.segments.switch(row.index_node_id, enabled)
+        batch.changed_segments(doc.key)
+        doc.segment_switched(resolved_version(event))
+        if enabled:
+            self._emit_segments(result, event, [row])
+        else:
+            result.emit(Topic.SEGMENTS, _removed(event, [row.index_node_id]))
+
+    def _update_segment(
+        self, batch: _Batch, event: SegmentUpdated, tokens: int, result: StageResult
+    ) -> None:
+        """New text for one segment: its row is rewritten (new doc_hash and
+        index_node_id, same position and switch), the old id is owed to both
+        indexes until the document completes, only the new text is embedded."""
+        doc = self._current(batch, event)
+        if doc is None:
+            return
+        uow = batch.uow
+        limit = self.tokens.max_input_tokens
+        if tokens > limit:
+            result.reject(
+                event,
+                DocumentError(
+                    f"segment.updated: the new text has {tokens} tokens, above the model "
+                    f"limit of {limit}; shorten it"
+                ),
+            )
+            return
+        row = uow.segments.find(doc.key, event.index_node_id, event.segment_id)
+        if row is None:
+            # maybe a redelivery after the commit whose publish was lost (the
+            # row has its new id now): send what is still owed again
+            self._resend(batch, event, result, everything=False)
+            return
+        _, hashes = uow.segments.hashes(doc.key)
+        hashes.remove(row.doc_hash)
+        chunk = ChunkText(event.content, event.answer, row.parent, tokens)
+        built = build_segments(
+            event.dataset_id, event.document_id, [chunk], row.position, event.tenant_id
+        )
+        (new,) = _offset_occurrences(built, hashes, event)
+        if new.index_node_id == row.index_node_id:
+            self._resend(batch, event, result, everything=False)  # the same text again
+            return
+        uow.segments.rewrite(row.index_node_id, new, resolved_version(event))
+        batch.changed_segments(doc.key)
+        owed = batch.owe(doc.key, [row.index_node_id])
+        doc.segment_switched(
+            resolved_version(event), new.tokens - row.tokens, new.word_count - row.word_count
+        )
+        result.emit(Topic.SEGMENTS, _removed(event, owed))
+        self._emit_segments(result, event, [new])
+
+    def _resend(self, batch: _Batch, event: Event, result: StageResult, everything: bool) -> None:
+        """Send the document's searchable segments through both branches again
+        (``everything``: all of them, their flags cleared; else those not yet
+        flagged by both) and the removals it still owes. Nothing is embedded:
+        the cache holds their vectors."""
+        key, uow = event.doc_key, batch.uow
+        owed = batch.owed(key)
+        if owed:
+            result.emit(Topic.SEGMENTS, _removed(event, owed))
+        rows = sorted(
+            uow.segments.by_ids(sorted(uow.segments.ids_for_document(key))).values(),
+            key=lambda r: r.position,
+        )
+        if everything:
+            ids = [r.index_node_id for r in rows]
+            uow.segments.mark("vector_indexed", ids, False)
+            uow.segments.mark("keywords_indexed", ids, False)
+            batch.changed_segments(key)
+        else:
+            rows = [r for r in rows if not (r.vector_indexed and r.keywords_indexed)]
+        self._emit_segments(result, event, rows)
 
     def _emit_segments(
         self, result: StageResult, event: Event, todo: Sequence[Segment] | Sequence[StoredSegment]

@@ -135,6 +135,12 @@ class Document:
     claimed_by: str | None = None
     # why the last event for this document was dropped (stale version, ...)
     last_dropped: str | None = None
+    # Dify's switches, independent of the indexing status and kept across
+    # versions: a disabled or archived document keeps its segments, vectors
+    # and cache entries but is out of both indexes; an archived one also
+    # refuses updates and segment operations until unarchived
+    enabled: bool = True
+    archived: bool = False
     updated_at: datetime | None = None
     completed_at: datetime | None = None
     error_at: datetime | None = None
@@ -277,6 +283,62 @@ class Document:
         self._enter(IndexingStatus.DELETED, now or utcnow())
         self.error = None
         return True
+
+    @property
+    def searchable(self) -> bool:
+        """Its enabled segments belong in the indexes."""
+        return self.enabled and not self.archived and not self.deleted
+
+    def refusal(self, what: str) -> str | None:
+        """Why ``what`` (an update, a segment operation) is refused now, or None."""
+        if self.archived:
+            return f"{what} refused: the document is archived (unarchive it first)"
+        return None
+
+    def switch(
+        self,
+        version: int,
+        enabled: bool | None = None,
+        archived: bool | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """document.enabled/disabled/archived/unarchived, as of ``version``
+        (the current one when the event has none). False when stale (older
+        than the current version) or the document is deleted. A switch that
+        changes what belongs in the indexes owes them removals or upserts,
+        so a completed document is indexing again until they have followed;
+        a repeated switch changes nothing (idempotent)."""
+        if self.deleted or version < self.version:
+            return False
+        before = self.searchable
+        if enabled is not None:
+            self.enabled = enabled
+        if archived is not None:
+            self.archived = archived
+        now = now or utcnow()
+        self.updated_at = now
+        if self.searchable != before:
+            self._reopen(now)
+        return True
+
+    def segment_switched(
+        self, version: int, tokens: int = 0, words: int = 0, now: datetime | None = None
+    ) -> bool:
+        """segment.enabled/disabled or segment.updated (which changes the
+        document's totals by ``tokens`` and ``words``) applied: like a segment
+        delete, the change is owed to both indexes."""
+        if self.deleted or version < self.version:
+            return False
+        now = now or utcnow()
+        self.tokens = max(0, self.tokens + tokens)
+        self.word_count = max(0, self.word_count + words)
+        self.updated_at = now
+        self._reopen(now)
+        return True
+
+    def _reopen(self, now: datetime) -> None:
+        if self.status is IndexingStatus.COMPLETED:
+            self._enter(IndexingStatus.INDEXING, now)
 
     def forget(self, now: datetime | None = None) -> bool:
         """Blank what a tombstone still says about the deleted content (its

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -233,6 +233,85 @@ class SegmentDeleted(_Lifecycle):
         return self
 
 
+class _DocumentSwitch(_Lifecycle):
+    """Dify's document switches. They make no new version: without one they
+    apply to the current version, with an older one they are stale."""
+
+
+class DocumentDisabled(_DocumentSwitch):
+    """Out of vector and keyword search; segments, vectors and cache stay."""
+
+    type: Literal["document.disabled"] = "document.disabled"
+
+
+class DocumentEnabled(_DocumentSwitch):
+    """Back in search, from the embedding cache (nothing is embedded)."""
+
+    type: Literal["document.enabled"] = "document.enabled"
+
+
+class DocumentArchived(_DocumentSwitch):
+    """Out of search like disabled; updates and segment operations are refused
+    (status says why) until unarchived."""
+
+    type: Literal["document.archived"] = "document.archived"
+
+
+class DocumentUnarchived(_DocumentSwitch):
+    type: Literal["document.unarchived"] = "document.unarchived"
+
+
+class _SegmentTarget(_Lifecycle):
+    index_node_id: str | None = Field(default=None, max_length=64)
+    segment_id: Int32 | None = None
+
+    @model_validator(mode="after")
+    def _one_segment(self) -> _SegmentTarget:
+        if self.index_node_id is None and self.segment_id is None:
+            raise ValueError("give index_node_id or segment_id")
+        return self
+
+
+class SegmentDisabled(_SegmentTarget):
+    """One segment out of both indexes; its row, vector cache and text stay."""
+
+    type: Literal["segment.disabled"] = "segment.disabled"
+
+
+class SegmentEnabled(_SegmentTarget):
+    type: Literal["segment.enabled"] = "segment.enabled"
+
+
+class SegmentUpdated(_SegmentTarget):
+    """New text for one segment: only it is embedded again, both indexes
+    follow. Its doc_hash, and so its index_node_id, change with the text;
+    ``segment_id`` stays."""
+
+    type: Literal["segment.updated"] = "segment.updated"
+    content: str = Field(min_length=1)
+    answer: str | None = None
+
+
+# the key every dataset-wide event carries instead of a document id
+DATASET_WIDE: Final = "_dataset"
+
+
+class DatasetDeleted(_Lifecycle):
+    """Everything of the dataset goes: each of its documents is deleted (in
+    its own order, by its own key, downstream); `kbstream dataset delete`
+    then purges what the tombstones still say. Keyed by the dataset."""
+
+    type: Literal["dataset.deleted"] = "dataset.deleted"
+    document_id: Literal["_dataset"] = Field(
+        default=DATASET_WIDE, description="not a document: the event is keyed by dataset_id"
+    )
+    version: None = Field(default=None, description="unused: every document is deleted as it is")
+
+    @property
+    def key(self) -> str:
+        return self.dataset_id
+
+
 class ImportedSegment(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     content: str = Field(min_length=1)
@@ -369,8 +448,38 @@ class KeywordsIndexed(_Event):
     index_node_ids: list[str]
 
 
+DocumentSwitch = DocumentDisabled | DocumentEnabled | DocumentArchived | DocumentUnarchived
+SegmentSwitch = SegmentDisabled | SegmentEnabled
+
+# what a person asks for (CLI verbs, HTTP paths) -> the event
+DOCUMENT_SWITCHES: dict[str, type[DocumentSwitch]] = {
+    "disable": DocumentDisabled,
+    "enable": DocumentEnabled,
+    "archive": DocumentArchived,
+    "unarchive": DocumentUnarchived,
+}
+# what each document switch sets: (enabled, archived); None leaves it as it is
+SWITCH_STATE: dict[str, tuple[bool | None, bool | None]] = {
+    "document.disabled": (False, None),
+    "document.enabled": (True, None),
+    "document.archived": (None, True),
+    "document.unarchived": (None, False),
+}
+
 LifecycleEvent = Annotated[
-    DocumentCreated | DocumentUpdated | DocumentDeleted | SegmentDeleted | SegmentsBatchImported,
+    DocumentCreated
+    | DocumentUpdated
+    | DocumentDeleted
+    | SegmentDeleted
+    | SegmentsBatchImported
+    | DocumentDisabled
+    | DocumentEnabled
+    | DocumentArchived
+    | DocumentUnarchived
+    | SegmentDisabled
+    | SegmentEnabled
+    | SegmentUpdated
+    | DatasetDeleted,
     Field(discriminator="type"),
 ]
 Event = (
@@ -379,6 +488,14 @@ Event = (
     | DocumentDeleted
     | SegmentDeleted
     | SegmentsBatchImported
+    | DocumentDisabled
+    | DocumentEnabled
+    | DocumentArchived
+    | DocumentUnarchived
+    | SegmentDisabled
+    | SegmentEnabled
+    | SegmentUpdated
+    | DatasetDeleted
     | DocumentParsed
     | SegmentsSplit
     | SegmentsRemoved
@@ -408,6 +525,14 @@ LIFECYCLE_TYPES = frozenset(
         "document.deleted",
         "segment.deleted",
         "segments.batch_imported",
+        "document.disabled",
+        "document.enabled",
+        "document.archived",
+        "document.unarchived",
+        "segment.disabled",
+        "segment.enabled",
+        "segment.updated",
+        "dataset.deleted",
     }
 )
 
@@ -515,6 +640,14 @@ def json_schemas() -> dict[str, Any]:
         DocumentDeleted,
         SegmentDeleted,
         SegmentsBatchImported,
+        DocumentDisabled,
+        DocumentEnabled,
+        DocumentArchived,
+        DocumentUnarchived,
+        SegmentDisabled,
+        SegmentEnabled,
+        SegmentUpdated,
+        DatasetDeleted,
         DocumentParsed,
         SegmentsSplit,
         SegmentsRemoved,

@@ -234,14 +234,38 @@ class SegmentRepository(Protocol):
     def in_dataset(
         self, tenant_id: str, dataset_id: str, index_node_ids: Sequence[str]
     ) -> dict[str, StoredSegment]:
-        """``by_ids`` limited to one tenant's dataset: what search resolves
-        hits with, so an id that is not the dataset's never returns text."""
+        """``by_ids`` limited to one tenant's dataset and to searchable
+        segments: what search resolves hits with, so an id that is not the
+        dataset's, or is disabled or archived, never returns text."""
         ...
 
-    def ids_for_document(self, key: DocKey) -> set[str]: ...
+    def ids_for_document(self, key: DocKey) -> set[str]:
+        """The document's segments that belong in the indexes: enabled
+        segments of an enabled, unarchived document (searchable)."""
+        ...
+
+    def searchable(self, index_node_ids: Sequence[str]) -> set[str]:
+        """Which of these segments exist and belong in the indexes: what the
+        index stages upsert; every other id they are sent is deleted."""
+        ...
 
     def pending_count(self, key: DocKey) -> int:
-        """Segments of a document not yet flagged by both branches."""
+        """Searchable segments of a document not yet flagged by both branches."""
+        ...
+
+    def find(
+        self, key: DocKey, index_node_id: str | None, segment_id: int | None
+    ) -> StoredSegment | None:
+        """One segment of the document, by index_node_id or segment_id."""
+        ...
+
+    def switch(self, index_node_id: str, enabled: bool) -> None:
+        """Enable or disable one segment; enabling clears both branches' flags."""
+        ...
+
+    def rewrite(self, index_node_id: str, segment: Segment, version: int) -> None:
+        """New text for one segment (its row, position and switch stay): new
+        doc_hash and index_node_id, both flags cleared."""
         ...
 
     def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:

@@ -131,6 +131,10 @@ class StoredSegment:
     keywords_indexed: bool = False
     job_id: str | None = None
     source: str = ""
+    # segment.disabled switched it off
+    enabled: bool = True
+    # it belongs in both indexes: enabled, of an enabled, unarchived document
+    searchable: bool = True
 
     @property
     def searchable_text(self) -> str:

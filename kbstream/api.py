@@ -421,4 +421,7 @@ def create_app(container: Container, api_key: str | None = None, warm: bool = Tr
             raise ApiError(404, 404, f"no document {document_id!r} in dataset {dataset!r}")
         return rows[0]
 
+    from kbstream.api_operations import add_routes
+
+    add_routes(app, container, auth, ApiError)  # Dify's document and segment operations (issue 19)
     return app

@@ -205,6 +205,7 @@ def index_paths(
         # fail before publishing anything, not once per document
         resolve_rule(rule, container.token_counter.max_input_tokens)
     events, unchanged = plan(container, dataset, files, force, cleanup, rule, doc_form)
+    events, refused = _refuse_archived(container, dataset, events, summary)
     summary.skipped = len(unchanged)
     if events:
         check_model(container, dataset)
@@ -226,9 +227,36 @@ def index_paths(
             read_roots={f.path.parent for f in files} if by_reference else (),
         )
         summary.published = len(events)
-    _summarise(container, dataset, files, events, summary)
+    _summarise(
+        container, dataset, [f for f in files if f.document_id not in refused], events, summary
+    )
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _refuse_archived(
+    container: Container, dataset: str, events: list[Lifecycle], summary: IndexSummary
+) -> tuple[list[Lifecycle], set[str]]:
+    """The events to publish: an archived document's update would be refused
+    by parse (and waited for in vain), so it fails here, with the reason. Its
+    delete (`sync --cleanup full`) is published: Dify deletes archived
+    documents too."""
+    with container.uow(readonly=True) as uow:
+        found = uow.documents.list(
+            container.settings.tenant, dataset, [e.document_id for e in events]
+        )
+    archived = {d.document_id: d for d in found if d.archived and not d.deleted}
+    out: list[Lifecycle] = []
+    refused: set[str] = set()
+    for e in events:
+        d = archived.get(e.document_id)
+        if d is None or isinstance(e, DocumentDeleted):
+            out.append(e)
+            continue
+        refused.add(d.document_id)
+        summary.failed += 1
+        summary.errors.append({"document": d.source, "error": d.refusal(e.type) or "archived"})
+    return out, refused
 
 
 def _summarise(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 from consumers.contract import Emit
@@ -51,6 +51,49 @@ def publish_and_wait(
     if not emits:
         return
     want = _wanted(emits)
+
+    def wait(run: Container, pool: WorkerPool | None) -> None:
+        _wait(run, want, pool, timeout, progress)
+
+    _publish_then(container, emits, wait, client_id, read_roots)
+
+
+def publish_until(
+    container: Container,
+    emits: Sequence[Emit],
+    done: Callable[[Container, UnitOfWork], bool],
+    timeout: float | None = None,
+    client_id: str = "kbstream-producer",
+) -> None:
+    """Publish ``emits`` in order, then block until ``done`` (asked in a
+    read-only unit of work) holds: for events whose effect is not a version
+    (a switch, a segment edit, a dataset delete). Raises like
+    publish_and_wait."""
+
+    def wait(run: Container, pool: WorkerPool | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with run.uow(readonly=True) as uow:
+                if done(run, uow):
+                    return
+            if pool is not None and not pool.alive():
+                raise RuntimeError("a stage worker died; see the log in the home directory")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"not done after {timeout}s; `kbstream status` shows where it is"
+                )
+            time.sleep(POLL_SECONDS)
+
+    _publish_then(container, emits, wait, client_id)
+
+
+def _publish_then(
+    container: Container,
+    emits: Sequence[Emit],
+    wait: Callable[[Container, WorkerPool | None], None],
+    client_id: str,
+    read_roots: Collection[Path] = (),
+) -> None:
     with broker_for(container.settings) as broker:
         # the publisher and the workers journal to the broker's journal, if it has one
         update: dict[str, object] = {"broker_journal": broker.journal}
@@ -63,10 +106,18 @@ def publish_and_wait(
             pool = WorkerPool(run, broker.bootstrap, exclusive=True).start()
         try:
             _publish(run, broker.bootstrap, emits, client_id)
-            _wait(run, want, pool, timeout, progress)
+            wait(run, pool)
         finally:
             if pool is not None:
                 pool.stop()
+
+
+def publish_events(container: Container, emits: Sequence[Emit], client_id: str) -> None:
+    """Publish to the configured broker and return (nothing waits): for a
+    server that answers at once. Needs KBSTREAM_BROKERS (or a running `up`)."""
+    if not container.settings.brokers:
+        raise RuntimeError("no broker configured (KBSTREAM_BROKERS, or a running `kbstream up`)")
+    _publish(container, container.settings.brokers, emits, client_id)
 
 
 def _publish(container: Container, bootstrap: str, emits: Sequence[Emit], client_id: str) -> None:
@@ -115,12 +166,16 @@ def _wait(
         time.sleep(POLL_SECONDS)
 
 
-def _finished(container: Container, uow: UnitOfWork, doc: Document, version: int) -> bool:
-    # what both indexes still hold of it, asked only if the rule needs it (a delete)
-    held = (
+def held_by_indexes(container: Container, doc: Document) -> Iterator[list[str]]:
+    """What each index still holds of a document, asked lazily."""
+    return (
         index.ids_for_document(doc.key) for index in (container.keyword_index, container.vectors)
     )
-    return doc.done(version, held)
+
+
+def _finished(container: Container, uow: UnitOfWork, doc: Document, version: int) -> bool:
+    # what both indexes still hold of it, asked only if the rule needs it (a delete)
+    return doc.done(version, held_by_indexes(container, doc))
 
 
 def _with_read_roots(settings: Settings, roots: Collection[Path]) -> str:

@@ -51,6 +51,9 @@ def document_row(d: Document) -> dict[str, Any]:
         "document_id": d.document_id,
         "dataset": d.dataset_id,
         "status": d.status.value,
+        # Dify's switches: out of search while disabled or archived
+        "enabled": d.enabled,
+        "archived": d.archived,
         "error": d.error,
         "segments": d.segment_count,
         "version": d.version,

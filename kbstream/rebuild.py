@@ -182,8 +182,11 @@ class _Run:
         self.total = 0
 
     def alive(self) -> set[str]:
+        """The segments that belong in the indexes: a disabled or archived one
+        stays out of the new index too (and out of the keyword index)."""
         with self.c.uow(readonly=True) as uow:
-            return set(uow.segments.for_dataset(self.tenant, self.dataset))
+            rows = uow.segments.for_dataset(self.tenant, self.dataset)
+        return {i for i, s in rows.items() if s.searchable}
 
     def load(self, ids: list[str]) -> None:
         self.total = self.done + len(ids)

@@ -35,6 +35,8 @@ PROBLEMS = (
     "missing_keywords",  # a segment without its keyword index entity
     "orphan_keywords",  # a keyword index entity whose segment row is gone
     "not_indexed",  # a completed document's segment not flagged in both branches
+    "disabled_vector",  # a disabled or archived segment still in the vector index
+    "disabled_keywords",  # a disabled or archived segment still in the keyword index
     "stuck",  # a document in parsing/splitting/indexing for too long
 )
 
@@ -92,7 +94,7 @@ def verify(c: Container, dataset: str, stuck_after: float = 600.0) -> VerifyRepo
     if lost or (segments and min(len(vectors), len(texts)) < len(segments) / 2):
         report.hint = f"run: kbstream rebuild --dataset {dataset}"
     report.documents = sum(1 for d in docs.values() if not d.deleted)
-    report.segments = len(segments)
+    report.segments = sum(1 for s in segments.values() if s.searchable)
     report.vectors = len(vectors)
     report.keyword_segments = len(texts)
 
@@ -102,6 +104,13 @@ def verify(c: Container, dataset: str, stuck_after: float = 600.0) -> VerifyRepo
 
     for node, seg in sorted(segments.items()):
         doc_id = seg.document_id
+        if not seg.searchable:
+            # disabled or archived: belongs out of both indexes
+            if node in vectors:
+                drift("disabled_vector", doc_id, node)
+            if node in texts:
+                drift("disabled_keywords", doc_id, node)
+            continue
         if node not in vectors:
             drift("missing_vector", doc_id, node)
         else:
@@ -154,7 +163,8 @@ REDO = (
     "vector_wrong_document",
     "duplicate_vector",
 )
-ORPHAN_VECTOR = ("orphan_vector", "vector_wrong_document", "duplicate_vector")
+ORPHAN_VECTOR = ("orphan_vector", "vector_wrong_document", "duplicate_vector", "disabled_vector")
+ORPHAN_KEYWORDS = ("orphan_keywords", "disabled_keywords")
 
 
 def repair(
@@ -166,7 +176,7 @@ def repair(
         d.index_node_id for d in before.drift if d.problem in ORPHAN_VECTOR and d.index_node_id
     ]
     orphan_texts = [
-        d.index_node_id for d in before.drift if d.problem == "orphan_keywords" and d.index_node_id
+        d.index_node_id for d in before.drift if d.problem in ORPHAN_KEYWORDS and d.index_node_id
     ]
     c.vectors.delete(orphan_vectors)
     c.keyword_index.delete(orphan_texts)

@@ -44,6 +44,8 @@ _FIELDS = (
     "split_version",
     "claimed_by",
     "last_dropped",
+    "enabled",
+    "archived",
     "updated_at",
     "completed_at",
     "error_at",
@@ -238,6 +240,7 @@ def _document(row: Any) -> Document:
     m = row._mapping
     fields = {name: m[name] for name in _FIELDS}
     fields["status"] = IndexingStatus(fields["status"])
+    fields["enabled"], fields["archived"] = bool(fields["enabled"]), bool(fields["archived"])
     for name in _TIMES:
         if fields[name] is not None:
             fields[name] = _utc(fields[name])

@@ -86,6 +86,10 @@ class DocumentRow(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     # why the last event for this document was dropped (stale version, ...)
     last_dropped: Mapped[str | None] = mapped_column(Text)
+    # Dify's switches (migration 0010): out of both indexes when not enabled
+    # or archived; an archived document refuses updates and segment operations
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     created_at: Mapped[datetime] = _ts()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -120,6 +124,8 @@ class SegmentRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="waiting")
     vector_indexed: Mapped[bool] = mapped_column(Boolean, default=False)
     keywords_indexed: Mapped[bool] = mapped_column(Boolean, default=False)
+    # a disabled segment is out of both indexes (migration 0010)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     version: Mapped[int] = mapped_column(BigInteger)
     # set for segments added by a batch import: they are not in the source
     # file, so an update of the document keeps them

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import case, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from domain.documents import DocKey, Document
@@ -21,6 +21,8 @@ D = table(DocumentRow)
 FLAGS = frozenset({"vector_indexed", "keywords_indexed"})
 # a segment one of the two branches has not finished
 _UNFLAGGED = or_(S.c.vector_indexed.is_(False), S.c.keywords_indexed.is_(False))
+# a segment that belongs in both indexes (its document's switches and its own)
+_SEARCHABLE = and_(S.c.enabled.is_(True), D.c.enabled.is_(True), D.c.archived.is_(False))
 _STORED = (
     S.c.index_node_id,
     S.c.document_id,
@@ -32,6 +34,8 @@ _STORED = (
     S.c.keywords_indexed,
     S.c.job_id,
     D.c.source,
+    S.c.enabled,
+    _SEARCHABLE.label("searchable"),
 )
 _TEXT = (S.c.content, S.c.answer, S.c.parent)
 
@@ -210,7 +214,9 @@ class SegmentRepository:
         self, tenant_id: str, dataset_id: str, index_node_ids: Sequence[str]
     ) -> dict[str, StoredSegment]:
         out: dict[str, StoredSegment] = {}
-        mine = (S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id)
+        # a disabled or archived segment never returns text, even while its
+        # removal from the indexes is still on its way
+        mine = (S.c.tenant_id == tenant_id, S.c.dataset_id == dataset_id, _SEARCHABLE)
         for chunk in chunks(sorted(set(index_node_ids))):
             rows = self.conn.execute(
                 self._stored(*_TEXT).where(*mine, S.c.index_node_id.in_(chunk))
@@ -219,21 +225,41 @@ class SegmentRepository:
         return out
 
     def ids_for_document(self, key: DocKey) -> set[str]:
-        return set(
-            self.conn.execute(select(S.c.index_node_id).where(of_document(S, key))).scalars()
+        """The document's segments that belong in the indexes (searchable)."""
+        query = (
+            select(S.c.index_node_id)
+            .join(D, D.c.id == S.c.document_pk)
+            .where(of_document(S, key), _SEARCHABLE)
         )
+        return set(self.conn.execute(query).scalars())
+
+    def searchable(self, index_node_ids: Sequence[str]) -> set[str]:
+        """Which of these segments exist and belong in the indexes."""
+        out: set[str] = set()
+        for chunk in chunks(sorted(set(index_node_ids))):
+            query = (
+                select(S.c.index_node_id)
+                .join(D, D.c.id == S.c.document_pk)
+                .where(S.c.index_node_id.in_(chunk), _SEARCHABLE)
+            )
+            out.update(self.conn.execute(query).scalars())
+        return out
 
     def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
-        """ids_for_document for many documents, one query per dataset and chunk;
-        every key is in the answer (an empty set for a document without any)."""
+        """ids_for_document (searchable segments only) for many documents, one
+        query per dataset and chunk; every key is in the answer (an empty set for
+        a document without any)."""
         out: dict[DocKey, set[str]] = {k: set() for k in keys}
         for (tenant, dataset), ids in _by_dataset(out):
             for chunk in chunks(ids):
                 rows = self.conn.execute(
-                    select(S.c.document_id, S.c.index_node_id).where(
+                    select(S.c.document_id, S.c.index_node_id)
+                    .join(D, D.c.id == S.c.document_pk)
+                    .where(
                         S.c.tenant_id == tenant,
                         S.c.dataset_id == dataset,
                         S.c.document_id.in_(chunk),
+                        _SEARCHABLE,
                     )
                 )
                 for document_id, index_node_id in rows:
@@ -247,11 +273,13 @@ class SegmentRepository:
             for chunk in chunks(ids):
                 rows = self.conn.execute(
                     select(S.c.document_id, func.count())
+                    .select_from(S.join(D, D.c.id == S.c.document_pk))
                     .where(
                         S.c.tenant_id == tenant,
                         S.c.dataset_id == dataset,
                         S.c.document_id.in_(chunk),
                         _UNFLAGGED,
+                        _SEARCHABLE,
                     )
                     .group_by(S.c.document_id)
                 )
@@ -260,8 +288,57 @@ class SegmentRepository:
         return out
 
     def pending_count(self, key: DocKey) -> int:
-        """Segments of a document not yet flagged by both branches."""
-        return self.db.count(S, of_document(S, key), _UNFLAGGED, conn=self.conn)
+        """Searchable segments of a document not yet flagged by both branches
+        (a disabled one is owed to no index)."""
+        query = (
+            select(func.count())
+            .select_from(S.join(D, D.c.id == S.c.document_pk))
+            .where(of_document(S, key), _UNFLAGGED, _SEARCHABLE)
+        )
+        return int(self.conn.execute(query).scalar() or 0)
+
+    def find(
+        self, key: DocKey, index_node_id: str | None, segment_id: int | None
+    ) -> StoredSegment | None:
+        """One segment of the document, by index_node_id or segment_id."""
+        query = self._stored(*_TEXT).where(of_document(S, key))
+        if index_node_id:
+            query = query.where(S.c.index_node_id == index_node_id)
+        elif segment_id is not None:
+            query = query.where(S.c.id == segment_id)
+        else:
+            return None
+        row = self.conn.execute(query).first()
+        return _stored(row) if row is not None else None
+
+    def switch(self, index_node_id: str, enabled: bool) -> None:
+        """Enable or disable one segment; enabling clears its flags, since it
+        goes through both branches again."""
+        values: dict[str, Any] = {"enabled": enabled}
+        if enabled:
+            values.update(vector_indexed=False, keywords_indexed=False)
+        self.conn.execute(update(S).where(S.c.index_node_id == index_node_id).values(values))
+
+    def rewrite(self, index_node_id: str, segment: Segment, version: int) -> None:
+        """Give one segment new text (segment.updated): its row, position and
+        switch stay, its doc_hash and index_node_id follow the text, and both
+        branches index it again."""
+        self.conn.execute(
+            update(S)
+            .where(S.c.index_node_id == index_node_id)
+            .values(
+                index_node_id=segment.index_node_id,
+                doc_hash=segment.doc_hash,
+                content=segment.content,
+                answer=segment.answer,
+                tokens=segment.tokens,
+                word_count=segment.word_count,
+                version=version,
+                status="indexing",
+                vector_indexed=False,
+                keywords_indexed=False,
+            )
+        )
 
     def hashes(self, key: DocKey, exclude_job: str | None = None) -> tuple[int, list[str]]:
         """(next free position, doc_hash of every segment), leaving out one
@@ -354,4 +431,6 @@ def _stored(row: Any) -> StoredSegment:
         keywords_indexed=bool(m["keywords_indexed"]),
         job_id=m["job_id"],
         source=m["source"] or "",
+        enabled=bool(m["enabled"]),
+        searchable=bool(m["searchable"]),
     )

@@ -34,7 +34,8 @@ def asyncapi(topics: Topics | None = None) -> dict[str, Any]:
             "address": topics.name(spec.topic),
             "description": f"{spec.description} Produced by {', '.join(producers)}; "
             f"consumed by {', '.join(consumers)}. "
-            "Key: document_id (one document's events stay in order).",
+            "Key: document_id (one document's events stay in order)"
+            + (", dataset_id for dataset.deleted." if "dataset.deleted" in spec.events else "."),
             "messages": {
                 _message_id(t): {"$ref": f"#/components/messages/{_message_id(t)}"}
                 for t in spec.events

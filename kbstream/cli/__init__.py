@@ -5,13 +5,23 @@ One module per concern; importing them registers their commands on `app`."""
 
 from __future__ import annotations
 
-from kbstream.cli import dead_letters, indexing, inspect, purge, rebuild, running, serve, top
+from kbstream.cli import (
+    dead_letters,
+    indexing,
+    inspect,
+    operations,
+    purge,
+    rebuild,
+    running,
+    serve,
+    top,
+)
 from kbstream.cli.common import app
 
 __all__ = ["app", "main"]
 
 # the modules above register commands when imported
-_COMMANDS = (indexing, inspect, dead_letters, purge, running, serve, rebuild, top)
+_COMMANDS = (indexing, inspect, dead_letters, operations, purge, running, serve, rebuild, top)
 
 
 def main() -> None:

@@ -103,14 +103,15 @@ def status(
     if as_json:
         print_json(rows[0] if document else rows)
         return
-    table = Table("document", "status", "segments", "error")
+    table = Table("document", "status", "search", "segments", "error")
     for r in rows:
         color = {"completed": "green", "error": "red"}.get(str(r["status"]), "yellow")
         table.add_row(
             str(r["document"]),
             f"[{color}]{r['status']}[/{color}]",
+            "archived" if r["archived"] else ("enabled" if r["enabled"] else "disabled"),
             str(r["segments"]),
-            r["error"] or "",
+            r["error"] or r["last_dropped"] or "",
         )
     out.print(table)
     if vector_indexes:

@@ -421,6 +421,8 @@ class DatasetSnapshot:
     flags: dict[str, tuple[bool, bool]]  # index_node_id -> (vector_indexed, keywords_indexed)
     vectors: dict[str, tuple[str, int]]  # index_node_id -> (document_id, copies)
     texts: dict[str, str]  # index_node_id -> document_id in the keyword index
+    # rows out of search: disabled segments, segments of disabled or archived documents
+    hidden: set[str] = field(default_factory=set)
 
     @classmethod
     def take(cls, c: Container, tenant: str, dataset: str) -> DatasetSnapshot:
@@ -432,6 +434,7 @@ class DatasetSnapshot:
         segments: dict[str, str] = {}
         seg_hash: dict[str, str] = {}
         flags: dict[str, tuple[bool, bool]] = {}
+        hidden: set[str] = set()
         with c.database.connect() as conn:
             for r in conn.execute(
                 select(
@@ -440,14 +443,18 @@ class DatasetSnapshot:
                     s.c.doc_hash,
                     s.c.vector_indexed,
                     s.c.keywords_indexed,
+                    s.c.enabled,
                 ).where(s.c.tenant_id == tenant, s.c.dataset_id == dataset)
             ):
                 segments[r[0]] = r[1]
                 seg_hash[r[0]] = r[2]
                 flags[r[0]] = (bool(r[3]), bool(r[4]))
+                doc = docs.get(r[1])
+                if not (r[5] and doc is not None and doc.enabled and not doc.archived):
+                    hidden.add(r[0])
         vectors = c.vectors.ids_with_duplicates(tenant, dataset)
         texts = c.keyword_index.ids(tenant, dataset)
-        return cls(docs, segments, seg_hash, flags, vectors, texts)
+        return cls(docs, segments, seg_hash, flags, vectors, texts, hidden)
 
     def doc_segments(self, doc_id: str) -> set[str]:
         return {n for n, d in self.segments.items() if d == doc_id}
@@ -474,7 +481,8 @@ class DatasetSnapshot:
             if st.status not in FINISHED:
                 out.append(f"{doc_id}: {st.status.value}")
                 continue
-            segs = self.doc_segments(doc_id)
+            # what belongs in the indexes: a disabled segment's row stays, out of them
+            segs = self.doc_segments(doc_id) - self.hidden
             vecs = self.doc_vectors(doc_id)
             posts = self.doc_texts(doc_id)
             if st.status is IndexingStatus.COMPLETED:
@@ -488,7 +496,7 @@ class DatasetSnapshot:
                     )
                 if not all(all(self.flags[n]) for n in segs):
                     out.append(f"{doc_id}: completed with unflagged segments")
-                if st.segment_count != len(segs):
+                if st.segment_count != len(self.doc_segments(doc_id)):
                     out.append(f"{doc_id}: segment_count {st.segment_count} != {len(segs)} rows")
             elif vecs - segs or posts - segs:
                 out.append(f"{doc_id}: {st.status.value} with orphans")

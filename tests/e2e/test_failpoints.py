@@ -18,6 +18,12 @@ batch the armed stage handles holds the update.
 Then a segment.deleted by segment_id (it names no index_node_id) with split
 SIGKILLed after its commit: the redelivery re-sends the removal it owes.
 
+Issue 19's new boundaries, two cases: a segment.updated with split
+SIGKILLed after its commit (the redelivery no longer finds the segment by its
+old id and sends the rewritten segment and the owed removal again), and a
+document.disabled with parse SIGKILLed after its commit (the redelivery
+switches nothing new and sends the reconcile again), then enabled again.
+
 Last, the durable delivery counter: a split worker SIGKILLed by the same
 event every time it handles it is restarted until the event is dead-lettered
 instead, its document ends in `error`, and the worker moves on.
@@ -38,7 +44,16 @@ from sqlalchemy import select
 
 from consumers.pipeline import STAGES
 from domain.documents import IndexingStatus
-from domain.events import DocumentDeleted, DocumentUpdated, Event, SegmentDeleted
+from domain.events import (
+    DocumentDeleted,
+    DocumentDisabled,
+    DocumentEnabled,
+    DocumentUpdated,
+    Event,
+    SegmentDeleted,
+    SegmentUpdated,
+)
+from domain.segments import compute_doc_hash, make_index_node_id
 from infra.db.models import SegmentRow
 from infra.kafka import headers as h
 from kbstream.dlq import DeadLetter, list_dead_letters
@@ -62,6 +77,9 @@ BOUNDARIES = ("after_handle", "after_publish")
 POINTS = ("parse.after_claim", *(f"{s}.{b}" for s in STAGES for b in BOUNDARIES))
 CRASHER_STAGE = "split"  # the delivery counter's case
 BY_SEGMENT_ID = "split.after_handle, segment.deleted by segment_id"
+SEGMENT_UPDATED = "split.after_handle, segment.updated"
+DISABLED = "parse.after_handle, document.disabled"
+EDITED = "an edited segment's new text, 7 words"
 MAX_DELIVERIES = 2
 
 
@@ -170,12 +188,14 @@ def bench(tmp_path_factory: pytest.TempPathFactory, tansu: str) -> Iterator[Benc
             cases = {p: make_case(c, f"fp{i:02d}", rng) for i, p in enumerate(POINTS)}
             cases["crasher"] = make_case(c, "crash", rng)
             cases[BY_SEGMENT_ID] = make_case(c, "fpseg", rng)
+            cases[SEGMENT_UPDATED] = make_case(c, "fpedit", rng)
+            cases[DISABLED] = make_case(c, "fpoff", rng)
             texts = {
                 t
                 for case in cases.values()
                 for x in (*case.docs.values(), *case.final.values())
                 for t in expected_segments(c, case.dataset, x).values()
-            }
+            } | {EDITED}
             b = Bench(c, markers, cases, texts)
             b.disarm_all()
             started = time.monotonic()
@@ -289,6 +309,76 @@ def test_a_sigkill_after_split_deleted_a_segment_by_segment_id(bench: Bench) -> 
         IndexingStatus.COMPLETED,
         len(case.expected[doc_id]),
     )
+    assert dead_letters(c, case.dataset) == []
+
+
+def test_a_sigkill_after_split_rewrote_an_edited_segment(bench: Bench) -> None:
+    """Issue 19: split commits a segment.updated (the row has its new text and
+    id, the old id is owed to the indexes) and dies before publishing. The
+    redelivered event no longer finds the segment by its old id; split sends
+    the owed removal and the unindexed new segment again. Only the new text
+    is embedded; the indexes end exact."""
+    c, case = bench.cluster, bench.cases[SEGMENT_UPDATED]
+    (by_node,) = [e for e in case.changes if isinstance(e, SegmentDeleted)]
+    doc_id, old = by_node.document_id, by_node.index_node_id
+    assert old is not None
+    edit = SegmentUpdated(
+        dataset_id=case.dataset, document_id=doc_id, index_node_id=old, content=EDITED
+    )
+    new = make_index_node_id(case.dataset, doc_id, compute_doc_hash(EDITED))
+    case.changes, case.deleted, case.final = [edit], set(), dict(case.docs)
+    case.expected = {i: expected_segments(c, case.dataset, x) for i, x in case.docs.items()}
+    case.expected[doc_id].pop(old)
+    case.expected[doc_id][new] = EDITED
+    case.removed = {old}
+
+    wait_quiet(c)
+    victim = bench.worker("split")
+    bench.arm("split.after_handle")
+    c.publish(edit)
+    rc = wait_exit(victim, 120)
+    assert rc == -signal.SIGKILL, f"did not fire (rc={rc}):\n{victim.log_text()[-3000:]}"
+    bench.start("split")
+    check_exact(bench, case)
+    assert dead_letters(c, case.dataset) == []
+
+
+def test_a_sigkill_after_parse_disabled_a_document(bench: Bench) -> None:
+    """Issue 19: parse commits a document.disabled and dies before publishing.
+    The redelivery finds the document disabled already and sends the
+    reconcile again: its segments stay, both indexes drop them, verify is
+    clean. Enabled again, it is exact."""
+    c, case = bench.cluster, bench.cases[DISABLED]
+    off = sorted(case.docs)[0]
+    case.changes, case.deleted, case.final = [], set(), dict(case.docs)
+    case.expected = {i: expected_segments(c, case.dataset, x) for i, x in case.docs.items()}
+    case.removed = set()
+
+    wait_quiet(c)
+    victim = bench.worker("parse")
+    bench.arm("parse.after_handle")
+    c.publish(DocumentDisabled(dataset_id=case.dataset, document_id=off))
+    rc = wait_exit(victim, 120)
+    assert rc == -signal.SIGKILL, f"did not fire (rc={rc}):\n{victim.log_text()[-3000:]}"
+    bench.start("parse")
+    snap = c.wait_settled(
+        case.dataset,
+        case.ids,
+        180,
+        lambda s: (
+            s.status(off) is IndexingStatus.COMPLETED and not s.doc_vectors(off) | s.doc_texts(off)
+        ),
+    )
+    assert snap.doc_segments(off) == set(case.expected[off])  # the rows stay
+    assert not snap.docs[off].enabled
+    report = retrying(lambda: verify(c.container, case.dataset))
+    assert report.drift == [], report.to_dict()
+    c.publish(DocumentEnabled(dataset_id=case.dataset, document_id=off))
+    back = set(case.expected[off])
+    c.wait_settled(
+        case.dataset, case.ids, 180, lambda s: s.docs[off].enabled and s.doc_vectors(off) == back
+    )
+    check_exact(bench, case)
     assert dead_letters(c, case.dataset) == []
 
 

@@ -170,3 +170,30 @@ def test_a_model_switch_is_blue_green_and_switching_back_embeds_nothing(
     assert not c.vectors.has_collection(new)
     assert list(states(c).values()) == ["serving"]
     assert search(c, DS, QUERY, "vector", 3) and verify(c, DS).drift == []
+
+
+def test_a_rebuild_keeps_a_disabled_document_out(pipeline: Pipeline) -> None:
+    """Issue 19: a lost collection rebuilt while a document is disabled comes
+    back without it (vectors and keyword entities); enabled again, it returns
+    from the cache."""
+    from domain.documents import DocKey
+    from kbstream.operations import switch_documents
+
+    c = pipeline.container
+    with c.uow(readonly=True) as uow:
+        doc = uow.documents.list(c.settings.tenant, DS)[0]
+        mine = uow.segments.ids_for_document(doc.key)
+    (off,) = switch_documents(c, DS, [doc.document_id], "disable", timeout=120)
+    assert not off.enabled and off.status.value == "completed"
+    before = counts(c)
+    c.vectors.client.drop_collection(c.vectors.collection)
+    summary = json.loads(kb(pipeline, "rebuild", "--dataset", DS, "--json"))
+    assert summary["embedded"] == 0
+    store, _ = search_index(c, DS)
+    assert mine and not mine & set(store.ids(c.settings.tenant, DS))
+    assert not c.keyword_index.ids_for_document(DocKey(c.settings.tenant, DS, doc.document_id))
+    assert counts(c) == before
+    assert verify(c, DS).drift == []
+    switch_documents(c, DS, [doc.document_id], "enable", timeout=120)
+    assert mine <= set(store.ids(c.settings.tenant, DS))
+    assert counts(c)["cache"] == before["cache"]

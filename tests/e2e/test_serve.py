@@ -347,3 +347,24 @@ def test_serve_refuses_to_start_without_a_key(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "KBSTREAM_API_KEY" in proc.stderr
+
+
+def test_document_and_segment_operations_are_published(client: httpx.Client, base_url: str) -> None:
+    """Issue 19: each operation endpoint publishes its lifecycle event and
+    answers 202 with its id at once (the stages are stopped here: nothing
+    applies it, which test_dify_operations checks through `up`)."""
+    hit = client.post(f"/v1/datasets/{DS}/search", json={"query": "Milvus"}).json()["hits"][0]
+    doc = f"/v1/datasets/{DS}/documents/{hit['metadata']['document_id']}"
+    r = client.post(f"{doc}/disable")
+    assert r.status_code == 202 and r.json()["type"] == "document.disabled", r.text
+    assert r.json()["event_id"]
+    node = {"index_node_id": hit["metadata"]["index_node_id"]}
+    r = client.post(f"{doc}/segments/enable", json=node)
+    assert (r.status_code, r.json()["type"]) == (202, "segment.enabled"), r.text
+    r = client.post(f"{doc}/segments/update", json={**node, "content": "new text"})
+    assert (r.status_code, r.json()["type"]) == (202, "segment.updated"), r.text
+    assert client.post(f"{doc}/segments/disable", json={}).status_code == 422
+    assert client.post(f"{doc}/hide").status_code == 422
+    assert httpx.post(f"{base_url}{doc}/archive").status_code == 403  # no key
+    r = client.delete("/v1/datasets/never-indexed")
+    assert (r.status_code, r.json()["type"]) == (202, "dataset.deleted"), r.text

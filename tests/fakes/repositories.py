@@ -219,10 +219,16 @@ class _Segments(_Repo):
         segments = self.uow.state.segments
         return {i for i in index_node_ids if i in segments}
 
+    def _searchable(self, r: _SegmentRow) -> bool:
+        doc = self.uow.state.documents.get(r.key)
+        return r.enabled and doc is not None and doc.enabled and not doc.archived
+
     def by_ids(self, index_node_ids: Sequence[str]) -> dict[str, StoredSegment]:
         segments = self.uow.state.segments
         return {
-            i: segments[i].stored(self._source(segments[i].key))
+            i: segments[i].stored(
+                self._source(segments[i].key), searchable=self._searchable(segments[i])
+            )
             for i in index_node_ids
             if i in segments
         }
@@ -237,7 +243,7 @@ class _Segments(_Repo):
         return {
             i: r
             for i, r in self.by_ids(index_node_ids).items()
-            if _of(self.uow.state.segments[i].key, tenant_id, dataset_id)
+            if _of(self.uow.state.segments[i].key, tenant_id, dataset_id) and r.searchable
         }
 
     def _source(self, key: DocKey) -> str:
@@ -245,10 +251,41 @@ class _Segments(_Repo):
         return doc.source if doc else ""
 
     def ids_for_document(self, key: DocKey) -> set[str]:
-        return {r.index_node_id for r in self._of_document(key)}
+        return {r.index_node_id for r in self._of_document(key) if self._searchable(r)}
+
+    def searchable(self, index_node_ids: Sequence[str]) -> set[str]:
+        segments = self.uow.state.segments
+        return {i for i in index_node_ids if i in segments and self._searchable(segments[i])}
 
     def pending_count(self, key: DocKey) -> int:
-        return sum(1 for r in self._of_document(key) if not r.indexed)
+        return sum(1 for r in self._of_document(key) if not r.indexed and self._searchable(r))
+
+    def find(
+        self, key: DocKey, index_node_id: str | None, segment_id: int | None
+    ) -> StoredSegment | None:
+        for r in self._of_document(key):
+            if (r.index_node_id == index_node_id) if index_node_id else (r.id == segment_id):
+                return r.stored(self._source(key), searchable=self._searchable(r))
+        return None
+
+    def switch(self, index_node_id: str, enabled: bool) -> None:
+        row = self.uow.writable().segments.get(index_node_id)
+        if row is not None:
+            row.enabled = enabled
+            if enabled:
+                row.vector_indexed = row.keywords_indexed = False
+
+    def rewrite(self, index_node_id: str, segment: Segment, version: int) -> None:
+        state = self.uow.writable()
+        row = state.segments.pop(index_node_id, None)
+        if row is None:
+            return
+        row.index_node_id, row.doc_hash = segment.index_node_id, segment.doc_hash
+        row.content, row.answer = segment.content, segment.answer
+        row.tokens, row.word_count = segment.tokens, segment.word_count
+        row.version, row.status = version, "indexing"
+        row.vector_indexed = row.keywords_indexed = False
+        state.segments[segment.index_node_id] = row
 
     def ids_for_documents(self, keys: Iterable[DocKey]) -> dict[DocKey, set[str]]:
         return {k: self.ids_for_document(k) for k in keys}
@@ -263,7 +300,7 @@ class _Segments(_Repo):
 
     def for_dataset(self, tenant_id: str, dataset_id: str) -> dict[str, StoredSegment]:
         return {
-            i: r.stored(self._source(r.key), content=False)
+            i: r.stored(self._source(r.key), content=False, searchable=self._searchable(r))
             for i, r in self.uow.state.segments.items()
             if _of(r.key, tenant_id, dataset_id)
         }

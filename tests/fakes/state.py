@@ -42,12 +42,15 @@ class _SegmentRow:
     status: str = "indexing"
     vector_indexed: bool = False
     keywords_indexed: bool = False
+    enabled: bool = True
 
     @property
     def indexed(self) -> bool:
         return self.vector_indexed and self.keywords_indexed
 
-    def stored(self, source: str = "", content: bool = True) -> StoredSegment:
+    def stored(
+        self, source: str = "", content: bool = True, searchable: bool = True
+    ) -> StoredSegment:
         return StoredSegment(
             index_node_id=self.index_node_id,
             document_id=self.key.document_id,
@@ -62,6 +65,8 @@ class _SegmentRow:
             keywords_indexed=self.keywords_indexed,
             job_id=self.job_id,
             source=source,
+            enabled=self.enabled,
+            searchable=searchable,
         )
 
 

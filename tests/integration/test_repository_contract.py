@@ -100,6 +100,16 @@ def ids(*texts: str, key: DocKey = KEY) -> list[str]:
     return [s.index_node_id for s in segs(*texts, key=key)]
 
 
+def _row_id(r: Any, index_node_id: str) -> int:
+    """The segment_id (row id) a person would use: the contract has no
+    accessor for it, so find it by trying ids."""
+    for candidate in range(1, 10_000):
+        row = r.segments.find(KEY, None, candidate)
+        if row is not None and row.index_node_id == index_node_id:
+            return candidate
+    raise AssertionError(f"no row id for {index_node_id}")
+
+
 def unkeyed(doc: Document) -> Document:
     return dataclasses.replace(doc, pk=None)
 
@@ -532,6 +542,64 @@ class TestSegments:
             assert r.segments.pending_counts(keys) == {KEY: 1, OTHER: 1, elsewhere: 3, nothing: 0}
             assert r.segments.ids_for_documents([]) == {}
             assert r.segments.pending_counts([]) == {}
+
+    def test_switches_decide_what_is_searchable(self, uow_factory: UnitOfWorkFactory) -> None:
+        """Issue 19: a disabled segment, or any segment of a disabled or
+        archived document, is out of ids_for_document, searchable, pending and
+        search (in_dataset), and its row stays."""
+        create(uow_factory)
+        split(uow_factory, ["one", "two", "three"])
+        one, two, three = ids("one", "two", "three")
+        mark_indexed(uow_factory, [one])
+        with uow_factory() as w:
+            w.segments.switch(two, enabled=False)
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.segments.ids_for_document(KEY) == {one, three}
+            assert r.segments.ids_for_documents([KEY]) == {KEY: {one, three}}
+            assert r.segments.searchable([one, two, three, "nobody"]) == {one, three}
+            assert r.segments.pending_count(KEY) == 1  # three
+            assert r.segments.pending_counts([KEY]) == {KEY: 1}
+            assert set(r.segments.in_dataset(KEY.tenant_id, KEY.dataset_id, [one, two])) == {one}
+            found = r.segments.find(KEY, two, None)
+            assert found is not None and not found.enabled and not found.searchable
+            assert set(r.segments.for_dataset(KEY.tenant_id, KEY.dataset_id)) == {one, two, three}
+        doc = load(uow_factory)
+        with uow_factory() as w:
+            assert doc.switch(doc.version, archived=True)
+            w.documents.save(doc)
+            w.commit()
+        assert load(uow_factory).archived
+        with uow_factory(readonly=True) as r:
+            assert r.segments.ids_for_document(KEY) == set()
+            assert r.segments.ids_for_documents([KEY]) == {KEY: set()}
+            assert r.segments.pending_count(KEY) == 0
+            assert r.segments.pending_counts([KEY]) == {KEY: 0}
+        with uow_factory() as w:
+            assert doc.switch(doc.version, archived=False, enabled=True)
+            w.documents.save(doc)
+            w.segments.switch(two, enabled=True)
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.segments.ids_for_document(KEY) == {one, two, three}
+            by_id = r.segments.find(KEY, None, _row_id(r, two))
+            assert by_id is not None and by_id.index_node_id == two and by_id.enabled
+
+    def test_rewrite_gives_one_segment_new_text(self, uow_factory: UnitOfWorkFactory) -> None:
+        create(uow_factory)
+        split(uow_factory, ["one", "two"])
+        one, two = ids("one", "two")
+        mark_indexed(uow_factory, [one, two])
+        (new,) = segs("edited two", start=1)
+        with uow_factory() as w:
+            w.segments.rewrite(two, new, 1)
+            w.commit()
+        with uow_factory(readonly=True) as r:
+            assert r.segments.ids_for_document(KEY) == {one, new.index_node_id}
+            row = r.segments.find(KEY, new.index_node_id, None)
+            assert row is not None and row.content == "edited two" and row.position == 1
+            assert not (row.vector_indexed or row.keywords_indexed)
+            assert r.segments.find(KEY, two, None) is None
 
     def test_many_segments_past_the_chunk_size(self, uow_factory: UnitOfWorkFactory) -> None:
         create(uow_factory)

@@ -276,6 +276,8 @@ TRANSITION_CALLS: dict[str, Callable[[Document], bool]] = {
     "segments_imported": lambda d: d.segments_imported(3, 1, 5, 4, now=T0),
     "segment_deleted": lambda d: d.segment_deleted(3, tokens=5, words=4, now=T0),
     "complete": lambda d: d.complete(3, pending_segments=0, stores_agree=True),
+    "switch": lambda d: d.switch(3, enabled=False, now=T0),
+    "segment_switched": lambda d: d.segment_switched(3, now=T0),
 }
 
 
@@ -490,3 +492,53 @@ class TestSegmentEventVersion:
         doc = indexing(3)
         assert doc.applies_to(None) == 3
         assert doc.applies_to(5) == 5
+
+
+class TestSwitches:
+    """Issue 19: Dify's document switches are version-fenced, idempotent and
+    kept across versions; a change of what belongs in the indexes reopens a
+    completed document until they have followed."""
+
+    def _completed(self) -> Document:
+        return Document(key=KEY, version=3, status=S.COMPLETED, segment_count=2)
+
+    def test_disable_reopens_a_completed_document_and_a_repeat_changes_nothing(self) -> None:
+        doc = self._completed()
+        assert doc.switch(3, enabled=False, now=T0)
+        assert (doc.enabled, doc.searchable, doc.status) == (False, False, S.INDEXING)
+        doc.status = S.COMPLETED  # the indexes followed
+        assert doc.switch(3, enabled=False, now=T0)
+        assert doc.status is S.COMPLETED
+
+    def test_a_switch_older_than_the_current_version_is_stale(self) -> None:
+        doc = self._completed()
+        assert not doc.switch(2, enabled=False, now=T0)
+        assert doc.enabled and doc.status is S.COMPLETED
+
+    def test_a_deleted_document_takes_no_switch(self) -> None:
+        doc = self._completed()
+        assert doc.delete(3, now=T0)
+        assert not doc.switch(3, archived=True, now=T0)
+        assert not doc.archived
+
+    def test_archive_refuses_updates_until_unarchived(self) -> None:
+        doc = self._completed()
+        assert doc.switch(3, archived=True, now=T0)
+        assert not doc.searchable
+        reason = doc.refusal("document.updated")
+        assert reason is not None and "archived" in reason
+        assert doc.switch(3, archived=False, now=T0)
+        assert doc.refusal("document.updated") is None and doc.searchable
+
+    def test_a_disabled_document_stays_disabled_in_its_next_version(self) -> None:
+        doc = self._completed()
+        assert doc.switch(3, enabled=False, now=T0)
+        assert doc.start_parsing(4, "a.md", now=T0)
+        assert not doc.enabled
+
+    def test_segment_switched_moves_totals_and_reopens(self) -> None:
+        doc = self._completed()
+        doc.tokens, doc.word_count = 10, 8
+        assert doc.segment_switched(3, tokens=-2, words=3, now=T0)
+        assert (doc.tokens, doc.word_count, doc.status) == (8, 11, S.INDEXING)
+        assert not doc.segment_switched(2, now=T0)

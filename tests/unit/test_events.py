@@ -14,10 +14,15 @@ from domain.errors import InvalidEvent, PermanentError
 from domain.events import (
     LIFECYCLE_TYPES,
     AnyEvent,
+    DatasetDeleted,
     DocForm,
+    DocumentArchived,
     DocumentCreated,
     DocumentDeleted,
+    DocumentDisabled,
+    DocumentEnabled,
     DocumentParsed,
+    DocumentUnarchived,
     DocumentUpdated,
     EmbeddedRef,
     Event,
@@ -25,12 +30,15 @@ from domain.events import (
     KeywordsIndexed,
     ProcessRule,
     SegmentDeleted,
+    SegmentDisabled,
+    SegmentEnabled,
     SegmentPayload,
     SegmentsBatchImported,
     SegmentsEmbedded,
     SegmentsLoaded,
     SegmentsRemoved,
     SegmentsSplit,
+    SegmentUpdated,
     decode_event,
     decode_lifecycle_event,
     encode_event,
@@ -64,6 +72,14 @@ SAMPLES: list[Event] = [
         job_id="job-1",
         segments=[ImportedSegment(content="Q one", answer="A one"), ImportedSegment(content="x")],
     ),
+    DocumentDisabled(**COMMON),
+    DocumentEnabled(**COMMON),
+    DocumentArchived(**COMMON),
+    DocumentUnarchived(**COMMON),
+    SegmentDisabled(**COMMON, segment_id=3),
+    SegmentEnabled(**COMMON, index_node_id="6f1c2d0e-8b7a-4c55-9a3e-2f6d1b9c4e71"),
+    SegmentUpdated(**COMMON, segment_id=3, content="new text", answer="new answer"),
+    DatasetDeleted(**{k: v for k, v in COMMON.items() if k not in ("document_id", "version")}),
     DocumentParsed(**COMMON, source="a.txt", text="hello", chars=5),
     DocumentParsed(
         **COMMON,
@@ -119,7 +135,7 @@ def _created(**overrides: Any) -> dict[str, Any]:
 class TestRoundTrip:
     def test_samples_cover_every_event_type(self) -> None:
         assert {e.type for e in SAMPLES} == ALL_TYPES
-        assert len(ALL_TYPES) == 11
+        assert len(ALL_TYPES) == 19
 
     @pytest.mark.parametrize("event", SAMPLES, ids=lambda e: e.type)
     def test_encode_then_decode_gives_the_same_event(self, event: Event) -> None:
@@ -378,8 +394,33 @@ class TestJsonSchemas:
         for type_name, schema in schemas.items():
             assert schema["type"] == "object"
             assert schema["properties"]["type"]["const"] == type_name
-            assert {"dataset_id", "document_id"} <= set(schema["required"])
+            # a dataset-wide event is keyed by its dataset and names no document
+            keys = (
+                {"dataset_id"} if type_name == "dataset.deleted" else {"dataset_id", "document_id"}
+            )
+            assert keys <= set(schema["required"])
             assert schema.get("additionalProperties") is False
             json.dumps(schema)  # serialisable as published JSON Schema
         assert "process_rule" in schemas["document.created"]["properties"]
         assert "segments" in schemas["segments.split"]["required"]
+
+
+class TestDifyOperations:
+    """Issue 19: the new lifecycle events."""
+
+    def test_dataset_deleted_is_keyed_by_its_dataset(self) -> None:
+        event = decode_lifecycle_event({"type": "dataset.deleted", "dataset_id": "ds-9"})
+        assert isinstance(event, DatasetDeleted) and event.key == "ds-9"
+
+    def test_dataset_deleted_names_no_document_and_no_version(self) -> None:
+        for extra in ({"document_id": "doc-1"}, {"version": 3}):
+            with pytest.raises(InvalidEvent):
+                decode_lifecycle_event({"type": "dataset.deleted", "dataset_id": "d", **extra})
+
+    @pytest.mark.parametrize("kind", ["segment.disabled", "segment.enabled", "segment.updated"])
+    def test_a_segment_operation_names_its_segment(self, kind: str) -> None:
+        body = {"type": kind, "dataset_id": "d", "document_id": "x", "content": "t"}
+        if kind != "segment.updated":
+            del body["content"]
+        with pytest.raises(InvalidEvent, match="index_node_id or segment_id"):
+            decode_lifecycle_event(body)
