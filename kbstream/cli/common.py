@@ -129,8 +129,10 @@ def use_runtime(runtime: str | None) -> None:
     """``--runtime`` is KBSTREAM_RUNTIME for this process and the workers it starts."""
     if runtime is None:
         return
-    if runtime not in ("confluent", "faust"):
-        fail(f"unknown runtime {runtime!r}; runtimes: confluent, faust")
+    from infra.kafka.runtimes import RUNTIMES  # the one registry of runtimes
+
+    if runtime not in RUNTIMES:
+        fail(f"unknown runtime {runtime!r}; runtimes: {', '.join(RUNTIMES)}")
     os.environ["KBSTREAM_RUNTIME"] = runtime
 
 
