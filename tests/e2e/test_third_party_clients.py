@@ -33,8 +33,8 @@ TEXT = "High tide at the harbour arrives forty minutes later each day."
 GARBAGE: dict[str, tuple[bytes | None, str]] = {
     "g-invalid-json": (b'{"type": "document.created", "dataset_id": ', "not valid JSON"),
     "g-unknown-type": (
-        json.dumps({**DOC, "type": "document.archived", "content": TEXT}).encode(),
-        "'document.archived' found using 'type' does not match",
+        json.dumps({**DOC, "type": "document.teleported", "content": TEXT}).encode(),
+        "'document.teleported' found using 'type' does not match",
     ),
     "g-schema-version": (
         json.dumps(
