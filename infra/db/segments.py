@@ -160,18 +160,10 @@ class SegmentRepository:
     def delete_one(
         self, key: DocKey, index_node_id: str | None, segment_id: int | None
     ) -> StoredSegment | None:
-        query = self._stored(*_TEXT).where(of_document(S, key))
-        if index_node_id:
-            query = query.where(S.c.index_node_id == index_node_id)
-        elif segment_id is not None:
-            query = query.where(S.c.id == segment_id)
-        else:
-            return None
-        row = self.conn.execute(query).first()
-        if row is None:
-            return None
-        self.conn.execute(delete(S).where(S.c.index_node_id == row.index_node_id))
-        return _stored(row)
+        gone = self.find(key, index_node_id, segment_id)
+        if gone is not None:
+            self.conn.execute(delete(S).where(S.c.index_node_id == gone.index_node_id))
+        return gone
 
     def mark(self, column: str, index_node_ids: Sequence[str], value: bool = True) -> int:
         """Set ``vector_indexed`` or ``keywords_indexed``."""
