@@ -27,7 +27,7 @@ from consumers.parse import ParseStage
 from consumers.split import SplitStage
 from consumers.track_status import TrackStatusStage
 from domain.errors import PermanentError
-from domain.events import Topic
+from domain.events import LIFECYCLE_EVENT_TYPES, Topic
 
 
 @dataclass(frozen=True)
@@ -105,21 +105,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
         Topic.LIFECYCLE,
         "What happened to a document, published by upstream systems.",
-        (
-            "document.created",
-            "document.updated",
-            "document.deleted",
-            "segment.deleted",
-            "segments.batch_imported",
-            "document.disabled",
-            "document.enabled",
-            "document.archived",
-            "document.unarchived",
-            "segment.disabled",
-            "segment.enabled",
-            "segment.updated",
-            "dataset.deleted",
-        ),
+        LIFECYCLE_EVENT_TYPES,
     ),
     TopicSpec(
         Topic.PARSED,

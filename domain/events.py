@@ -518,23 +518,23 @@ def resolved_version(event: Event) -> int:
 _ANY = TypeAdapter(AnyEvent)
 _LIFECYCLE = TypeAdapter(LifecycleEvent)
 
-LIFECYCLE_TYPES = frozenset(
-    {
-        "document.created",
-        "document.updated",
-        "document.deleted",
-        "segment.deleted",
-        "segments.batch_imported",
-        "document.disabled",
-        "document.enabled",
-        "document.archived",
-        "document.unarchived",
-        "segment.disabled",
-        "segment.enabled",
-        "segment.updated",
-        "dataset.deleted",
-    }
+# what upstream publishes on the lifecycle topic, in the order the docs list them
+LIFECYCLE_EVENT_TYPES: tuple[str, ...] = (
+    "document.created",
+    "document.updated",
+    "document.deleted",
+    "segment.deleted",
+    "segments.batch_imported",
+    "document.disabled",
+    "document.enabled",
+    "document.archived",
+    "document.unarchived",
+    "segment.disabled",
+    "segment.enabled",
+    "segment.updated",
+    "dataset.deleted",
 )
+LIFECYCLE_TYPES = frozenset(LIFECYCLE_EVENT_TYPES)
 
 
 def decode_event(raw: bytes | str | None) -> Event:
