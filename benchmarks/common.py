@@ -9,6 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +97,27 @@ def release_milvus_lite(path: str | None = None) -> None:
         server_manager_instance.release_all()
     elif "://" not in path:
         server_manager_instance.release_server(path)
+
+
+@contextmanager
+def fresh_database(admin_url: str, prefix: str = "kbstream_bench") -> Iterator[str]:
+    """A new PostgreSQL database for one run (its URL), dropped afterwards."""
+    from sqlalchemy import create_engine, make_url, text
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :n AND pid <> pg_backend_pid()"
+                ),
+                {"n": name},
+            )
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()

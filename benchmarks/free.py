@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,7 +61,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import DATASET, pick_corpus, say  # noqa: E402  (clears KBSTREAM_*)
+from benchmarks.common import (  # noqa: E402  (clears KBSTREAM_*)
+    DATASET,
+    fresh_database,
+    pick_corpus,
+    say,
+)
 
 PG_URL = os.environ.get(
     "KBSTREAM_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -211,25 +215,8 @@ def database(kind: str, pg: str) -> Iterator[str | None]:
     if kind == "sqlite":
         yield None
         return
-    from sqlalchemy import create_engine, make_url, text
-
-    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-    name = f"kbstream_free_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(pg).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    with fresh_database(pg, "kbstream_free") as url:
+        yield url
 
 
 # -- the runs --------------------------------------------------------------------------
